@@ -1,0 +1,111 @@
+"""The one configuration object of the DTL method (peft-style): what the side network looks like."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+__all__ = ["DTLConfig", "parse_blocks", "format_blocks"]
+
+BlockSpec = Union[None, str, int, Iterable[int]]
+
+
+def parse_blocks(spec: BlockSpec, name: str = "blocks") -> Optional[List[int]]:
+    """Parse a block selection: ``"0-11"``, ``"0,2,4-6"``, ``7``, ``[0, 1]``, ``""`` (none) or ``None`` (default).
+
+    Ranges are inclusive at both ends, as in the original launchers (``--lora_before_blocks 0-11``).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, str):
+        out: List[int] = []
+        for part in spec.replace(" ", "").split(","):
+            if not part:
+                continue
+            try:
+                if "-" in part:
+                    lo, hi = part.split("-")
+                    lo_i, hi_i = int(lo), int(hi)
+                    if hi_i < lo_i:
+                        raise ValueError
+                    out.extend(range(lo_i, hi_i + 1))
+                else:
+                    out.append(int(part))
+            except ValueError:
+                raise ValueError(f"{name}: cannot parse block selection {spec!r} (expected e.g. '0-11' or '0,2,4-6')") from None
+        return sorted(set(out))
+    return sorted(set(int(i) for i in spec))
+
+
+def format_blocks(blocks: Sequence[int]) -> str:
+    """Inverse of :func:`parse_blocks` for contiguous runs: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    blocks = sorted(set(blocks))
+    runs: List[str] = []
+    i = 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        runs.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+@dataclass
+class DTLConfig:
+    """Settings of the Compact Side Network.
+
+    Args:
+        r: rank of every low-rank tap ``g_i``.
+        beta: slope of the swish gate ``s * sigmoid(beta * s)``.
+        fusion_size: kernel of DTL+'s depthwise convolution; ``0`` means plain DTL.
+        csn_blocks: blocks whose *input* is tapped (global indices); ``None`` = the backbone's default.
+        add_back_blocks: blocks after which the gated side sum is added; ``None`` = the backbone's default.
+    """
+
+    r: int = 2
+    beta: float = 100.0
+    fusion_size: int = 0
+    csn_blocks: Optional[List[int]] = None
+    add_back_blocks: Optional[List[int]] = None
+
+    def __post_init__(self) -> None:
+        self.csn_blocks = parse_blocks(self.csn_blocks, "csn_blocks")
+        self.add_back_blocks = parse_blocks(self.add_back_blocks, "add_back_blocks")
+        if self.r < 1:
+            raise ValueError(f"DTL rank r must be >= 1, got {self.r}")
+        if self.fusion_size < 0:
+            raise ValueError(f"fusion_size must be >= 0 (0 = DTL), got {self.fusion_size}")
+
+    @property
+    def method(self) -> str:
+        """``'dtl'`` or ``'dtl+'``."""
+        return "dtl+" if self.fusion_size > 0 else "dtl"
+
+    def resolve(self, num_blocks: int, default_csn: Sequence[int], default_add_back: Sequence[int]) -> "DTLConfig":
+        """Fill in backbone defaults and check the block indices against ``num_blocks``."""
+        cfg = dataclasses.replace(
+            self,
+            csn_blocks=list(default_csn) if self.csn_blocks is None else list(self.csn_blocks),
+            add_back_blocks=list(default_add_back) if self.add_back_blocks is None else list(self.add_back_blocks),
+        )
+        for name in ("csn_blocks", "add_back_blocks"):
+            bad = [i for i in getattr(cfg, name) if not 0 <= i < num_blocks]
+            if bad:
+                raise ValueError(
+                    f"{name} contains {bad}, but the backbone has {num_blocks} blocks (valid: 0-{num_blocks - 1})"
+                )
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DTLConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown DTL config keys: {sorted(unknown)}")
+        return cls(**d)

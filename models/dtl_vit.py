@@ -1,0 +1,194 @@
+"""DTL / DTL+ on a timm Vision Transformer.
+
+:class:`DTLVisionTransformer` owns an unmodified timm ``VisionTransformer`` (``self.backbone``, so its
+weights keep timm's names and timm's loaders work) and runs its own loop over the blocks, with the
+:class:`~models.side_network.CompactSideNetwork` tapping block inputs and adding back after later blocks.
+
+Head (as the original): mean over the *patch* tokens -> the backbone's pre-trained final LayerNorm ->
+a fresh ``Linear``.  The backbone is built with ``global_pool='token'`` so that timm keeps the final norm in
+``backbone.norm`` (timm's ``.npz`` loader fills it from ``Transformer/encoder_norm``; with
+``global_pool='avg'`` timm would move it to an ``fc_norm`` that the loader skips).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict, Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import VisionTransformer
+from timm.models import register_model
+
+from .config import DTLConfig
+from .side_network import CompactSideNetwork
+from .trainable import apply_trainable_rule
+
+__all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES"]
+
+# Names used by the original launchers (timm 0.5.4) -> timm 1.x architecture names.
+ORIGINAL_VIT_NAMES: Dict[str, str] = {
+    "vit_base_patch16_224_in21k": "vit_base_patch16_224",
+    "vit_large_patch16_224_in21k": "vit_large_patch16_224",
+    "vit_small_patch16_224_in21k": "vit_small_patch16_224",
+    "vit_tiny_patch16_224_in21k": "vit_tiny_patch16_224",
+}
+
+
+class DTLVisionTransformer(nn.Module):
+    """A frozen timm ViT plus a trainable Compact Side Network and classifier head.
+
+    Args:
+        backbone: a timm ``VisionTransformer`` built with ``global_pool='token'`` and ``num_classes=0``.
+        num_classes: classes of the new head.
+        dtl: side-network settings; ``None`` block selections default to all blocks (taps) and the second
+            half of the blocks (add-back), i.e. 0-11 / 6-11 for ViT-B/16 as in the paper.
+    """
+
+    trainable_prefixes = ("side.", "head.")
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int, dtl: Optional[DTLConfig] = None) -> None:
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer):
+            raise TypeError(f"DTLVisionTransformer wraps a timm VisionTransformer, got {type(backbone).__name__}")
+        if isinstance(backbone.norm, nn.Identity):
+            raise ValueError("the ViT backbone must keep its final norm in .norm (build it with global_pool='token')")
+        depth = len(backbone.blocks)
+        dtl = dtl or DTLConfig()
+        self.dtl_cfg = dtl.resolve(depth, range(depth), range(depth // 2, depth))
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = backbone.embed_dim
+        self.num_prefix_tokens = backbone.num_prefix_tokens
+        self.side = CompactSideNetwork(
+            backbone.embed_dim,
+            self.dtl_cfg.r,
+            self.dtl_cfg.csn_blocks,
+            self.dtl_cfg.add_back_blocks,
+            beta=self.dtl_cfg.beta,
+            fusion_size=self.dtl_cfg.fusion_size,
+        )
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+        self.reset_head()
+        apply_trainable_rule(self)
+
+    def reset_head(self) -> None:
+        """Zero-initialise the head, as timm 0.5.4's ViT (the original's) did for a fresh classifier."""
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # timm-style classifier API
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_head()
+        apply_trainable_rule(self)
+
+    def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        """The patch grid (H, W) of image batch ``x``, from the patch embedding (never hard-coded)."""
+        pe = self.backbone.patch_embed
+        if hasattr(pe, "dynamic_feat_size"):
+            return tuple(pe.dynamic_feat_size(x.shape[-2:]))
+        return tuple(pe.grid_size)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, prefix tokens, positional embedding: the input of block 0."""
+        bb = self.backbone
+        x = bb.patch_embed(x)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        return bb.norm_pre(x)
+
+    def forward_blocks(
+        self,
+        x: torch.Tensor,
+        grid: Tuple[int, int],
+        start: int = 0,
+        s: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run blocks ``start..`` with the side network; ``s`` is the side sum accumulated before ``start``."""
+        side, prefix = self.side, self.num_prefix_tokens
+        for i in range(start, len(self.backbone.blocks)):
+            s = side.tap(s, i, x)
+            x = self.backbone.blocks[i](x)
+            x = side.inject(x, s, i, grid=grid, prefix=prefix)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.patch_grid(x)
+        return self.forward_blocks(self.embed(x), grid)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.backbone.norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def model_config(self) -> Dict[str, Any]:
+        """What is needed to rebuild this model (stored in delta checkpoints)."""
+        return {"arch": "vit", "num_classes": self.num_classes, "dtl": self.dtl_cfg.to_dict()}
+
+
+def create_vit_backbone(
+    name: str = "vit_base_patch16_224",
+    pretrained: bool = False,
+    layer_norm_eps: Optional[float] = None,
+    **kwargs: Any,
+) -> VisionTransformer:
+    """A timm ViT with no head and its final norm kept in ``.norm``.
+
+    ``name`` is a timm architecture name (a ``.tag`` selects pre-trained weights with ``pretrained=True``) or
+    one of the original's names (``vit_base_patch16_224_in21k``, which maps to the ImageNet-21k weights of
+    Google's ``ViT-B_16.npz``, timm tag ``orig_in21k``).
+    """
+    if name in ORIGINAL_VIT_NAMES:
+        name = ORIGINAL_VIT_NAMES[name] + (".orig_in21k" if pretrained else "")
+    kwargs.update(num_classes=0, global_pool="token", fc_norm=False)
+    if layer_norm_eps is not None:
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    for unused in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(unused, None)
+    num_classes = kwargs.pop("num_classes", 1000)
+    dtl = kwargs.pop("dtl", None)
+    dtl_keys = {k: kwargs.pop(k) for k in ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks") if k in kwargs}
+    if dtl is None:
+        dtl = DTLConfig(**dtl_keys)
+    elif dtl_keys:
+        raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(dtl_keys)}, not both")
+    backbone = create_vit_backbone(arch, pretrained=pretrained, **kwargs)
+    return DTLVisionTransformer(backbone, num_classes, dtl)
+
+
+@register_model
+def dtl_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on ViT-Ti/16 (224)."""
+    return _create_dtl_vit("vit_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def dtl_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on ViT-S/16 (224)."""
+    return _create_dtl_vit("vit_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def dtl_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on ViT-B/16 (224), ImageNet-21k weights (the paper's backbone) with ``pretrained=True``."""
+    return _create_dtl_vit("vit_base_patch16_224_in21k", pretrained, **kwargs)
+
+
+@register_model
+def dtl_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on ViT-L/16 (224), ImageNet-21k weights with ``pretrained=True``."""
+    return _create_dtl_vit("vit_large_patch16_224_in21k", pretrained, **kwargs)

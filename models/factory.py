@@ -1,0 +1,54 @@
+"""Build a DTL model from a backbone name (the original's or any timm ViT/Swin name) and load its weights."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from .config import DTLConfig
+from .pretrained import load_backbone_weights
+
+__all__ = ["create_dtl_model", "backbone_arch"]
+
+_logger = logging.getLogger(__name__)
+
+
+def backbone_arch(model_name: str) -> str:
+    """``'vit'`` or ``'swin'`` from a model name."""
+    name = model_name.lower()
+    if "swin" in name:
+        return "swin"
+    if name.startswith(("vit_", "deit", "dtl_vit")):
+        return "vit"
+    raise ValueError(f"unsupported backbone {model_name!r}: use a timm ViT (vit_*) or Swin (swin_*) name")
+
+
+def create_dtl_model(
+    model_name: str,
+    num_classes: int,
+    dtl: Optional[DTLConfig] = None,
+    load_path: Optional[str] = None,
+    pretrained: bool = False,
+    **backbone_kwargs: Any,
+) -> nn.Module:
+    """DTL/DTL+ on backbone ``model_name``; ``load_path`` is a local weights file for the backbone.
+
+    ``backbone_kwargs`` go to timm (``drop_path_rate``, ``img_size``, ...). ``pretrained=True`` asks timm for
+    the backbone's published weights instead (needs network access or timm's cache).
+    """
+    arch = backbone_arch(model_name)
+    if arch == "vit":
+        from .dtl_vit import DTLVisionTransformer, create_vit_backbone
+
+        backbone = create_vit_backbone(model_name, pretrained=pretrained, **backbone_kwargs)
+        model = DTLVisionTransformer(backbone, num_classes, dtl)
+    else:
+        from .dtl_swin import DTLSwinTransformer, create_swin_backbone
+
+        backbone = create_swin_backbone(model_name, pretrained=pretrained, **backbone_kwargs)
+        model = DTLSwinTransformer(backbone, num_classes, dtl)
+    if load_path:
+        n = load_backbone_weights(model, load_path)
+        _logger.info("backbone: %d tensors loaded from %s", n, load_path)
+    return model

@@ -1,0 +1,116 @@
+"""Load pre-trained *backbone* weights into a DTL (or baseline) model, with a check that nothing was missed.
+
+Formats:
+- a Google ViT ``.npz`` (``ViT-B_16.npz``, ImageNet-21k): through timm's own npz loader
+  (``VisionTransformer.load_pretrained``), which fills the final norm from ``Transformer/encoder_norm``;
+- a PyTorch/timm checkpoint (``.pth``, ``.pt``, ``.bin``) or ``.safetensors``: a state dict, optionally under
+  ``model``/``state_dict``, optionally with ``module.``/``backbone.`` prefixes; passed through the backbone
+  family's timm ``checkpoint_filter_fn`` (this converts, e.g., the original Microsoft Swin release).
+
+Every backbone parameter is first filled with NaN; a parameter still NaN after loading was not in the file,
+and that is an error naming the file and the keys. Classifier heads in the file are ignored.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zipfile
+from typing import Dict, List, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError"]
+
+_logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file."""
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read a tensor dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file, unwrapping common containers."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any read failure is a bad file for the user
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+            break
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    out = {}
+    for k, v in sd.items():
+        for p in ("module.", "backbone."):
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def _filter_fn(backbone: nn.Module):
+    import importlib
+
+    module = importlib.import_module(type(backbone).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _head_key(k: str) -> bool:
+    return k.startswith(("head.", "fc.", "classifier.", "pre_logits.")) or k in ("head", "fc_norm.weight", "fc_norm.bias")
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> int:
+    """Load pre-trained weights into ``model.backbone``; return the number of backbone tensors loaded.
+
+    Raises :class:`CheckpointError` (naming ``path``) for a missing/unreadable file or for backbone parameters
+    that the file does not provide.
+    """
+    backbone = model.backbone
+    if not os.path.isfile(path):
+        raise CheckpointError(f"pretrained weights not found: {path} (check --load_path)")
+    params = dict(backbone.named_parameters())
+    with torch.no_grad():
+        for p in params.values():
+            p.fill_(math.nan)
+        if path.endswith(".npz"):
+            if not hasattr(backbone, "load_pretrained"):
+                raise CheckpointError(f"{path}: .npz weights are for ViT backbones, not {type(backbone).__name__}")
+            try:
+                backbone.load_pretrained(path)
+            except KeyError as e:
+                raise CheckpointError(f"{path}: key {e} missing from the .npz (not a Google ViT checkpoint of this size?)") from e
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+                raise CheckpointError(f"cannot read {path} as a Google ViT .npz: {type(e).__name__}: {e}") from e
+            except RuntimeError as e:
+                raise CheckpointError(f"{path} does not fit the backbone: {e}") from e
+        else:
+            sd = read_state_dict(path)
+            filt = _filter_fn(backbone)
+            if filt is not None:
+                try:
+                    sd = filt(sd, backbone)
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(f"{path}: timm's checkpoint filter failed: {type(e).__name__}: {e}") from e
+            sd = {k: v for k, v in sd.items() if not _head_key(k)}
+            own = backbone.state_dict()
+            bad_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                         for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+            if bad_shape:
+                raise CheckpointError(f"{path}: tensors with wrong shapes: " + "; ".join(bad_shape[:10]))
+            backbone.load_state_dict(sd, strict=False)
+    missing: List[str] = [n for n, p in params.items() if torch.isnan(p).any()]
+    if missing:
+        shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
+        raise CheckpointError(f"{path} leaves backbone tensors uninitialised: {shown}")
+    _logger.info("loaded %d backbone tensors from %s", len(params), path)
+    return len(params)

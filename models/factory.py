@@ -9,7 +9,10 @@ import torch.nn as nn
 from .config import DTLConfig
 from .pretrained import load_backbone_weights
 
-__all__ = ["create_dtl_model", "backbone_arch"]
+__all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS"]
+
+# --method choices of train.py: DTL (with --fusion_size > 0: DTL+) and the baseline tuning methods.
+METHODS = ("dtl", "full", "linear", "bitfit", "lora", "adapter", "adaptformer", "vpt", "ssf")
 
 _logger = logging.getLogger(__name__)
 
@@ -52,3 +55,24 @@ def create_dtl_model(
         n = load_backbone_weights(model, load_path)
         _logger.info("backbone: %d tensors loaded from %s", n, load_path)
     return model
+
+
+def create_tuned_model(
+    method: str,
+    model_name: str,
+    num_classes: int,
+    dtl: Optional[DTLConfig] = None,
+    load_path: Optional[str] = None,
+    pretrained: bool = False,
+    **backbone_kwargs: Any,
+) -> nn.Module:
+    """The model of tuning method ``method`` (``'dtl'`` or a baseline of :mod:`models.baselines`)."""
+    if method == "dtl":
+        return create_dtl_model(model_name, num_classes, dtl, load_path=load_path, pretrained=pretrained, **backbone_kwargs)
+    if method not in METHODS:
+        raise ValueError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    from .baselines import create_baseline_model
+
+    return create_baseline_model(
+        method, model_name, num_classes, load_path=load_path, pretrained=pretrained, **backbone_kwargs
+    )

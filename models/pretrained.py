@@ -70,12 +70,13 @@ def _head_key(k: str) -> bool:
 
 
 def load_backbone_weights(model: nn.Module, path: str) -> int:
-    """Load pre-trained weights into ``model.backbone``; return the number of backbone tensors loaded.
+    """Load pre-trained weights into ``model.backbone`` (or into ``model`` itself when it is a bare timm
+    backbone); return the number of backbone tensors loaded.
 
     Raises :class:`CheckpointError` (naming ``path``) for a missing/unreadable file or for backbone parameters
     that the file does not provide.
     """
-    backbone = model.backbone
+    backbone = getattr(model, "backbone", model)
     if not os.path.isfile(path):
         raise CheckpointError(f"pretrained weights not found: {path} (check --load_path)")
     params = dict(backbone.named_parameters())

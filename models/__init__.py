@@ -2,6 +2,7 @@
 from .config import DTLConfig, format_blocks, parse_blocks
 from .convert import convert_original_state_dict
 from .dtl_vit import DTLVisionTransformer
+from .dtl_swin import DTLSwinTransformer
 from .factory import METHODS, backbone_arch, create_dtl_model, create_tuned_model
 from .pretrained import CheckpointError, load_backbone_weights, read_state_dict
 from .side_network import CompactSideNetwork, DepthwiseFusion, LowRankTap

@@ -1,0 +1,350 @@
+"""DTL / DTL+ on a timm Swin Transformer.
+
+:class:`DTLSwinTransformer` owns an unmodified timm 1.x ``SwinTransformer`` (``self.backbone``, so its weights
+keep timm's names and timm's loaders and checkpoint filter work) and runs its own loop over the stages and
+blocks, with one :class:`~models.side_network.CompactSideNetwork` per stage.
+
+What differs from ViT (SPEC §1.2):
+
+- blocks are numbered globally across stages (Swin-B, depths 2-2-18-2: stage 2 = blocks 4-21);
+- the side sum ``s`` restarts at 0 at every stage (stages have different widths), so a stage gets a side
+  network only if one of its taps can reach one of *its own* add-back blocks; a tap in a stage without
+  add-back blocks could never receive a gradient and is not created;
+- DTL+: one depthwise convolution per stage that has add-back blocks, over the stage's ``H x W`` token grid
+  (timm 1.x keeps Swin tokens as ``B x H x W x C``), shared by that stage's add-back blocks;
+- timm 1.x puts patch merging at the *start* of stages 1..n (the original, timm 0.5.4, at the *end* of stages
+  0..n-1): here the injection after the last block of stage ``j`` happens before stage ``j+1``'s merging,
+  which is the same computation;
+- head: the backbone's final LayerNorm -> mean over tokens -> a fresh ``Linear`` (trunc-normal std .02, bias 0,
+  as timm 0.5.4's Swin initialised its classifier).
+
+Default block selections (config ``None``), the paper's Swin-B rule generalised to any depths: let stage 2 (the
+deep stage; the last stage when there are fewer than 3) start at global block ``a`` and have ``d`` blocks;
+``csn_blocks = a .. end`` and ``add_back_blocks = a + d // 2 + 1 .. end``.  Swin-B (2, 2, 18, 2): 4-23 / 14-23;
+Swin-T/S (2, 2, 6, 2) / (2, 2, 18, 2): 4-11 / 8-11 and 4-23 / 14-23.  Default rank for Swin: ``r = 4``.
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models import SwinTransformer, register_model
+
+from .config import DTLConfig
+from .side_network import CompactSideNetwork, used_taps
+from .trainable import apply_trainable_rule
+
+__all__ = [
+    "DTLSwinTransformer", "create_swin_backbone", "convert_original_swin", "swin_from_fixture_config",
+    "swin_default_blocks", "ORIGINAL_SWIN_NAMES", "SWIN_DEFAULT_RANK",
+]
+
+SWIN_DEFAULT_RANK = 4
+
+# Names used by the original launchers (timm 0.5.4) -> timm 1.x ``architecture.tag``.
+ORIGINAL_SWIN_NAMES: Dict[str, str] = {
+    "swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k",
+    "swin_base_patch4_window12_384_in22k": "swin_base_patch4_window12_384.ms_in22k",
+    "swin_large_patch4_window7_224_in22k": "swin_large_patch4_window7_224.ms_in22k",
+    "swin_large_patch4_window12_384_in22k": "swin_large_patch4_window12_384.ms_in22k",
+}
+
+
+def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """Default ``(csn_blocks, add_back_blocks)`` for stage depths ``depths`` (see the module docstring)."""
+    depths = list(depths)
+    if not depths or min(depths) < 1:
+        raise ValueError(f"Swin stage depths must be positive, got {depths}")
+    stage = min(2, len(depths) - 1)
+    start = sum(depths[:stage])
+    total = sum(depths)
+    first_add = min(start + depths[stage] // 2 + 1, total - 1)
+    return list(range(start, total)), list(range(first_add, total))
+
+
+class DTLSwinTransformer(nn.Module):
+    """A frozen timm Swin Transformer plus trainable per-stage Compact Side Networks and classifier head.
+
+    Args:
+        backbone: a timm ``SwinTransformer`` built with ``num_classes=0`` (its final norm in ``.norm``).
+        num_classes: classes of the new head.
+        dtl: side-network settings (global block indices); ``None`` gives ``r = 4``, ``beta = 100`` and the
+            default blocks of :func:`swin_default_blocks` (4-23 / 14-23 for Swin-B, as in the paper).
+    """
+
+    trainable_prefixes = ("side.", "head.")
+
+    def __init__(self, backbone: SwinTransformer, num_classes: int, dtl: Optional[DTLConfig] = None) -> None:
+        super().__init__()
+        if not isinstance(backbone, SwinTransformer):
+            raise TypeError(f"DTLSwinTransformer wraps a timm SwinTransformer, got {type(backbone).__name__}")
+        if isinstance(backbone.norm, nn.Identity):
+            raise ValueError("the Swin backbone must keep its final norm in .norm")
+        self.depths: Tuple[int, ...] = tuple(len(stage.blocks) for stage in backbone.layers)
+        starts = [0]
+        for d in self.depths[:-1]:
+            starts.append(starts[-1] + d)
+        self.stage_starts: Tuple[int, ...] = tuple(starts)
+        num_blocks = sum(self.depths)
+        dtl = dtl or DTLConfig(r=SWIN_DEFAULT_RANK)
+        self.dtl_cfg = dtl.resolve(num_blocks, *swin_default_blocks(self.depths))
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.num_features = backbone.num_features
+        self.stage_dims: Tuple[int, ...] = tuple(stage.blocks[0].dim for stage in backbone.layers)
+
+        csn, add_back = set(self.dtl_cfg.csn_blocks), set(self.dtl_cfg.add_back_blocks)
+        side: Dict[str, CompactSideNetwork] = {}
+        for j, (start, depth) in enumerate(zip(self.stage_starts, self.depths)):
+            blocks = range(start, start + depth)
+            stage_csn = [i for i in blocks if i in csn]
+            stage_add = [i for i in blocks if i in add_back]
+            # The sum restarts at this stage: only taps reaching one of this stage's add-back blocks matter.
+            if not used_taps(stage_csn, stage_add):
+                continue
+            side[str(j)] = CompactSideNetwork(
+                self.stage_dims[j],
+                self.dtl_cfg.r,
+                stage_csn,
+                stage_add,
+                beta=self.dtl_cfg.beta,
+                fusion_size=self.dtl_cfg.fusion_size,
+            )
+        self.side = nn.ModuleDict(side)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+        self.reset_head()
+        apply_trainable_rule(self)
+
+    def reset_head(self) -> None:
+        """Initialise the head as timm 0.5.4's Swin (the original's) did: trunc-normal std .02, bias 0."""
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    # timm-style classifier API
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_head()
+        apply_trainable_rule(self)
+
+    def stage_of(self, block: int) -> int:
+        """The stage holding global block ``block``."""
+        for j in range(len(self.depths) - 1, -1, -1):
+            if block >= self.stage_starts[j]:
+                if block >= self.stage_starts[j] + self.depths[j]:
+                    break
+                return j
+        raise IndexError(f"block {block} out of range (the backbone has {sum(self.depths)} blocks)")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding: images ``B x 3 x H x W`` -> tokens ``B x h x w x C`` entering block 0."""
+        return self.backbone.patch_embed(x)
+
+    def forward_stage(
+        self,
+        x: torch.Tensor,
+        stage_idx: int,
+        start: Optional[int] = None,
+        s: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run stage ``stage_idx`` with its side network.
+
+        With ``start=None``, ``x`` is the stage's input *before* its patch merging (the previous stage's
+        output) and all blocks run. With a global block index ``start`` inside the stage, ``x`` is the input of
+        block ``start`` (after merging) and ``s`` the side sum this stage accumulated before ``start``.
+        """
+        stage = self.backbone.layers[stage_idx]
+        first = self.stage_starts[stage_idx]
+        if start is None:
+            x = stage.downsample(x)
+            start, s = first, None
+        elif not first <= start < first + self.depths[stage_idx]:
+            raise ValueError(f"block {start} is not in stage {stage_idx}")
+        side = self.side[str(stage_idx)] if str(stage_idx) in self.side else None
+        for i in range(start, first + self.depths[stage_idx]):
+            if side is not None:
+                s = side.tap(s, i, x)
+            x = stage.blocks[i - first](x)
+            if side is not None:
+                x = side.inject(x, s, i)
+        return x
+
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, s: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run global blocks ``start..`` to the end (no final norm).
+
+        ``x`` is the input of block ``start`` (for the first block of a stage: after that stage's patch
+        merging) and ``s`` the side sum accumulated in ``start``'s stage before it.
+        """
+        j = self.stage_of(start)
+        x = self.forward_stage(x, j, start=start, s=s)
+        for k in range(j + 1, len(self.depths)):
+            x = self.forward_stage(x, k)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> final-normed tokens ``B x h x w x C`` (as timm's Swin ``forward_features``)."""
+        return self.backbone.norm(self.forward_blocks(self.embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def model_config(self) -> Dict[str, Any]:
+        """What is needed to rebuild this model (stored in delta checkpoints)."""
+        return {"arch": "swin", "num_classes": self.num_classes, "dtl": self.dtl_cfg.to_dict()}
+
+
+def create_swin_backbone(
+    name: str = "swin_base_patch4_window7_224",
+    pretrained: bool = False,
+    layer_norm_eps: Optional[float] = None,
+    **kwargs: Any,
+) -> SwinTransformer:
+    """A timm Swin Transformer with no classifier (``num_classes=0``).
+
+    ``name`` is a timm Swin name (a ``.tag`` selects pre-trained weights with ``pretrained=True``), one of the
+    original's names (``swin_base_patch4_window7_224_in22k`` -> ``swin_base_patch4_window7_224``, with the
+    ImageNet-22k weights, timm tag ``ms_in22k``, when ``pretrained=True``) or a registered ``dtl_swin_*`` name
+    (its backbone).
+    """
+    if name in ORIGINAL_SWIN_NAMES:
+        arch = ORIGINAL_SWIN_NAMES[name]
+        name = arch if pretrained else arch.split(".")[0]
+    elif name.startswith("dtl_swin_"):
+        name = name[len("dtl_"):]
+    if not name.split(".")[0].startswith("swin_"):
+        raise ValueError(f"{name!r} is not a timm Swin Transformer name (e.g. swin_base_patch4_window7_224)")
+    kwargs["num_classes"] = 0
+    if layer_norm_eps is not None:
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not isinstance(model, SwinTransformer):
+        raise ValueError(f"{name!r} is a {type(model).__name__}, not a timm SwinTransformer")
+    return model
+
+
+def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
+    for unused in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(unused, None)
+    num_classes = kwargs.pop("num_classes", 1000)
+    dtl = kwargs.pop("dtl", None)
+    dtl_keys = {k: kwargs.pop(k) for k in ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks") if k in kwargs}
+    if dtl is None:
+        dtl = DTLConfig(**{"r": SWIN_DEFAULT_RANK, **dtl_keys})
+    elif dtl_keys:
+        raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(dtl_keys)}, not both")
+    backbone = create_swin_backbone(arch, pretrained=pretrained, **kwargs)
+    return DTLSwinTransformer(backbone, num_classes, dtl)
+
+
+@register_model
+def dtl_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
+    """DTL on Swin-T (window 7, 224), ImageNet-1k weights with ``pretrained=True``."""
+    return _create_dtl_swin("swin_tiny_patch4_window7_224", pretrained, **kwargs)
+
+
+@register_model
+def dtl_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
+    """DTL on Swin-S (window 7, 224), ImageNet-1k weights with ``pretrained=True``."""
+    return _create_dtl_swin("swin_small_patch4_window7_224", pretrained, **kwargs)
+
+
+@register_model
+def dtl_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
+    """DTL on Swin-B (window 7, 224), ImageNet-22k weights (the paper's backbone) with ``pretrained=True``."""
+    return _create_dtl_swin("swin_base_patch4_window7_224_in22k", pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The original's key layout (timm 0.5.4 Swin + DTL) and its reference fixtures
+
+_TAP = re.compile(r"^lora_dict\.(\d+)\.(lora_[AB])$")
+_FUSION = re.compile(r"^lora_fusions\.(\d+)\.weight$")
+_ALIAS = re.compile(r"^layers\.\d+\.(lora_dict|lora_fusions)\.")
+
+
+def convert_original_swin(state_dict: Mapping[str, torch.Tensor], model: DTLSwinTransformer) -> Dict[str, torch.Tensor]:
+    """Map an original DTL Swin state dict (timm 0.5.4 layout) onto :class:`DTLSwinTransformer` keys.
+
+    ``lora_dict.<block>.lora_{A,B}`` -> ``side.<stage>.taps.<block>.lora_{A,B}`` and ``lora_fusions.<stage>.weight``
+    -> ``side.<stage>.fusion.conv.weight`` (only for tensors that exist here: the original also creates taps
+    and fusions that can never receive a gradient); the aliases ``layers.<i>.lora_dict.*`` /
+    ``layers.<i>.lora_fusions.*`` are ignored; ``head.*`` stays; the backbone part goes through timm's Swin
+    ``checkpoint_filter_fn`` (patch merging ``layers.<i>.downsample`` -> ``layers.<i+1>.downsample``, buffers
+    dropped) and gets the ``backbone.`` prefix.
+    """
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    out: Dict[str, torch.Tensor] = {}
+    backbone_sd: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if _ALIAS.match(key):
+            continue
+        m = _TAP.match(key)
+        if m:
+            block, which = int(m.group(1)), m.group(2)
+            stage = str(model.stage_of(block))
+            if stage in model.side and model.side[stage].has_tap(block):
+                out[f"side.{stage}.taps.{block}.{which}"] = value
+            continue
+        m = _FUSION.match(key)
+        if m:
+            stage = m.group(1)
+            if stage in model.side and model.side[stage].fusion is not None:
+                out[f"side.{stage}.fusion.conv.weight"] = value
+            continue
+        if key.startswith("head."):
+            out[key] = value
+        else:
+            backbone_sd[key] = value
+    if backbone_sd:
+        backbone_sd = checkpoint_filter_fn(backbone_sd, model.backbone)
+        out.update({f"backbone.{k}": v for k, v in backbone_sd.items()})
+    return out
+
+
+_FIXTURE_KEYS = (
+    "img_size", "patch_size", "window_size", "embed_dim", "depths", "num_heads", "mlp_ratio", "qkv_bias",
+    "layer_norm_eps", "num_classes", "r", "beta", "fusion_size", "csn_blocks", "add_back_blocks",
+)
+
+
+def swin_from_fixture_config(config: Mapping[str, Any]) -> DTLSwinTransformer:
+    """Build the model a Swin fixture's ``meta.json['config']`` describes (random weights)."""
+    if config.get("arch", "swin") != "swin":
+        raise ValueError(f"not a Swin fixture config (arch={config.get('arch')!r})")
+    missing = [k for k in _FIXTURE_KEYS if k not in config]
+    if missing:
+        raise KeyError(f"Swin fixture config lacks {missing}")
+    c = config
+    backbone = SwinTransformer(
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        window_size=c["window_size"],
+        embed_dim=c["embed_dim"],
+        depths=tuple(c["depths"]),
+        num_heads=tuple(c["num_heads"]),
+        mlp_ratio=c["mlp_ratio"],
+        qkv_bias=c["qkv_bias"],
+        norm_layer=partial(nn.LayerNorm, eps=c["layer_norm_eps"]),
+        drop_path_rate=c.get("drop_path_rate", 0.0),
+        num_classes=0,
+    )
+    dtl = DTLConfig(
+        r=c["r"], beta=c["beta"], fusion_size=c["fusion_size"],
+        csn_blocks=c["csn_blocks"], add_back_blocks=c["add_back_blocks"],
+    )
+    return DTLSwinTransformer(backbone, c["num_classes"], dtl)

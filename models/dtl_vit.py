@@ -12,7 +12,7 @@ a fresh ``Linear``.  The backbone is built with ``global_pool='token'`` so that 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
@@ -21,6 +21,7 @@ from timm.models import VisionTransformer
 from timm.models import register_model
 
 from .config import DTLConfig
+from .lean import LowRankSideSum, lean_block
 from .side_network import CompactSideNetwork
 from .trainable import apply_trainable_rule
 
@@ -43,11 +44,15 @@ class DTLVisionTransformer(nn.Module):
         num_classes: classes of the new head.
         dtl: side-network settings; ``None`` block selections default to all blocks (taps) and the second
             half of the blocks (add-back), i.e. 0-11 / 6-11 for ViT-B/16 as in the paper.
+        lean: recompute in backward what the default path stores (see :mod:`models.lean`); same values,
+            a fraction of the training memory. Also settable later with :meth:`set_lean`.
     """
 
     trainable_prefixes = ("side.", "head.")
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, dtl: Optional[DTLConfig] = None) -> None:
+    def __init__(
+        self, backbone: VisionTransformer, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
             raise TypeError(f"DTLVisionTransformer wraps a timm VisionTransformer, got {type(backbone).__name__}")
@@ -72,6 +77,12 @@ class DTLVisionTransformer(nn.Module):
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
         self.reset_head()
         apply_trainable_rule(self)
+        self.lean = bool(lean)
+
+    def set_lean(self, lean: bool = True) -> "DTLVisionTransformer":
+        """Switch lean mode (:mod:`models.lean`) on or off; returns the model."""
+        self.lean = bool(lean)
+        return self
 
     def reset_head(self) -> None:
         """Zero-initialise the head, as timm 0.5.4's ViT (the original's) did for a fresh classifier."""
@@ -109,10 +120,20 @@ class DTLVisionTransformer(nn.Module):
         x: torch.Tensor,
         grid: Tuple[int, int],
         start: int = 0,
-        s: Optional[torch.Tensor] = None,
+        s: Union[None, torch.Tensor, LowRankSideSum] = None,
     ) -> torch.Tensor:
-        """Run blocks ``start..`` with the side network; ``s`` is the side sum accumulated before ``start``."""
+        """Run blocks ``start..`` with the side network; ``s`` is the side sum accumulated before ``start``.
+
+        In lean mode ``s`` may also be a :class:`~models.lean.LowRankSideSum` (kept in factored form).
+        """
         side, prefix = self.side, self.num_prefix_tokens
+        if self.lean:
+            state = s if isinstance(s, LowRankSideSum) else LowRankSideSum(side, base=s)
+            for i in range(start, len(self.backbone.blocks)):
+                x = lean_block(self.backbone.blocks[i], x, side, state, i, grid=grid, prefix=prefix)
+            return x
+        if isinstance(s, LowRankSideSum):
+            s = s.dense()
         for i in range(start, len(self.backbone.blocks)):
             s = side.tap(s, i, x)
             x = self.backbone.blocks[i](x)
@@ -134,6 +155,77 @@ class DTLVisionTransformer(nn.Module):
     def model_config(self) -> Dict[str, Any]:
         """What is needed to rebuild this model (stored in delta checkpoints)."""
         return {"arch": "vit", "num_classes": self.num_classes, "dtl": self.dtl_cfg.to_dict()}
+
+    # --- frozen prefix (models.prefix_cache, tools/predict.py) -------------------------------------------
+    # The blocks before the first add-back block see inputs that no trainable tensor influences.  A cache
+    # records, per image, the inputs of the taps among them and the input of the first add-back block, and
+    # training resumes from there with forward_from_prefix.
+
+    def prefix_plan(self) -> Tuple[List[int], int]:
+        """``(blocks whose inputs to record, resume block)``: the taps before the first add-back block ``a``,
+        then ``a`` itself (whose input the forward resumes from)."""
+        add_back = self.dtl_cfg.add_back_blocks
+        if not add_back:
+            raise ValueError("this DTL model has no add-back block: the side network never reaches the output")
+        resume = min(add_back)
+        taps = sorted(int(k) for k in self.side.taps if int(k) < resume)
+        return taps + [resume], resume
+
+    def prefix_drop_path_rates(self, resume: Optional[int] = None) -> Dict[int, float]:
+        """Stochastic-depth rates of the blocks before ``resume`` (default: the first add-back block)."""
+        if resume is None:
+            resume = self.prefix_plan()[1]
+        rates = {}
+        for i, blk in enumerate(self.backbone.blocks[:resume]):
+            p = max(float(getattr(m, "drop_prob", 0.0) or 0.0) for m in (blk.drop_path1, blk.drop_path2))
+            rates[i] = p
+        return rates
+
+    @torch.no_grad()
+    def record_block_inputs(self, x: torch.Tensor, blocks: List[int]) -> Dict[int, torch.Tensor]:
+        """Images -> ``{i: input of block i}`` for ``blocks``, all before the first add-back block.
+
+        Runs the frozen backbone only (the side network adds nothing before the first add-back block).
+        """
+        first_add = min(self.dtl_cfg.add_back_blocks) if self.dtl_cfg.add_back_blocks else len(self.backbone.blocks)
+        wanted = sorted(set(blocks))
+        if not wanted:
+            return {}
+        if wanted[-1] > first_add:
+            raise ValueError(f"block inputs after the first add-back block ({first_add}) depend on the side network")
+        out: Dict[int, torch.Tensor] = {}
+        h = self.embed(x)
+        for i in range(wanted[-1] + 1):
+            if i in wanted:
+                out[i] = h
+            if i < wanted[-1]:
+                h = self.backbone.blocks[i](h)
+        return out
+
+    def forward_from_prefix(self, cached: Mapping[int, torch.Tensor], grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Logits from recorded block inputs (:meth:`prefix_plan`), running only the tail blocks.
+
+        ``cached`` maps block index -> input tokens (any float dtype; cast to the model's). ``grid`` defaults
+        to the patch embedding's grid.
+        """
+        record, resume = self.prefix_plan()
+        missing = [i for i in record if i not in cached]
+        if missing:
+            raise KeyError(f"forward_from_prefix: no recorded input for blocks {missing} (have {sorted(cached)})")
+        dtype = self.backbone.patch_embed.proj.weight.dtype
+        if grid is None:
+            grid = tuple(self.backbone.patch_embed.grid_size)
+        s: Union[None, torch.Tensor, LowRankSideSum]
+        if self.lean:
+            s = LowRankSideSum(self.side)
+            for i in record[:-1]:
+                s.tap(i, cached[i].to(dtype))
+        else:
+            s = None
+            for i in record[:-1]:
+                s = self.side.tap(s, i, cached[i].to(dtype))
+        x = self.forward_blocks(cached[resume].to(dtype), grid, start=resume, s=s)
+        return self.forward_head(x)
 
 
 def create_vit_backbone(
@@ -160,6 +252,7 @@ def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVi
     for unused in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(unused, None)
     num_classes = kwargs.pop("num_classes", 1000)
+    lean = bool(kwargs.pop("lean", False))
     dtl = kwargs.pop("dtl", None)
     dtl_keys = {k: kwargs.pop(k) for k in ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks") if k in kwargs}
     if dtl is None:
@@ -167,7 +260,7 @@ def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVi
     elif dtl_keys:
         raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(dtl_keys)}, not both")
     backbone = create_vit_backbone(arch, pretrained=pretrained, **kwargs)
-    return DTLVisionTransformer(backbone, num_classes, dtl)
+    return DTLVisionTransformer(backbone, num_classes, dtl, lean=lean)
 
 
 @register_model

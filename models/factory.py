@@ -33,9 +33,12 @@ def create_dtl_model(
     dtl: Optional[DTLConfig] = None,
     load_path: Optional[str] = None,
     pretrained: bool = False,
+    lean: bool = False,
     **backbone_kwargs: Any,
 ) -> nn.Module:
     """DTL/DTL+ on backbone ``model_name``; ``load_path`` is a local weights file for the backbone.
+
+    ``lean=True`` switches on lean mode (``model.set_lean(True)``, see :mod:`models.lean`).
 
     ``backbone_kwargs`` go to timm (``drop_path_rate``, ``img_size``, ...). ``pretrained=True`` asks timm for
     the backbone's published weights instead (needs network access or timm's cache).
@@ -54,6 +57,10 @@ def create_dtl_model(
     if load_path:
         n = load_backbone_weights(model, load_path)
         _logger.info("backbone: %d tensors loaded from %s", n, load_path)
+    if lean:
+        if not hasattr(model, "set_lean"):
+            raise ValueError(f"lean mode is not implemented for {type(model).__name__} ({model_name})")
+        model.set_lean(True)
     return model
 
 

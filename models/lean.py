@@ -1,0 +1,171 @@
+"""Lean mode: DTL training that keeps almost nothing for backward but the side taps' inputs.
+
+In DTL only the side network and the head train; every backbone block is frozen.  The default forward
+(the original's) still keeps, for every block after the first add-back block, everything autograd needs to
+send the gradient *through* that block to the earlier taps (layer-norm inputs, the attention's q/k/v and
+output, the MLP's hidden activation: about ten block-input sizes per block), and for every add-back block
+the side sum ``s`` and its ``sigmoid(beta * s)``.  Nothing inside a frozen block trains, so all of it can be
+recomputed in backward from the block's input instead -- which the side tap of that block keeps anyway.
+
+:func:`lean_block` replaces the three lines of a wrapper's block loop::
+
+    s = side.tap(s, i, x); x = block(x); x = side.inject(x, s, i, grid=grid, prefix=prefix)
+
+with ``x = lean_block(block, x, side, state, i, grid=grid, prefix=prefix)``, where ``state`` is a
+:class:`LowRankSideSum` (one per run of blocks sharing a side sum: one for ViT, one per stage for Swin).
+What is kept for backward then:
+
+- per tap: its input ``x_i`` (needed for the gradient of ``A_i``; for a block after the first add-back it is
+  also the block's checkpoint input: the same tensor, stored once) and the rank-``r`` product
+  ``h_i = A_i x_i`` (``r / d`` of a block input);
+- per block whose input depends on a trainable tensor (the *tail*): nothing else -- the block runs under
+  :func:`torch.utils.checkpoint.checkpoint` (``use_reentrant=False``, ``preserve_rng_state=True``, so drop-path
+  masks are recomputed identically);
+- per add-back block: nothing else -- the side sum is kept as its low-rank factors ``h_j`` (plus an optional
+  dense ``base``, e.g. the sum over a cached prefix) and ``s``, the gate and DTL+'s convolution are recomputed
+  in backward inside the same checkpoint.
+
+For ViT-B/16 with the default blocks (taps 0-11, add-back 6-11) this is 12 block inputs (7 prefix tap inputs
+and the inputs of blocks 7-11), against 69 for the default path: 55 MiB instead of 319 MiB at batch 8 (fp32).
+The price is one extra forward of the tail blocks in backward.  The forward values are bit-identical to the
+default path (same operations in the same order); gradients differ only by floating-point summation order
+(the gradient of each ``B_j`` is summed per add-back block instead of once through the running sum).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .side_network import CompactSideNetwork, swish
+
+__all__ = ["LowRankSideSum", "lean_block", "side_output", "materialize_side_sum"]
+
+
+class LowRankSideSum:
+    """The running side sum ``s = base + sum_j B_j (A_j x_j)``, kept as its factors ``h_j = A_j x_j``.
+
+    Args:
+        side: the side network whose taps produce the terms.
+        base: an already dense part of the sum (``None`` = zero), e.g. the sum of the taps over a cached prefix.
+
+    The dense sum is never stored; :func:`materialize_side_sum` rebuilds it, adding the terms in the same
+    order as :meth:`CompactSideNetwork.tap` does, so the values are bit-identical to the default path.
+    """
+
+    def __init__(self, side: CompactSideNetwork, base: Optional[torch.Tensor] = None) -> None:
+        self.side = side
+        self.base = base
+        self.keys: List[str] = []
+        self.hs: List[torch.Tensor] = []
+
+    def tap(self, index: int, x: torch.Tensor) -> "LowRankSideSum":
+        """Add the term of tap ``index`` (if the side network has one) for block input ``x``."""
+        key = str(index)
+        if key in self.side.taps:
+            self.keys.append(key)
+            self.hs.append(F.linear(x, self.side.taps[key].lora_A))
+        return self
+
+    @property
+    def is_zero(self) -> bool:
+        return self.base is None and not self.hs
+
+    def snapshot(self) -> Tuple[Tuple[str, ...], Optional[torch.Tensor], Tuple[torch.Tensor, ...]]:
+        """``(keys, base, hs)`` as they are now (the sum keeps growing after an add-back block)."""
+        return tuple(self.keys), self.base, tuple(self.hs)
+
+    def dense(self) -> Optional[torch.Tensor]:
+        """The dense sum now (``None`` if zero)."""
+        keys, base, hs = self.snapshot()
+        return materialize_side_sum(self.side, keys, base, *hs)
+
+
+def materialize_side_sum(
+    side: CompactSideNetwork, keys: Sequence[str], base: Optional[torch.Tensor], *hs: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """``base + sum_j F.linear(h_j, B_j)`` in tap order (``None`` when empty)."""
+    s = base
+    for key, h in zip(keys, hs):
+        g = F.linear(h, side.taps[key].lora_B)
+        s = g if s is None else s + g
+    return s
+
+
+def side_output(
+    side: CompactSideNetwork,
+    keys: Sequence[str],
+    grid: Optional[Sequence[int]],
+    prefix: int,
+    base: Optional[torch.Tensor],
+    *hs: torch.Tensor,
+) -> torch.Tensor:
+    """``phi(swish_beta(s))`` for the side sum given by its factors (what an add-back block adds)."""
+    s = materialize_side_sum(side, keys, base, *hs)
+    out = swish(s, side.beta)
+    if side.fusion is not None:
+        out = side.fusion(out, grid=grid, prefix=prefix)
+    return out
+
+
+def _block_then_side(
+    block: nn.Module,
+    side: CompactSideNetwork,
+    keys: Sequence[str],
+    grid: Optional[Sequence[int]],
+    prefix: int,
+    inject: bool,
+    x: torch.Tensor,
+    base: Optional[torch.Tensor],
+    *hs: torch.Tensor,
+) -> torch.Tensor:
+    y = block(x)
+    if inject:
+        y = y + side_output(side, keys, grid, prefix, base, *hs)
+    return y
+
+
+def _checkpoint(fn, *args: Optional[torch.Tensor]) -> torch.Tensor:
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def lean_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    side: Optional[CompactSideNetwork],
+    state: Optional[LowRankSideSum],
+    index: int,
+    grid: Optional[Sequence[int]] = None,
+    prefix: int = 0,
+) -> torch.Tensor:
+    """Tap before, run and add back after block ``index`` (global index), storing only what backward needs.
+
+    ``state`` is updated in place with the tap of ``index``. ``side``/``state`` may be ``None`` for a run of
+    blocks without a side network (the block is then only checkpointed). ``grid``/``prefix`` describe the
+    tokens for DTL+'s convolution as in :meth:`CompactSideNetwork.inject`.
+    """
+    inject = False
+    keys: Tuple[str, ...] = ()
+    base: Optional[torch.Tensor] = None
+    hs: Tuple[torch.Tensor, ...] = ()
+    if side is not None:
+        if state is None:
+            raise ValueError("lean_block: a side network needs a LowRankSideSum state")
+        state.tap(index, x)
+        inject = index in side.add_back_blocks and not state.is_zero
+        keys, base, hs = state.snapshot()
+    if not torch.is_grad_enabled():
+        return _block_then_side(block, side, keys, grid, prefix, inject, x, base, *hs)
+    if x.requires_grad:
+        # The block's input carries gradient: recompute the block (and the side output) in backward.
+        fn = partial(_block_then_side, block, side, keys, grid, prefix, inject)
+        return _checkpoint(fn, x, base, *hs)
+    # A frozen block on an input without gradient keeps nothing; only the side output needs recomputing.
+    y = block(x)
+    if inject:
+        y = y + _checkpoint(partial(side_output, side, keys, grid, prefix), base, *hs)
+    return y

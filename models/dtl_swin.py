@@ -20,8 +20,10 @@ What differs from ViT (SPEC §1.2):
 
 Default block selections (config ``None``), the paper's Swin-B rule generalised to any depths: let stage 2 (the
 deep stage; the last stage when there are fewer than 3) start at global block ``a`` and have ``d`` blocks;
-``csn_blocks = a .. end`` and ``add_back_blocks = a + d // 2 + 1 .. end``.  Swin-B (2, 2, 18, 2): 4-23 / 14-23;
-Swin-T/S (2, 2, 6, 2) / (2, 2, 18, 2): 4-11 / 8-11 and 4-23 / 14-23.  Default rank for Swin: ``r = 4``.
+``csn_blocks = a .. end`` and ``add_back_blocks = min(a + d // 2 + 1, a + d - 1) .. end`` (the ``min`` only
+matters for stages of fewer than 4 blocks: add-back then still starts inside stage 2).  Swin-B (2, 2, 18, 2):
+4-23 / 14-23 (the paper's); Swin-S (2, 2, 18, 2): the same; Swin-T (2, 2, 6, 2): 4-11 / 8-11 (as the Swin
+reference fixtures).  Default rank for Swin: ``r = 4``.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     stage = min(2, len(depths) - 1)
     start = sum(depths[:stage])
     total = sum(depths)
-    first_add = min(start + depths[stage] // 2 + 1, total - 1)
+    # the paper's 14 = 4 + 18 // 2 + 1 for Swin-B; kept inside the stage for very shallow stages
+    first_add = min(start + depths[stage] // 2 + 1, start + depths[stage] - 1)
     return list(range(start, total)), list(range(first_add, total))
 
 

@@ -1,0 +1,261 @@
+"""List-file image datasets shared by the three benchmarks (VTAB-1k, few-shot FGFS, domain generalisation).
+
+A list file holds one sample per line: ``relative/path label``. Paths may contain spaces, so each line is split
+on its LAST whitespace run. Blank lines are ignored. Every problem is reported as a :class:`DataError` whose
+message names the list file and the 1-based line number (or the image file), before any long work starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DataError", "ListEntry", "parse_list_file", "iter_list_file", "ListFileDataset", "load_rgb", "image_error",
+]
+
+_logger = logging.getLogger(__name__)
+
+_LINE_RE = re.compile(r"^(?P<path>.*?)\s+(?P<label>\S+)$")
+
+
+class DataError(ValueError):
+    """Bad data: a missing folder/list file, a malformed list line, a label out of range, a missing or
+    unreadable image. The message always names the file (and, for list lines, the 1-based line number)."""
+
+
+class ListEntry(tuple):
+    """One parsed list line: ``(path, label, line_no)`` (path as written in the list)."""
+
+    __slots__ = ()
+
+    def __new__(cls, path: str, label: int, line_no: int):
+        return super().__new__(cls, (path, label, line_no))
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def label(self) -> int:
+        return self[1]
+
+    @property
+    def line_no(self) -> int:
+        return self[2]
+
+
+def _read_lines(list_path: str) -> List[str]:
+    if not os.path.exists(list_path):
+        raise DataError(f"{list_path}: list file not found")
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: expected a list file, found a directory or special file")
+    try:
+        with open(list_path, "r", encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_path}: not a UTF-8 text list file ({e})") from None
+    except OSError as e:
+        raise DataError(f"{list_path}: cannot read list file ({e})") from None
+
+
+def _parse_line(line: str, num_classes: Optional[int]) -> Tuple[Optional[Tuple[str, int]], Optional[str]]:
+    """Parse one non-blank line; return ``((path, label), None)`` or ``(None, problem)``."""
+    text = line.strip()
+    m = _LINE_RE.match(text)
+    if m is None or not m.group("path"):
+        return None, f"expected '<relative/path> <integer label>', got {text!r} (no label)"
+    path, label_s = m.group("path"), m.group("label")
+    try:
+        label = int(label_s)
+    except ValueError:
+        return None, f"label {label_s!r} is not an integer (line {text!r})"
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        rng = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        return None, f"label {label} is outside the class range {rng} (line {text!r})"
+    return (path, label), None
+
+
+def iter_list_file(list_path: str, num_classes: Optional[int]) -> Iterator[Tuple[int, Optional[ListEntry], Optional[str]]]:
+    """Yield ``(line_no, entry, problem)`` for every non-blank line; exactly one of entry/problem is set.
+
+    Used by the data checker to collect all problems; :func:`parse_list_file` stops at the first one.
+    Raises :class:`DataError` only when the file itself cannot be read.
+    """
+    for i, line in enumerate(_read_lines(list_path), start=1):
+        if not line.strip():
+            continue
+        parsed, problem = _parse_line(line, num_classes)
+        if parsed is None:
+            yield i, None, problem
+        else:
+            yield i, ListEntry(parsed[0], parsed[1], i), None
+
+
+def parse_list_file(list_path: str, num_classes: Optional[int]) -> List[Tuple[str, int]]:
+    """Parse a list file of ``relative/path label`` lines into ``[(path, label), ...]``.
+
+    Lines are split on their last whitespace run (paths may contain spaces); blank lines are ignored.
+    Raises :class:`DataError` (``<file>:<line>: ...``) for a line without a label, a non-integer label, or a
+    label outside ``[0, num_classes)`` (``num_classes=None``: only ``label >= 0`` is required).
+    """
+    return [(e.path, e.label) for e in _parse_entries(list_path, num_classes)]
+
+
+def _parse_entries(list_path: str, num_classes: Optional[int]) -> List[ListEntry]:
+    entries: List[ListEntry] = []
+    for line_no, entry, problem in iter_list_file(list_path, num_classes):
+        if problem is not None:
+            raise DataError(f"{list_path}:{line_no}: {problem}")
+        entries.append(entry)
+    return entries
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image with PIL and convert it to RGB (this decodes the whole file)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def image_error(path: str) -> Optional[str]:
+    """Return why ``path`` cannot be decoded as an image, or ``None`` when it decodes fine."""
+    try:
+        load_rgb(path)
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+class ListFileDataset(Dataset):
+    """Images listed in a ``path label`` list file, with paths relative to ``image_root``.
+
+    Args:
+        image_root: folder the list's relative paths start from (absolute paths in the list are kept).
+        list_path: the list file.
+        num_classes: class count; every label must lie in ``[0, num_classes)``.
+        transform: applied to the RGB PIL image.
+        skip_bad_images: drop missing files at construction and (through :meth:`verify_images`) unreadable
+            ones, counting them in ``num_skipped``, instead of failing.
+        check_files: verify at construction that every listed file exists (fast ``os.path.isfile``).
+
+    Attributes: ``samples`` (list of ``(absolute path, label)``), ``targets``, ``num_classes``, ``list_path``,
+    ``image_root``, ``num_skipped``, ``skipped`` (list of ``(path, line_no, reason)``).
+    """
+
+    def __init__(
+            self,
+            image_root: str,
+            list_path: str,
+            num_classes: int,
+            transform: Optional[Callable] = None,
+            skip_bad_images: bool = False,
+            check_files: bool = True,
+    ) -> None:
+        if not os.path.isdir(image_root):
+            raise DataError(f"{image_root}: image folder not found (images of list file {list_path})")
+        self.image_root = os.path.abspath(image_root)
+        self.list_path = os.path.abspath(list_path)
+        self.num_classes = int(num_classes)
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        self.num_skipped = 0
+        self.skipped: List[Tuple[str, int, str]] = []
+        entries = _parse_entries(list_path, num_classes)
+        if not entries:
+            raise DataError(f"{list_path}: list file has no samples")
+        samples = [(os.path.normpath(os.path.join(self.image_root, e.path)), e.label) for e in entries]
+        lines = [e.line_no for e in entries]
+        if check_files:
+            missing = [i for i, (p, _) in enumerate(samples) if not os.path.isfile(p)]
+            if missing:
+                if not skip_bad_images:
+                    i = missing[0]
+                    more = f" ({len(missing)} of {len(samples)} listed files are missing)" if len(missing) > 1 else ""
+                    raise DataError(f"{samples[i][0]}: image file not found (listed at {list_path}:{lines[i]}){more}")
+                drop = set(missing)
+                for i in missing:
+                    self.skipped.append((samples[i][0], lines[i], "file not found"))
+                samples = [s for i, s in enumerate(samples) if i not in drop]
+                lines = [n for i, n in enumerate(lines) if i not in drop]
+                self.num_skipped = len(missing)
+                _logger.warning("%s: skipped %d missing image file(s)", list_path, len(missing))
+                if not samples:
+                    raise DataError(f"{list_path}: every listed image is missing")
+        self.samples: List[Tuple[str, int]] = samples
+        self._line_nos: List[int] = lines
+
+    @property
+    def targets(self) -> List[int]:
+        return [t for _, t in self.samples]
+
+    def line_no(self, index: int) -> int:
+        """1-based list-file line of sample ``index``."""
+        return self._line_nos[index]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB PIL image of sample ``index``; :class:`DataError` naming the file and list line on failure."""
+        path = self.samples[index][0]
+        try:
+            return load_rgb(path)
+        except Exception as e:
+            hint = " (pass --skip_bad_images to drop unreadable images)" if not self.skip_bad_images else ""
+            raise DataError(f"{path}: unreadable image, listed at {self.list_path}:{self._line_nos[index]} "
+                            f"({type(e).__name__}: {e}){hint}") from None
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.samples[index][1]
+
+    def verify_images(self, num_workers: Optional[int] = None) -> int:
+        """Decode every image once and drop the unreadable ones (use with ``skip_bad_images``).
+
+        Returns the total number of skipped samples (missing at construction + unreadable), also stored in
+        ``num_skipped``. Without ``skip_bad_images`` the first unreadable image raises :class:`DataError`.
+        """
+        workers = num_workers or min(8, os.cpu_count() or 1)
+        paths = [p for p, _ in self.samples]
+        if workers > 1 and len(paths) > 64:
+            with ThreadPoolExecutor(workers) as ex:
+                errors = list(ex.map(image_error, paths, chunksize=32))
+        else:
+            errors = [image_error(p) for p in paths]
+        bad = [i for i, err in enumerate(errors) if err is not None]
+        if bad and not self.skip_bad_images:
+            i = bad[0]
+            raise DataError(f"{paths[i]}: {errors[i]}, listed at {self.list_path}:{self._line_nos[i]}"
+                            + (f" ({len(bad)} unreadable images in this list)" if len(bad) > 1 else ""))
+        if bad:
+            drop = set(bad)
+            for i in bad:
+                self.skipped.append((paths[i], self._line_nos[i], errors[i]))
+            self.samples = [s for i, s in enumerate(self.samples) if i not in drop]
+            self._line_nos = [n for i, n in enumerate(self._line_nos) if i not in drop]
+            self.num_skipped += len(bad)
+            _logger.warning("%s: skipped %d unreadable image(s)", self.list_path, len(bad))
+            if not self.samples:
+                raise DataError(f"{self.list_path}: no readable image left")
+        return self.num_skipped
+
+    def class_counts(self) -> List[int]:
+        """Number of samples per class (length ``num_classes``)."""
+        counts = [0] * self.num_classes
+        for _, t in self.samples:
+            counts[t] += 1
+        return counts
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(list={self.list_path!r}, n={len(self)}, num_classes={self.num_classes}"
+                + (f", skipped={self.num_skipped}" if self.num_skipped else "") + ")")

@@ -1,0 +1,141 @@
+"""Domain generalisation (NOAH protocol; SPEC §3.3): train on 16-shot ImageNet, test on five targets.
+
+Layout (``seed-README.md``, CoOp image folders + NOAH annotations)::
+
+    <data_dir>/imagenet/annotations/train_meta.list.num_shot_16.seed_<s>   source, paths relative to
+                                                                        <data_dir>/imagenet/images/train/
+    <data_dir>/imagenet/annotations/val_meta.list                       target 'imagenet', paths relative to
+                                                                        <data_dir>/imagenet/images/val/
+    <data_dir>/<target>/annotations/val_meta.list                       other targets, paths relative to
+                                                                        <data_dir>/<target>/
+
+Path base of the ``imagenet`` target: SPEC §3.3 puts its images under ``imagenet/images/val/`` (the mirror of
+the source under ``imagenet/images/train/``), so list paths are taken relative to that folder. A list whose
+paths already start with ``images/val/`` (i.e. relative to ``<data_dir>/imagenet/``, like the other targets)
+is recognised too: the base is chosen by looking up the first listed file under ``images/val/`` first and then
+under ``imagenet/``; the choice is logged. Labels of every target (including -adversarial and -rendition) are
+in the 1000-class ImageNet index space.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, List, Optional, Tuple
+
+from .datasets import DataError, ListFileDataset, parse_list_file
+
+__all__ = [
+    "DG_SOURCE", "DG_TARGETS", "DG_NUM_CLASSES", "DG_SEEDS", "DG_SHOT", "canonical_dg_target",
+    "dg_source_list_path", "dg_source_image_root", "dg_target_list_path", "dg_target_image_roots",
+    "resolve_dg_target_image_root", "build_dg_source", "build_dg_target",
+]
+
+_logger = logging.getLogger(__name__)
+
+DG_SOURCE = "imagenet"
+DG_TARGETS: Tuple[str, ...] = ("imagenet", "imagenetv2", "imagenet-sketch", "imagenet-adversarial",
+                               "imagenet-rendition")
+DG_NUM_CLASSES = 1000
+DG_SEEDS: Tuple[int, ...] = (0, 1, 2)
+DG_SHOT = 16
+
+_ALIASES = {
+    "imagenet-v2": "imagenetv2", "imagenet_v2": "imagenetv2",
+    "imagenet-a": "imagenet-adversarial", "imagenet-r": "imagenet-rendition",
+    "imagenet-s": "imagenet-sketch",
+}
+
+
+def canonical_dg_target(name: str) -> str:
+    """Folder name of a DG target (accepts ``imagenet-a``, ``imagenet-r``, ``imagenet-v2``, '_' for '-')."""
+    key = name.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in DG_TARGETS:
+        raise ValueError(f"unknown domain-generalisation target {name!r}; valid: {', '.join(DG_TARGETS)}")
+    return key
+
+
+def dg_source_list_path(data_dir: str, seed: int, shot: int = DG_SHOT) -> str:
+    return os.path.join(data_dir, DG_SOURCE, "annotations", f"train_meta.list.num_shot_{int(shot)}.seed_{int(seed)}")
+
+
+def dg_source_image_root(data_dir: str) -> str:
+    return os.path.join(data_dir, DG_SOURCE, "images", "train")
+
+
+def dg_target_list_path(data_dir: str, target: str) -> str:
+    return os.path.join(data_dir, canonical_dg_target(target), "annotations", "val_meta.list")
+
+
+def dg_target_image_roots(data_dir: str, target: str) -> List[str]:
+    """Candidate folders the target's list paths are relative to, in order of preference."""
+    t = canonical_dg_target(target)
+    if t == "imagenet":
+        return [os.path.join(data_dir, t, "images", "val"), os.path.join(data_dir, t)]
+    return [os.path.join(data_dir, t)]
+
+
+def resolve_dg_target_image_root(data_dir: str, target: str, first_path: Optional[str] = None) -> str:
+    """The folder a target's list paths are relative to (see the module docstring for ``imagenet``).
+
+    ``first_path``: the first path of the list; when given, the first candidate holding it wins.
+    """
+    candidates = dg_target_image_roots(data_dir, target)
+    if first_path is not None and len(candidates) > 1:
+        for c in candidates:
+            if os.path.isfile(os.path.join(c, first_path)):
+                if c != candidates[0]:
+                    _logger.info("%s: list paths are relative to %s", dg_target_list_path(data_dir, target), c)
+                return c
+    return candidates[0]
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: {what} not found")
+
+
+def build_dg_source(
+        data_dir: str,
+        seed: int,
+        shot: int = DG_SHOT,
+        transform: Optional[Callable] = None,
+        **kwargs,
+) -> ListFileDataset:
+    """The ImageNet ``shot``-shot training list of ``seed`` (1000 classes).
+
+    ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
+    """
+    _require_dir(data_dir, "domain-generalisation data root")
+    _require_dir(os.path.join(data_dir, DG_SOURCE), "ImageNet source folder")
+    list_path = dg_source_list_path(data_dir, seed, shot)
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: ImageNet {shot}-shot source list for seed {seed} not found")
+    image_root = dg_source_image_root(data_dir)
+    _require_dir(image_root, "ImageNet training image folder (imagenet/images/train, see the README's DG data "
+                             "preparation: it is not in DG.zip, link your ImageNet train folder there)")
+    return ListFileDataset(image_root, list_path, DG_NUM_CLASSES, transform=transform, **kwargs)
+
+
+def build_dg_target(
+        data_dir: str,
+        target: str,
+        transform: Optional[Callable] = None,
+        **kwargs,
+) -> ListFileDataset:
+    """The evaluation list of a DG target (``annotations/val_meta.list``, 1000-class labels).
+
+    ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
+    """
+    t = canonical_dg_target(target)
+    _require_dir(data_dir, "domain-generalisation data root")
+    _require_dir(os.path.join(data_dir, t), f"folder of DG target {t!r}")
+    list_path = dg_target_list_path(data_dir, t)
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: evaluation list of DG target {t!r} not found")
+    first = None
+    if len(dg_target_image_roots(data_dir, t)) > 1:
+        entries = parse_list_file(list_path, DG_NUM_CLASSES)
+        first = entries[0][0] if entries else None
+    image_root = resolve_dg_target_image_root(data_dir, t, first)
+    return ListFileDataset(image_root, list_path, DG_NUM_CLASSES, transform=transform, **kwargs)

@@ -1,0 +1,107 @@
+"""Few-shot fine-grained classification (FGFS, NOAH protocol; SPEC §3.2).
+
+Layout (``seed-README.md``)::
+
+    <data_dir>/few-shot_split/<dataset>/annotations/train_meta.list.num_shot_<k>.seed_<s>
+    <data_dir>/few-shot_split/<dataset>/annotations/val_meta.list
+    <data_dir>/few-shot_split/<dataset>/annotations/test_meta.list
+    <data_dir>/<dataset>/...images...          (list paths are relative to <data_dir>/<dataset>/)
+
+Dataset names are those of the original launchers; the ``-FS`` suffix they carry (``food101-FS``) is accepted.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+from .datasets import DataError, ListFileDataset
+
+__all__ = [
+    "FGFS_DATASETS", "FGFS_SHOTS", "FGFS_SEEDS", "FGFS_SPLITS", "canonical_fgfs_name", "fgfs_num_classes",
+    "fgfs_list_path", "fgfs_image_root", "build_fgfs_dataset",
+]
+
+#: Dataset name (folder name) -> number of classes.
+FGFS_DATASETS: Dict[str, int] = {
+    "fgvc-aircraft": 100,
+    "food101": 101,
+    "oxford-flowers102": 102,
+    "oxford-pets": 37,
+    "standford-cars": 196,  # sic: the original folder/launcher spelling
+}
+FGFS_SHOTS: Tuple[int, ...] = (1, 2, 4, 8, 16)
+FGFS_SEEDS: Tuple[int, ...] = (0, 1, 2)
+FGFS_SPLITS: Tuple[str, ...] = ("train", "val", "test")
+SPLIT_DIR = "few-shot_split"
+
+_ALIASES = {"stanford-cars": "standford-cars", "oxford-flowers": "oxford-flowers102", "aircraft": "fgvc-aircraft"}
+
+
+def canonical_fgfs_name(name: str) -> str:
+    """Folder name of an FGFS dataset (accepts the launchers' ``-FS`` suffix, any case, '_' for '-')."""
+    key = name.strip().lower().replace("_", "-")
+    if key.endswith("-fs"):
+        key = key[:-3]
+    key = _ALIASES.get(key, key)
+    if key not in FGFS_DATASETS:
+        raise ValueError(f"unknown few-shot dataset {name!r}; valid: {', '.join(FGFS_DATASETS)} "
+                         f"(the launchers' '-FS' suffix is accepted, e.g. 'food101-FS')")
+    return key
+
+
+def fgfs_num_classes(name: str) -> int:
+    return FGFS_DATASETS[canonical_fgfs_name(name)]
+
+
+def fgfs_list_path(data_dir: str, dataset: str, split: str, shot: Optional[int] = None,
+                   seed: Optional[int] = None) -> str:
+    """Path of the list file of ``split`` (``train`` needs ``shot`` and ``seed``)."""
+    ds = canonical_fgfs_name(dataset)
+    ann = os.path.join(data_dir, SPLIT_DIR, ds, "annotations")
+    if split == "train":
+        if shot is None or seed is None:
+            raise ValueError("few-shot split 'train' needs shot and seed (e.g. shot=16, seed=0)")
+        return os.path.join(ann, f"train_meta.list.num_shot_{int(shot)}.seed_{int(seed)}")
+    if split in ("val", "test"):
+        return os.path.join(ann, f"{split}_meta.list")
+    raise ValueError(f"unknown few-shot split {split!r}; valid: {', '.join(FGFS_SPLITS)}")
+
+
+def fgfs_image_root(data_dir: str, dataset: str) -> str:
+    return os.path.join(data_dir, canonical_fgfs_name(dataset))
+
+
+def build_fgfs_dataset(
+        data_dir: str,
+        dataset: str,
+        split: str,
+        shot: Optional[int] = None,
+        seed: Optional[int] = None,
+        transform: Optional[Callable] = None,
+        **kwargs,
+) -> ListFileDataset:
+    """The list-file dataset of an FGFS dataset and split.
+
+    Args:
+        data_dir: the FGFS root (holding ``few-shot_split/`` and one image folder per dataset).
+        dataset: dataset name (``food101`` or ``food101-FS``, ...).
+        split: ``train`` (the ``shot``-shot list of ``seed``), ``val`` or ``test``.
+        shot, seed: select the training list.
+        transform: image transform.
+        **kwargs: passed to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
+    """
+    ds = canonical_fgfs_name(dataset)
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: few-shot data root not found")
+    split_root = os.path.join(data_dir, SPLIT_DIR)
+    if not os.path.isdir(split_root):
+        raise DataError(f"{split_root}: few-shot split folder not found (copy NOAH's data/few-shot there, "
+                        f"see the README's data preparation)")
+    list_path = fgfs_list_path(data_dir, ds, split, shot, seed)
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: list file of few-shot dataset {ds!r}, split {split!r}"
+                        + (f" (shot {shot}, seed {seed})" if split == "train" else "") + " not found")
+    image_root = fgfs_image_root(data_dir, ds)
+    if not os.path.isdir(image_root):
+        raise DataError(f"{image_root}: image folder of few-shot dataset {ds!r} not found")
+    return ListFileDataset(image_root, list_path, FGFS_DATASETS[ds], transform=transform, **kwargs)

@@ -1,0 +1,133 @@
+"""Image transforms of the original recipes (SPEC §1.3, §3.1-3.3), built from timm's own implementations.
+
+* ``vtab`` (train = test, no augmentation): Resize((s, s), bicubic) -> CenterCrop(s) -> ToTensor -> Normalize.
+* ``few_shot`` / ``domain_generalization``:
+    - train: timm RandomResizedCropAndInterpolation(s, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic)
+      -> RandomHorizontalFlip(0.5) -> timm RandAugment ``rand-m9-mstd0.5-inc1`` (hparams exactly as timm's
+      ``create_transform`` derives them: ``translate_const=int(0.45 * s)`` = 100 at 224, ``img_mean=(128,128,128)``
+      as fill, bicubic resampling) -> ToTensor -> Normalize. No colour jitter (timm disables it under
+      RandAugment), no random erasing. This is exactly ``timm.data.create_transform(s, is_training=True,
+      auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', mean=DTL_MEAN, std=DTL_STD, re_prob=0)``,
+      assembled piece by piece so its settings are visible and tested.
+      (Note: the ``inc1`` op set translates with ``TranslateXRel/YRel``, i.e. ``translate_pct`` = 0.45 of the
+      image size; ``translate_const`` is carried in the hparams as in the original but only the absolute
+      ``TranslateX/Y`` ops, not used by this policy, read it.)
+    - test: Resize((int(s * 256 / 224),) * 2, bicubic) -> CenterCrop(s) -> ToTensor -> Normalize
+      (256 x 256 then 224 at the default size).
+* Normalisation: mean = std = (0.5, 0.5, 0.5) after scaling to [0, 1] (every original recipe).
+
+``normalize=False`` returns the same pipeline ending in ``PILToTensor`` instead of ``ToTensor + Normalize``:
+a ``uint8`` tensor ``C x H x W`` with values 0..255, for a loader that moves uint8 batches to the GPU and
+normalises there with :func:`normalize_uint8_batch` (which performs exactly the operations of
+``ToTensor`` + ``Normalize``, in the same order, so both paths give bit-identical float32 inputs).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Tuple
+
+import torch
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+__all__ = [
+    "DTL_MEAN", "DTL_STD", "RAND_AUGMENT", "BENCHMARKS", "canonical_benchmark", "build_transform",
+    "transform_is_deterministic", "normalize_uint8_batch", "rand_augment_hparams",
+]
+
+DTL_MEAN: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+DTL_STD: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+BENCHMARKS: Tuple[str, ...] = ("vtab", "few_shot", "domain_generalization")
+_BENCHMARK_ALIASES = {
+    "vtab": "vtab", "vtab1k": "vtab", "vtab_1k": "vtab",
+    "few_shot": "few_shot", "fewshot": "few_shot", "fgfs": "few_shot", "fs": "few_shot",
+    "domain_generalization": "domain_generalization", "domain_generalisation": "domain_generalization",
+    "dg": "domain_generalization",
+}
+
+
+def canonical_benchmark(name: str) -> str:
+    """``vtab`` | ``few_shot`` | ``domain_generalization`` (accepts e.g. ``few-shot``, ``fgfs``, ``dg``)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in _BENCHMARK_ALIASES:
+        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+    return _BENCHMARK_ALIASES[key]
+
+
+def rand_augment_hparams(img_size: int, mean: Sequence[float] = DTL_MEAN) -> dict:
+    """The RandAugment hparams timm's ``create_transform`` derives (translate 100 and fill 128 at 224)."""
+    return dict(
+        translate_const=int(img_size * 0.45),
+        img_mean=tuple(min(255, round(255 * m)) for m in mean),
+        interpolation=str_to_pil_interp("bicubic"),
+    )
+
+
+def _final(normalize: bool, mean: Sequence[float], std: Sequence[float]) -> list:
+    if normalize:
+        return [T.ToTensor(), T.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))]
+    return [T.PILToTensor()]
+
+
+def build_transform(
+        benchmark: str,
+        is_train: bool,
+        img_size: int = 224,
+        normalize: bool = True,
+        mean: Sequence[float] = DTL_MEAN,
+        std: Sequence[float] = DTL_STD,
+) -> Callable:
+    """The transform of ``benchmark`` (``vtab``, ``few_shot``, ``domain_generalization``) for train or test.
+
+    Args:
+        benchmark: benchmark name.
+        is_train: training (augmented for few_shot / domain_generalization) or evaluation transform.
+        img_size: output side length.
+        normalize: end in ToTensor + Normalize (float32, normalised); ``False``: end in PILToTensor (uint8
+            0..255, normalise on the device with :func:`normalize_uint8_batch`).
+        mean, std: normalisation constants (default 0.5 / 0.5 as every original recipe).
+    """
+    bench = canonical_benchmark(benchmark)
+    bicubic = InterpolationMode.BICUBIC
+    if bench == "vtab":
+        tfl = [T.Resize((img_size, img_size), interpolation=bicubic), T.CenterCrop(img_size)]
+    elif is_train:
+        tfl = [
+            RandomResizedCropAndInterpolation(img_size, scale=RRC_SCALE, ratio=RRC_RATIO, interpolation="bicubic"),
+            T.RandomHorizontalFlip(p=0.5),
+            rand_augment_transform(RAND_AUGMENT, rand_augment_hparams(img_size, mean)),
+        ]
+    else:
+        resize = int(img_size * 256 / 224)
+        tfl = [T.Resize((resize, resize), interpolation=bicubic), T.CenterCrop(img_size)]
+    return T.Compose(tfl + _final(normalize, mean, std))
+
+
+def transform_is_deterministic(benchmark: str, is_train: bool) -> bool:
+    """Whether the transform maps an image to the same tensor every time (all VTAB transforms, every test
+    transform); a prefix/feature cache is only valid for deterministic transforms."""
+    return canonical_benchmark(benchmark) == "vtab" or not is_train
+
+
+def normalize_uint8_batch(
+        x: torch.Tensor,
+        mean: Sequence[float] = DTL_MEAN,
+        std: Sequence[float] = DTL_STD,
+        dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Normalise a uint8 batch ``B x C x H x W`` (from ``normalize=False`` transforms), on its device.
+
+    Performs ``ToTensor``'s ``/255`` then ``Normalize``'s ``(x - mean) / std`` in float32, so the result equals
+    the CPU ``normalize=True`` path exactly; cast to ``dtype`` at the end.
+    """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_uint8_batch expects a uint8 batch, got {x.dtype}")
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    out = x.to(torch.float32).div(255).sub_(m).div_(s)
+    return out if dtype == torch.float32 else out.to(dtype)

@@ -171,15 +171,28 @@ class DTLVisionTransformer(nn.Module):
         taps = sorted(int(k) for k in self.side.taps if int(k) < resume)
         return taps + [resume], resume
 
-    def prefix_drop_path_rates(self, resume: Optional[int] = None) -> Dict[int, float]:
-        """Stochastic-depth rates of the blocks before ``resume`` (default: the first add-back block)."""
+    def prefix_random_ops(self, resume: Optional[int] = None) -> List[str]:
+        """The stochastic operations (drop-path, dropout, patch dropout with a rate > 0) on the way to the
+        input of block ``resume`` (default: the first add-back block), as ``"name (p=...)"`` strings.
+
+        A prefix cache records these inputs once, in eval mode, so it is exact only when this list is empty.
+        """
         if resume is None:
             resume = self.prefix_plan()[1]
-        rates = {}
-        for i, blk in enumerate(self.backbone.blocks[:resume]):
-            p = max(float(getattr(m, "drop_prob", 0.0) or 0.0) for m in (blk.drop_path1, blk.drop_path2))
-            rates[i] = p
-        return rates
+        bb = self.backbone
+        mods = [(n, getattr(bb, n)) for n in ("patch_embed", "pos_drop", "patch_drop", "norm_pre") if hasattr(bb, n)]
+        mods += [(f"blocks.{i}", blk) for i, blk in enumerate(bb.blocks[:resume])]
+        found = []
+        for prefix, mod in mods:
+            for name, m in mod.named_modules():
+                p = getattr(m, "drop_prob", None)  # timm DropPath
+                if p is None and isinstance(m, nn.Dropout):
+                    p = m.p
+                if p is None and type(m).__name__ == "PatchDropout":
+                    p = getattr(m, "prob", 0.0)
+                if p:
+                    found.append(f"{prefix}{'.' + name if name else ''} (p={float(p):g})")
+        return found
 
     @torch.no_grad()
     def record_block_inputs(self, x: torch.Tensor, blocks: List[int]) -> Dict[int, torch.Tensor]:

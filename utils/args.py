@@ -1,0 +1,279 @@
+"""Command line of ``train.py``: the original's flag names, grouped; an optional YAML config; validation.
+
+``--config FILE.yaml`` holds ``flag: value`` pairs (flag names without dashes, e.g. ``lr: 0.001``) that become
+the defaults; anything given on the command line wins. Unknown keys are an error naming the file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "BENCHMARKS", "resolved_method",
+           "parse_int_list", "block_range"]
+
+BENCHMARKS = ("vtab", "few_shot", "domain_generalization")
+DEFAULT_SEEDS = {"vtab": [0], "few_shot": [0, 1, 2], "domain_generalization": [0, 1, 2]}
+
+
+class UsageError(ValueError):
+    """A wrong flag or flag combination; the message names the flag."""
+
+
+def parse_int_list(text: str) -> List[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (also ``"0-2"``)."""
+    from models.config import parse_blocks
+
+    try:
+        out = parse_blocks(str(text), "list")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers such as 0,1,2, got {text!r}")
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return out
+
+
+def block_range(text: str) -> str:
+    """A block selection such as ``0-11`` or ``0,2,4-6`` (validated, kept as written)."""
+    from models.config import parse_blocks
+
+    try:
+        parse_blocks(text, "blocks")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return str(text)
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``train.py`` (also used by the launcher tests to read the launchers' commands)."""
+    from models.factory import METHODS
+
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="DTL / DTL+ (and baseline tuning methods) on VTAB-1k, few-shot FGFS and domain generalisation.",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, metavar="YAML", help="YAML file of flag defaults (flag: value)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default="", help="benchmark root (VTAB-1k / FGFS / DG folder)")
+    g.add_argument("--dataset", default="", help="VTAB task (cifar_100, ...), few-shot dataset (food101-FS, ...) "
+                   "or DG target (imagenet-sketch, ...)")
+    g.add_argument("--benchmark", default=None, choices=BENCHMARKS, help="inferred from --dataset when omitted")
+    g.add_argument("--shot", type=_positive_int, default=None,
+                   help="few-shot: shots per class (1,2,4,8,16); DG: shots of the ImageNet source (default 16)")
+    g.add_argument("--seeds", type=parse_int_list, default=None,
+                   help="data seeds to run in turn (few-shot / DG split seeds; default 0,1,2 there, 0 for VTAB); "
+                        "the random seed of seed k is --seed + k")
+    g.add_argument("--target_dataset", default=None,
+                   help="DG only: target(s) to evaluate: a name, a comma list, or 'all' (the five targets); "
+                        "default: --dataset")
+    g.add_argument("--img_size", type=_positive_int, default=224, help="input resolution")
+    g.add_argument("--num_workers", type=_nonneg_int, default=4, help="data-loading processes per GPU/process")
+    g.add_argument("--prefetcher", action=argparse.BooleanOptionalAction, default=False,
+                   help="on CUDA: load uint8 images and normalise them on the device in a side stream")
+    g.add_argument("--check_images", action=argparse.BooleanOptionalAction, default=True,
+                   help="open every listed image's header at start (finds non-image/empty files before training)")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="drop missing/unreadable images (decodes every image at start) instead of stopping")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16_224_in21k",
+                   help="backbone: vit_base_patch16_224_in21k (the original's), swin_base_patch4_window7_224_in22k, "
+                        "or any timm ViT/Swin name")
+    g.add_argument("--load_path", default="",
+                   help="pre-trained backbone weights (.npz / .pth / .safetensors); 'timm' = timm's published "
+                        "weights for --model (downloaded); empty = random initialisation (a warning)")
+    g.add_argument("--method", default="dtl", choices=METHODS,
+                   help="tuning method: dtl (DTL, or DTL+ with --fusion_size > 0) or a baseline")
+    g.add_argument("--fusion_size", type=_nonneg_int, default=0, help="DTL+ depthwise kernel (0 = DTL)")
+    g.add_argument("--r", type=_positive_int, default=None, help="CSN rank (default: ViT 2, Swin 4)")
+    g.add_argument("--beta", type=float, default=100.0, help="swish gate slope")
+    g.add_argument("--lora_before_blocks", type=block_range, default=None,
+                   help="blocks whose input the CSN taps, e.g. 0-11 (default: ViT all, Swin-B 4-23)")
+    g.add_argument("--add_after_blocks", type=block_range, default=None,
+                   help="blocks after which side information is added, e.g. 6-11 (default: ViT second half, "
+                        "Swin-B 14-23)")
+    g.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on *.bias)")
+    g.add_argument("--epochs", type=_nonneg_int, default=100, help="cosine epochs (t_initial)")
+    g.add_argument("--warmup_epochs", type=_nonneg_int, default=10,
+                   help="warm-up epochs; training runs epochs + warmup_epochs in all, the last at --min_lr")
+    g.add_argument("--min_lr", type=float, default=1e-8, help="cosine floor")
+    g.add_argument("--warmup_lr", type=float, default=1e-7, help="learning rate at the start of the warm-up")
+    g.add_argument("--batch_size", type=_positive_int, default=32,
+                   help="training batch (global: split over the processes of a torchrun run)")
+    g.add_argument("--batch_size_test", type=_positive_int, default=256, help="evaluation batch per process")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="mixed precision on CUDA (autocast; fp16 with a gradient scaler)")
+    g.add_argument("--amp_dtype", default="float16", choices=("float16", "bfloat16"),
+                   help="autocast dtype of --amp (bfloat16 needs no scaler and also works on the CPU)")
+
+    g = p.add_argument_group("regularisation")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
+    g.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup/cutmix per batch")
+    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep an EMA of the trainable tensors and evaluate/save it")
+    g.add_argument("--ema_decay", type=float, default=0.9998, help="EMA decay per step")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=42, help="random seed (offset by the seed index and the rank)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--output_dir", default="",
+                   help="run folder (default output/<benchmark>/<dataset>/<method>[_shot_k]/<timestamp>)")
+    g.add_argument("--resume", default="", metavar="LAST_PTH", help="continue the run of this last.pth")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint on the test split, no training")
+    g.add_argument("--checkpoint", default="", metavar="DELTA", help="delta checkpoint for --eval_only")
+    g.add_argument("--eval_interval", type=_positive_int, default=None,
+                   help="few-shot: validate every N epochs (default 10) and keep the best weights")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="write TensorBoard events into the run folder")
+    g.add_argument("--find_unused_parameters", action="store_true",
+                   help="DDP: allow trainable tensors without gradient (not needed for DTL)")
+    return p
+
+
+def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--config: file not found: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag: value")
+    dests = {a.dest for a in parser._actions}
+    out: Dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = str(k).lstrip("-").replace("-", "_")
+        if key not in dests or key in ("help", "config"):
+            raise UsageError(f"--config {path}: unknown key {k!r} (keys are train.py flag names, e.g. lr, epochs)")
+        action = next(a for a in parser._actions if a.dest == key)
+        if v is not None and action.type is not None and not isinstance(v, bool):
+            try:
+                v = action.type(str(v)) if not isinstance(v, list) else action.type(",".join(str(x) for x in v))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise UsageError(f"--config {path}: bad value for {k!r}: {e}") from None
+        if action.choices is not None and v is not None and v not in action.choices:
+            raise UsageError(f"--config {path}: {k!r} must be one of {list(action.choices)}, got {v!r}")
+        out[key] = v
+    return out
+
+
+def infer_benchmark(dataset: str) -> str:
+    """The benchmark a dataset name belongs to; :class:`UsageError` when unknown or ambiguous."""
+    found = []
+    try:
+        from data.vtab import get_vtab_task
+
+        get_vtab_task(dataset)
+        found.append("vtab")
+    except ValueError:
+        pass
+    try:
+        from data.few_shot import canonical_fgfs_name
+
+        canonical_fgfs_name(dataset)
+        found.append("few_shot")
+    except (ValueError, ImportError):
+        pass
+    try:
+        from data.domain_generalization import canonical_dg_target
+
+        canonical_dg_target(dataset)
+        found.append("domain_generalization")
+    except (ValueError, ImportError):
+        pass
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(f"--dataset {dataset!r}: unknown dataset; it is neither a VTAB-1k task, a few-shot dataset "
+                         f"nor a DG target (see --help; valid names are listed by each benchmark's error)")
+    raise UsageError(f"--dataset {dataset!r} exists in several benchmarks ({', '.join(found)}): pass --benchmark")
+
+
+def resolved_method(args: argparse.Namespace) -> str:
+    """``dtl``/``dtl+`` for DTL, the method name otherwise (the ``method`` field of results.json)."""
+    if args.method == "dtl":
+        return "dtl+" if args.fusion_size > 0 else "dtl"
+    return args.method
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> argparse.Namespace:
+    """Parse and validate; raises :class:`UsageError` for a bad combination (argparse exits for bad syntax)."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_load_config(pre.config, parser))
+    args = parser.parse_args(argv)
+    validate_args(args, world_size)
+    return args
+
+
+def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
+    if not args.dataset:
+        raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
+    if args.benchmark is None:
+        args.benchmark = infer_benchmark(args.dataset)
+    if args.eval_only and not args.checkpoint:
+        raise UsageError("--eval_only needs --checkpoint DELTA (a delta checkpoint written by a training run)")
+    if args.checkpoint and not args.eval_only:
+        raise UsageError("--checkpoint is only used with --eval_only (to continue training use --resume LAST_PTH)")
+    if args.eval_only and args.resume:
+        raise UsageError("--eval_only and --resume exclude each other")
+    if not args.eval_only and args.epochs + args.warmup_epochs < 1:
+        raise UsageError("--epochs + --warmup_epochs must be at least 1")
+    if args.benchmark == "few_shot":
+        if args.shot is None and not args.eval_only:
+            raise UsageError("--shot is required for the few-shot benchmark (1, 2, 4, 8 or 16)")
+        if args.eval_interval is None:
+            args.eval_interval = 10
+    elif args.eval_interval is not None:
+        raise UsageError("--eval_interval applies to the few-shot benchmark only (VTAB and DG evaluate once, after "
+                         "the last epoch, without model selection)")
+    if args.benchmark == "domain_generalization":
+        if args.shot is None:
+            args.shot = 16
+    elif args.target_dataset:
+        raise UsageError("--target_dataset applies to the domain_generalization benchmark only")
+    if args.benchmark == "vtab" and args.shot is not None:
+        raise UsageError("--shot does not apply to VTAB-1k (it always trains on train800val200)")
+    if args.seeds is None:
+        args.seeds = list(DEFAULT_SEEDS[args.benchmark])
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds has repeated values: {args.seeds}")
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch_size {args.batch_size} (global) is not divisible by the {world_size} processes")
+    if (args.mixup > 0 or args.cutmix > 0) and (args.batch_size // world_size) % 2:
+        raise UsageError("mixup/cutmix need an even batch per process (--batch_size)")
+    if not 0.0 <= args.smoothing < 1.0:
+        raise UsageError(f"--smoothing must lie in [0, 1), got {args.smoothing}")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise UsageError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
+    if args.drop_path < 0 or args.drop_path >= 1:
+        raise UsageError(f"--drop_path must lie in [0, 1), got {args.drop_path}")
+    if args.method != "dtl" and args.fusion_size:
+        raise UsageError(f"--fusion_size is a DTL+ setting; it does not apply to --method {args.method}")

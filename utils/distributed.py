@@ -1,0 +1,127 @@
+"""Single-process and ``torchrun`` (DDP) execution: process-group setup, rank helpers, reductions, samplers.
+
+``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them everything runs in one process and
+every helper here degrades to a no-op. The backend is NCCL on CUDA and gloo on the CPU (used by the tests).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = [
+    "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "is_main_process", "barrier",
+    "all_reduce_sum", "broadcast_object", "all_gather_object", "ShardSampler", "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size`` processes, its ``local_rank`` and ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``--device``: ``auto`` (the process's CUDA device when there is one, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N``."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device_spec: str = "auto", timeout_min: float = 30.0) -> DistInfo:
+    """Start the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all processes (in place; also returned). A no-op in one process."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable objects)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """The list of every rank's ``obj``, in rank order (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sampler: rank ``r`` of ``n`` gets indices ``r, r+n, r+2n, ...`` in order, without padding.
+
+    Unlike ``DistributedSampler`` it never repeats a sample to even out the shards, so a metric summed over
+    ranks counts every image exactly once.
+    """
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1) -> None:
+        self.dataset_len = dataset_len
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.dataset_len, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_len, self.world_size))

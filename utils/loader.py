@@ -1,0 +1,126 @@
+"""Data loaders with a resumable order, exact distributed evaluation, and a CUDA prefetcher.
+
+Training: a ``DistributedSampler`` (also in one process, with one replica) shuffles with the generator seeded
+by ``seed + epoch``, so the order of epoch ``e`` does not depend on what ran before; the loader's own generator
+(which seeds the workers' augmentation RNGs) is re-seeded from ``(seed, rank, epoch)`` at every epoch.
+A run resumed at epoch ``e`` therefore sees exactly the batches an uninterrupted run sees.  Incomplete last
+batches are dropped (the original recipe).
+
+Evaluation: :class:`~utils.distributed.ShardSampler` splits the images over the ranks without padding.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .distributed import DistInfo, ShardSampler
+
+__all__ = ["build_train_loader", "build_eval_loader", "set_epoch", "CudaPrefetcher", "epoch_seed"]
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """A 63-bit seed that is a fixed function of ``(seed, rank, epoch)``."""
+    ss = np.random.SeedSequence([seed & 0xFFFFFFFF, rank, epoch])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    dist_info: DistInfo,
+    seed: int,
+    num_workers: int = 4,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Shuffled, ``drop_last`` training loader; ``batch_size`` is per process."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed, drop_last=False
+    )
+    generator = torch.Generator()
+    generator.manual_seed(epoch_seed(seed, dist_info.rank, 0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
+    """Fix the data order and the workers' seeds of ``epoch`` (call before iterating)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(seed, rank, epoch))
+
+
+def build_eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    dist_info: DistInfo,
+    num_workers: int = 4,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """In-order evaluation loader; every image is seen by exactly one rank."""
+    sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        drop_last=False,
+    )
+
+
+class CudaPrefetcher:
+    """Iterate a loader of uint8 image batches, copying the next batch to the GPU and normalising it there
+    (``data.transforms.normalize_uint8_batch``: bit-identical to the CPU ``ToTensor + Normalize`` path) on a
+    side stream while the current batch is being used."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.loader = loader
+        self.device = device
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.stream: Optional[torch.cuda.Stream] = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def generator(self):
+        return self.loader.generator
+
+    def _to_device(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        from data.transforms import normalize_uint8_batch
+
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        return normalize_uint8_batch(x, self.mean, self.std), y
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=self.device)
+        consumer = torch.cuda.current_stream(self.device)
+        pending = None
+        for batch in self.loader:
+            self.stream.wait_stream(consumer)
+            with torch.cuda.stream(self.stream):
+                nxt = self._to_device(batch)
+            if pending is not None:
+                yield pending
+            consumer.wait_stream(self.stream)
+            for t in nxt:
+                t.record_stream(consumer)
+            pending = nxt
+        if pending is not None:
+            yield pending

@@ -1,0 +1,124 @@
+"""Accuracy counting (exact across processes), running means, resource usage and version stamps."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+from typing import Dict, Optional
+
+import torch
+
+from .distributed import all_reduce_sum
+
+__all__ = [
+    "AverageMeter", "TopKCounter", "peak_rss_mib", "peak_cuda_mib", "reset_peak_memory", "versions",
+    "mean_std",
+]
+
+
+class AverageMeter:
+    """Weighted running mean (``update(value, n)``)."""
+
+    def __init__(self) -> None:
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += float(value) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)
+
+
+class TopKCounter:
+    """Counts correct top-1 / top-5 predictions and the number of images; :meth:`reduce` sums over ranks.
+
+    Counting (instead of averaging per-batch accuracies) makes the result exact for any batch split.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.counts = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, n, loss_sum
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor, loss_sum: Optional[torch.Tensor] = None) -> None:
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk.eq(target.view(-1, 1))
+        self.counts[0] += hit[:, 0].sum().double()
+        self.counts[1] += hit.any(dim=1).sum().double()
+        self.counts[2] += target.numel()
+        if loss_sum is not None:
+            self.counts[3] += loss_sum.double()
+
+    def reduce(self) -> Dict[str, float]:
+        """``top1``, ``top5`` (percent), ``loss`` (mean) and ``n`` (images), summed over all processes."""
+        c = all_reduce_sum(self.counts.clone()).cpu().tolist()
+        n = max(c[2], 1.0)
+        return {"top1": 100.0 * c[0] / n, "top5": 100.0 * c[1] / n, "loss": c[3] / n, "n": int(c[2])}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024.0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_cuda_mib(device: torch.device) -> Optional[float]:
+    """``torch.cuda.max_memory_allocated`` in MiB (what the paper reports), ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / float(1 << 20)
+
+
+def mean_std(values) -> Dict[str, Optional[float]]:
+    """Mean and sample standard deviation (``None`` for fewer than two values)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"mean": None, "std": None}
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return {"mean": m, "std": None}
+    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
+    return {"mean": m, "std": var ** 0.5}
+
+
+def _git_commit(repo: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """Versions of what produced a result: Python, torch, timm, numpy, CUDA/cuDNN, GPU name, git commit."""
+    import numpy
+    import timm
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    v: Dict[str, Optional[str]] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "git_commit": _git_commit(repo),
+    }
+    return v

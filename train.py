@@ -502,7 +502,7 @@ class Run:
             rng_seed = args.seed + plan.data_seed
             _seed_everything(rng_seed)  # same model initialisation on every rank
             model = build_model(args, data.num_classes)
-            if counts is None:
+            if plan.index == start_seed:
                 c = count_parameters(model)
                 counts = {"n_params": c.total, "n_trainable": c.trainable, "n_trainable_excl_head": c.trainable_excl_head}
                 _logger.info("model %s, method %s:\n%s", args.model, self.method, trainable_report(model))

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Generate (or ``--check``) the 136 launchers under ``train_scripts/`` from ``train_scripts/hparams.tsv``.
+
+The table holds every per-dataset setting of the original launchers (a copy of the project's
+``shared/hparams.tsv``). Layout written:
+
+    train_scripts/vit/vtab/<task>/train_dtl.sh, train_dtl+.sh                     (38)
+    train_scripts/swin/vtab/<task>/train_dtl.sh, train_dtl+.sh                    (38)
+    train_scripts/vit/few_shot/<dataset>-FS/train_dtl_shot_<k>.sh, ...+...        (50)
+    train_scripts/vit/domain_generalization/<target>/train_dtl.sh, train_dtl+.sh  (10)
+
+Usage::
+
+    python tools/make_launchers.py            # (re)write them
+    python tools/make_launchers.py --check    # exit 1 if any launcher differs from the table or is missing/extra
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from typing import Dict, List, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "train_scripts")
+TABLE = os.path.join(SCRIPTS, "hparams.tsv")
+
+# DTL, ViT-B/16, VTAB-1k top-1 of the paper (SPEC §5).
+PAPER_DTL_VIT_VTAB = {
+    "cifar_100": 69.6, "caltech101": 94.8, "dtd": 71.3, "flowers102": 99.3, "pets": 91.3, "svhn": 83.3,
+    "sun397": 56.2, "patch_camelyon": 87.1, "eurosat": 96.2, "resisc45": 86.1, "diabetic_retinopathy": 75.0,
+    "clevr_count": 82.8, "clevr_dist": 64.2, "dmlab": 48.8, "kitti": 81.9, "dsprites_loc": 93.9,
+    "dsprites_ori": 53.9, "smallnorb_azi": 34.2, "smallnorb_ele": 47.1,
+}
+
+DEFAULT_PATHS = {
+    "vtab": "/path/to/VTAB/vtab-1k",
+    "few_shot": "/path/to/FGFS",
+    "domain_generalization": "/path/to/DG",
+}
+BACKBONES = {
+    "vit": ("vit_base_patch16_224_in21k", "/path/to/ViT-B_16.npz", "ViT-B/16 (ImageNet-21k)"),
+    "swin": ("swin_base_patch4_window7_224_in22k", "timm", "Swin-B (ImageNet-22k, window 7, 224)"),
+}
+BENCH_NAMES = {"vtab": "VTAB-1k", "few_shot": "few-shot FGFS", "domain_generalization": "domain generalisation"}
+
+
+def read_table(path: str = TABLE) -> List[Dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def launcher_path(row: Dict[str, str]) -> str:
+    """Path of a row's launcher, relative to the repository root."""
+    name = f"train_{row['method']}" + (f"_shot_{row['shot']}" if row["benchmark"] == "few_shot" else "") + ".sh"
+    return os.path.join("train_scripts", row["backbone"], row["benchmark"], row["dataset"], name)
+
+
+def paper_comment(row: Dict[str, str]) -> str:
+    b, bench, ds, m = row["backbone"], row["benchmark"], row["dataset"], row["method"]
+    if b == "vit" and bench == "vtab" and m == "dtl":
+        return f"# Paper (DTL, ViT-B/16, VTAB-1k {ds}): {PAPER_DTL_VIT_VTAB[ds]:.1f} top-1."
+    if b == "vit" and bench == "vtab":
+        return ("# Paper: see the paper's VTAB-1k results for DTL+ on ViT-B/16 (group-mean average ~77.7);\n"
+                "# the per-task DTL+ number is not recorded here.")
+    if b == "swin":
+        return f"# Paper: see the paper's Swin-B VTAB-1k results ({m.upper()}, {ds}); no number is recorded here."
+    if bench == "few_shot":
+        return (f"# Paper: see the paper's few-shot FGFS results ({ds}, {row['shot']}-shot, {m.upper()}, mean of "
+                f"seeds 0,1,2);\n# no number is recorded here.")
+    return (f"# Paper: see the paper's domain-generalisation results ({m.upper()}, target {ds}, mean of seeds 0,1,2);\n"
+            f"# no number is recorded here.")
+
+
+def _flags(row: Dict[str, str]) -> List[Tuple[str, str]]:
+    model, _, _ = BACKBONES[row["backbone"]]
+    flags = [
+        ("--benchmark", row["benchmark"]),
+        ("--dataset", row["dataset"]),
+    ]
+    if row["benchmark"] == "few_shot":
+        flags.append(("--shot", row["shot"]))
+    flags += [
+        ("--model", model),
+        ("--method", "dtl"),
+        ("--batch_size", row["batch_size"]),
+        ("--batch_size_test", row["batch_size_test"]),
+        ("--epochs", row["epochs"]),
+        ("--warmup_epochs", row["warmup_epochs"]),
+        ("--fusion_size", row["fusion_size"]),
+        ("--r", row["r"]),
+        ("--beta", row["beta"]),
+        ("--lora_before_blocks", row["csn_blocks"]),
+        ("--add_after_blocks", row["add_back_blocks"]),
+        ("--weight_decay", row["weight_decay"]),
+        ("--lr", row["lr"]),
+        ("--drop_path", row["drop_path"]),
+    ]
+    if row["amp"] == "yes":
+        flags.append(("--amp", ""))
+    flags.append(("--prefetcher", ""))
+    return flags
+
+
+def render(row: Dict[str, str]) -> str:
+    """The text of one launcher."""
+    model, default_load, bb_name = BACKBONES[row["backbone"]]
+    bench = row["benchmark"]
+    method = "DTL+" if row["method"] == "dtl+" else "DTL"
+    what = f"{BENCH_NAMES[bench]} {row['dataset']}" + (f", {row['shot']}-shot" if bench == "few_shot" else "")
+    if row["backbone"] == "swin":
+        load_doc = ("#   LOAD_PATH   Swin-B weights: 'timm' (default) downloads timm's swin_base_patch4_window7_224.ms_in22k,\n"
+                    "#               as the original did; or a local .pth/.safetensors file; empty = random init.")
+    else:
+        load_doc = ("#   LOAD_PATH   Google's ViT-B_16.npz (ImageNet-21k); 'timm' = timm's copy (downloaded);\n"
+                    "#               empty = random initialisation (a loud warning; for tests only).")
+    if bench == "few_shot":
+        proto = "# Protocol: seeds 0,1,2 in turn (fresh model each), validation every 10 epochs, best weights tested."
+    elif bench == "domain_generalization":
+        proto = ("# Protocol: seeds 0,1,2 in turn, trained on ImageNet 16-shot, evaluated on the target after the last\n"
+                 "# epoch (add --target_dataset all to evaluate all five targets with the same models).")
+    else:
+        proto = "# Protocol: train on train800val200, evaluate test once after the last epoch (no selection)."
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {method} on {bb_name}, {what}: the original launcher's settings.",
+        paper_comment(row),
+        proto,
+        "# Generated by tools/make_launchers.py from train_scripts/hparams.tsv (edit the table, then regenerate).",
+        "#",
+        f"# Usage: bash {launcher_path(row)} [extra train.py flags, e.g. --epochs 1 --output_dir DIR]",
+        "#   DATA_DIR    the benchmark root (see the README's data preparation).",
+        load_doc,
+        "#   NPROC       processes (GPUs) on this machine; >1 runs torchrun (--batch_size stays the global batch).",
+        "#   Environment variables of the same names override the values below; so do PYTHON and TORCHRUN_ARGS",
+        "#   (extra torchrun flags for several nodes: --nnodes --node_rank --master_addr --master_port).",
+        "",
+        f'DATA_DIR="${{DATA_DIR-{DEFAULT_PATHS[bench]}}}"',
+        f'LOAD_PATH="${{LOAD_PATH-{default_load}}}"',
+        'NPROC="${NPROC-1}"',
+        "",
+        "set -euo pipefail",
+        'REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"',
+        'source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun when NPROC > 1',
+        "",
+        '"${LAUNCH[@]}" "$REPO/train.py" \\',
+        '    --data_dir "$DATA_DIR" \\',
+        '    --load_path "$LOAD_PATH" \\',
+    ]
+    for flag, value in _flags(row):
+        lines.append(f"    {flag} {value} \\" if value else f"    {flag} \\")
+    lines.append('    "$@"')
+    return "\n".join(lines) + "\n"
+
+
+COMMON = """\
+# Sourced by every launcher: picks the Python interpreter and builds LAUNCH (an array) from NPROC.
+#   PYTHON        interpreter (default: the repository's .venv, else python3)
+#   NPROC         processes on this node; > 1 -> python -m torch.distributed.run --nproc_per_node NPROC
+#   TORCHRUN_ARGS extra torchrun flags, e.g. "--nnodes 2 --node_rank 0 --master_addr host0 --master_port 29500"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if ! [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NPROC must be a positive integer, got '${NPROC}'" >&2
+  exit 2
+fi
+if (( ${NPROC:-1} > 1 )) || [[ -n "${TORCHRUN_ARGS:-}" ]]; then
+  # shellcheck disable=SC2206  # TORCHRUN_ARGS is split on purpose
+  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-})
+else
+  LAUNCH=("$PYTHON")
+fi
+"""
+
+
+def expected_files(table: str = TABLE) -> Dict[str, str]:
+    """Relative path -> content of every generated file."""
+    files = {os.path.join("train_scripts", "launch_common.sh"): COMMON}
+    for row in read_table(table):
+        files[launcher_path(row)] = render(row)
+    return files
+
+
+def existing_launchers() -> List[str]:
+    out = []
+    for sub in ("vit", "swin"):
+        for dirpath, _, names in os.walk(os.path.join(SCRIPTS, sub)):
+            out += [os.path.relpath(os.path.join(dirpath, n), REPO) for n in names if n.endswith(".sh")]
+    return sorted(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--check", action="store_true", help="verify instead of writing; exit 1 on any difference")
+    p.add_argument("--table", default=TABLE, help="hparams table (default: train_scripts/hparams.tsv)")
+    args = p.parse_args(argv)
+    files = expected_files(args.table)
+    n_launchers = len(files) - 1
+    if args.check:
+        problems = []
+        for rel, text in files.items():
+            path = os.path.join(REPO, rel)
+            if not os.path.isfile(path):
+                problems.append(f"missing: {rel}")
+            elif open(path, encoding="utf-8").read() != text:
+                problems.append(f"differs from the table: {rel}")
+            elif rel.endswith(".sh") and "launch_common" not in rel and not os.access(path, os.X_OK):
+                problems.append(f"not executable: {rel}")
+        extra = sorted(set(existing_launchers()) - set(files))
+        problems += [f"not generated from the table (remove it or add a row): {e}" for e in extra]
+        for prob in problems:
+            print(prob)
+        print(f"{n_launchers} launchers expected; " + ("all match" if not problems else f"{len(problems)} problem(s)"))
+        return 1 if problems else 0
+    for rel, text in files.items():
+        path = os.path.join(REPO, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        if "launch_common" not in rel:
+            os.chmod(path, 0o755)
+    print(f"wrote {n_launchers} launchers + train_scripts/launch_common.sh from {os.path.relpath(args.table, REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

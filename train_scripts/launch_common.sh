@@ -1,0 +1,17 @@
+# Sourced by every launcher: picks the Python interpreter and builds LAUNCH (an array) from NPROC.
+#   PYTHON        interpreter (default: the repository's .venv, else python3)
+#   NPROC         processes on this node; > 1 -> python -m torch.distributed.run --nproc_per_node NPROC
+#   TORCHRUN_ARGS extra torchrun flags, e.g. "--nnodes 2 --node_rank 0 --master_addr host0 --master_port 29500"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if ! [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NPROC must be a positive integer, got '${NPROC}'" >&2
+  exit 2
+fi
+if (( ${NPROC:-1} > 1 )) || [[ -n "${TORCHRUN_ARGS:-}" ]]; then
+  # shellcheck disable=SC2206  # TORCHRUN_ARGS is split on purpose
+  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-})
+else
+  LAUNCH=("$PYTHON")
+fi

@@ -12,7 +12,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -129,6 +129,8 @@ def image_error(path: str) -> Optional[str]:
         load_rgb(path)
     except FileNotFoundError:
         return "file not found"
+    except UnidentifiedImageError:
+        return "unreadable image (not a recognised image format)"
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return f"unreadable image ({type(e).__name__}: {e})"
     return None
@@ -208,6 +210,10 @@ class ListFileDataset(Dataset):
         path = self.samples[index][0]
         try:
             return load_rgb(path)
+        except UnidentifiedImageError:
+            hint = " (pass --skip_bad_images to drop unreadable images)" if not self.skip_bad_images else ""
+            raise DataError(f"{path}: unreadable image (not a recognised image format), listed at "
+                            f"{self.list_path}:{self._line_nos[index]}{hint}") from None
         except Exception as e:
             hint = " (pass --skip_bad_images to drop unreadable images)" if not self.skip_bad_images else ""
             raise DataError(f"{path}: unreadable image, listed at {self.list_path}:{self._line_nos[index]} "

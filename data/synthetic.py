@@ -118,7 +118,16 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[T
     else:
         raise ValueError(shape)
     ca, sa = math.cos(angle), math.sin(angle)
+    r = r * _AREA_SCALE[shape]
     return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
+
+
+# Polygons are scaled to the area of the circle of radius r, so the object size is one number (its area) for
+# every shape; _EXTENT is the farthest point from the centre in units of r (to keep objects inside the image).
+_AREA_SCALE = {"circle": 1.0, "square": math.sqrt(math.pi / 2.56), "triangle": math.sqrt(math.pi / (3 * math.sqrt(3) / 4)),
+               "plus": math.sqrt(math.pi / (2 * 2 * 0.66 - 0.66 ** 2)), "bar": 1.0}
+_EXTENT = {"circle": 1.0, "square": 0.8 * math.sqrt(2) * _AREA_SCALE["square"], "triangle": _AREA_SCALE["triangle"],
+           "plus": math.hypot(1, 0.33) * _AREA_SCALE["plus"], "bar": math.hypot(1, 0.28)}
 
 
 _SHAPES = ("circle", "square", "triangle", "plus")
@@ -166,7 +175,8 @@ def make_image(label: int, factors: Factors, img_size: int, rng: np.random.Gener
     bg = d.get("bg", (int(rng.integers(2)), 2))[0]
     bg_level = rng.uniform(25, 80) if bg == 0 else rng.uniform(150, 205)
     n_obj = d["count"][0] + 1 if "count" in d else 1
-    # Largest radius the layout allows; a 'size' label picks one of k bins of [0.3, 1] x that radius.
+    # Largest radius the layout allows; a 'size' label picks one of k bins of [0.3, 1] x that radius
+    # ([0.55, 1] when the shape is a label factor too).
     if "angle" in d:
         r_max = 0.42 * S
     elif "grid" in d:
@@ -174,16 +184,16 @@ def make_image(label: int, factors: Factors, img_size: int, rng: np.random.Gener
     elif n_obj > 1:
         r_max = 0.10 * S
     elif "quadrant" in d:
-        r_max = 0.22 * S
+        r_max = 0.16 * S
     elif "ybin" in d:
-        r_max = min(0.34, 0.5 / d["ybin"][1]) * S
+        r_max = min(0.30, 0.5 / d["ybin"][1]) * S
     else:
-        r_max = 0.34 * S
+        r_max = 0.30 * S
     objects: List[dict] = []
     for k in range(n_obj):
-        if "size" in d:
+        if "size" in d:  # small objects must still show their shape when the shape is part of the label
             b, c = d["size"]
-            r = _bin_value(rng, b, c, 0.3 * r_max, r_max)
+            r = _bin_value(rng, b, c, (0.55 if "shape" in d else 0.3) * r_max, r_max)
         else:
             r = rng.uniform(0.6, 0.8) * r_max
         if "angle" in d:
@@ -195,7 +205,7 @@ def make_image(label: int, factors: Factors, img_size: int, rng: np.random.Gener
             angle = rng.uniform(-0.25, 0.25)
         colour = _colour(rng, d["colour"][0] if "colour" in d else None)
         # Position: from the label when a position factor is set, else random (objects stay inside).
-        margin = r * 1.05
+        margin = min(r * _EXTENT[shape] * 1.05, 0.49 * S)
         if "grid" in d:
             cell = d["grid"][0]
             cx = _bin_value(rng, cell % 4, 4, 0, S)

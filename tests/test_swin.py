@@ -149,9 +149,12 @@ def test_side_path_is_zero_at_init(fusion_size):
         assert torch.equal(model(x), frozen)
 
 
-@pytest.mark.parametrize("fusion_size", [0, 4, 5])
-@pytest.mark.parametrize("csn,add", [("4-11", "8-11"), ("2-11", "3-11"), ("0-11", "1,5,10")])
-def test_matches_spec_written_out(fusion_size, csn, add):
+@pytest.mark.parametrize("csn,add,fusion_size", [
+    ("4-11", "8-11", 0), ("4-11", "8-11", 5),  # the paper's rule on Swin-T depths
+    ("2-11", "3-11", 4),                       # spans stages 1-3, even kernel
+    ("0-11", "1,5,10", 3),                     # one add-back block in stages 0, 2 and 3
+])
+def test_matches_spec_written_out(csn, add, fusion_size):
     model = tiny_dtl(csn=csn, add=add, fusion_size=fusion_size).eval()
     randomize_side_and_head(model)
     x = torch.randn(2, 3, 32, 32)
@@ -380,3 +383,21 @@ def test_swin_checkpoint_missing_tensor_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="short_ms.pth leaves backbone tensors uninitialised: "
                                               "layers.1.downsample.norm.weight"):
         create_dtl_model("swin_base_patch4_window7_224_in22k", 5, load_path=str(path), **TINY)
+
+
+def test_original_name_selects_imagenet22k_weights(monkeypatch):
+    import models.dtl_swin as dtl_swin
+
+    asked = []
+
+    def fake_create_model(name, pretrained=False, **kw):
+        asked.append((name, pretrained, kw["num_classes"]))
+        return tiny_swin()
+
+    monkeypatch.setattr(dtl_swin.timm, "create_model", fake_create_model)
+    create_swin_backbone("swin_base_patch4_window7_224_in22k", pretrained=True)
+    create_swin_backbone("swin_base_patch4_window7_224_in22k")
+    create_swin_backbone("dtl_swin_tiny_patch4_window7_224")
+    assert asked == [("swin_base_patch4_window7_224.ms_in22k", True, 0), ("swin_base_patch4_window7_224", False, 0),
+                     ("swin_tiny_patch4_window7_224", False, 0)]
+    assert timm.models.get_pretrained_cfg("swin_base_patch4_window7_224.ms_in22k").num_classes == 21841

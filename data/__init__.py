@@ -1,15 +1,34 @@
-"""Data for the three DTL benchmarks: list-file datasets, transforms, synthetic roots, data checks."""
-from .datasets import DataError, ListFileDataset, parse_list_file
-from .domain_generalization import DG_NUM_CLASSES, DG_TARGETS, build_dg_source, build_dg_target
-from .few_shot import FGFS_DATASETS, build_fgfs_dataset, canonical_fgfs_name
-from .transforms import (
-    DTL_MEAN, DTL_STD, build_transform, canonical_benchmark, normalize_uint8_batch, transform_is_deterministic,
-)
-from .vtab import VTAB_GROUPS, VTAB_TASKS, VTABTask, build_vtab_dataset, get_vtab_task
+"""Data for the three DTL benchmarks: list-file datasets, transforms, synthetic roots, data checks.
 
-__all__ = [
-    "DataError", "ListFileDataset", "parse_list_file", "DG_NUM_CLASSES", "DG_TARGETS", "build_dg_source",
-    "build_dg_target", "FGFS_DATASETS", "build_fgfs_dataset", "canonical_fgfs_name", "DTL_MEAN", "DTL_STD",
-    "build_transform", "canonical_benchmark", "normalize_uint8_batch", "transform_is_deterministic",
-    "VTAB_GROUPS", "VTAB_TASKS", "VTABTask", "build_vtab_dataset", "get_vtab_task",
-]
+Names are imported lazily (``from data import build_transform`` works), so tools that only need the light
+modules (``data.check``, ``data.vtab`` tables) start without importing torch/timm.
+"""
+import importlib
+
+_EXPORTS = {
+    "DataError": "errors", "parse_list_file": "listfile", "ListFileDataset": "datasets",
+    "BENCHMARKS": "benchmarks", "canonical_benchmark": "benchmarks",
+    "VTABTask": "vtab", "VTAB_TASKS": "vtab", "VTAB_GROUPS": "vtab", "get_vtab_task": "vtab",
+    "build_vtab_dataset": "vtab",
+    "FGFS_DATASETS": "few_shot", "canonical_fgfs_name": "few_shot", "build_fgfs_dataset": "few_shot",
+    "DG_TARGETS": "domain_generalization", "DG_NUM_CLASSES": "domain_generalization",
+    "canonical_dg_target": "domain_generalization", "build_dg_source": "domain_generalization",
+    "build_dg_target": "domain_generalization",
+    "DTL_MEAN": "transforms", "DTL_STD": "transforms", "build_transform": "transforms",
+    "normalize_uint8_batch": "transforms", "transform_is_deterministic": "transforms",
+    "check_data_root": "check",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -14,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .datasets import DataError, image_error, iter_list_file
+from .benchmarks import canonical_benchmark
+from .errors import DataError
+from .listfile import image_error, iter_list_file
 from .domain_generalization import (
     DG_NUM_CLASSES, DG_SEEDS, DG_SHOT, DG_SOURCE, DG_TARGETS, canonical_dg_target, dg_source_image_root,
     dg_source_list_path, dg_target_list_path, resolve_dg_target_image_root,
 )
 from .few_shot import FGFS_DATASETS, FGFS_SEEDS, FGFS_SHOTS, SPLIT_DIR, canonical_fgfs_name, fgfs_list_path
-from .transforms import canonical_benchmark
 from .vtab import VTAB_SPLITS, VTAB_TASKS, get_vtab_task
 
 __all__ = ["ListReport", "CheckReport", "detect_benchmark", "check_list", "check_data_root",

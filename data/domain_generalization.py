@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
-from .datasets import DataError, ListFileDataset, parse_list_file
+from .errors import DataError
+from .listfile import parse_list_file
+
+if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
+    from .datasets import ListFileDataset
 
 __all__ = [
     "DG_SOURCE", "DG_TARGETS", "DG_NUM_CLASSES", "DG_SEEDS", "DG_SHOT", "canonical_dg_target",
@@ -101,7 +105,7 @@ def build_dg_source(
         shot: int = DG_SHOT,
         transform: Optional[Callable] = None,
         **kwargs,
-) -> ListFileDataset:
+) -> "ListFileDataset":
     """The ImageNet ``shot``-shot training list of ``seed`` (1000 classes).
 
     ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
@@ -114,6 +118,8 @@ def build_dg_source(
     image_root = dg_source_image_root(data_dir)
     _require_dir(image_root, "ImageNet training image folder (imagenet/images/train, see the README's DG data "
                              "preparation: it is not in DG.zip, link your ImageNet train folder there)")
+    from .datasets import ListFileDataset
+
     return ListFileDataset(image_root, list_path, DG_NUM_CLASSES, transform=transform, **kwargs)
 
 
@@ -122,7 +128,7 @@ def build_dg_target(
         target: str,
         transform: Optional[Callable] = None,
         **kwargs,
-) -> ListFileDataset:
+) -> "ListFileDataset":
     """The evaluation list of a DG target (``annotations/val_meta.list``, 1000-class labels).
 
     ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
@@ -138,4 +144,6 @@ def build_dg_target(
         entries = parse_list_file(list_path, DG_NUM_CLASSES)
         first = entries[0][0] if entries else None
     image_root = resolve_dg_target_image_root(data_dir, t, first)
+    from .datasets import ListFileDataset
+
     return ListFileDataset(image_root, list_path, DG_NUM_CLASSES, transform=transform, **kwargs)

@@ -12,9 +12,12 @@ Dataset names are those of the original launchers; the ``-FS`` suffix they carry
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
-from .datasets import DataError, ListFileDataset
+from .errors import DataError
+
+if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
+    from .datasets import ListFileDataset
 
 __all__ = [
     "FGFS_DATASETS", "FGFS_SHOTS", "FGFS_SEEDS", "FGFS_SPLITS", "canonical_fgfs_name", "fgfs_num_classes",
@@ -79,7 +82,7 @@ def build_fgfs_dataset(
         seed: Optional[int] = None,
         transform: Optional[Callable] = None,
         **kwargs,
-) -> ListFileDataset:
+) -> "ListFileDataset":
     """The list-file dataset of an FGFS dataset and split.
 
     Args:
@@ -104,4 +107,6 @@ def build_fgfs_dataset(
     image_root = fgfs_image_root(data_dir, ds)
     if not os.path.isdir(image_root):
         raise DataError(f"{image_root}: image folder of few-shot dataset {ds!r} not found")
+    from .datasets import ListFileDataset
+
     return ListFileDataset(image_root, list_path, FGFS_DATASETS[ds], transform=transform, **kwargs)

@@ -31,6 +31,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_i
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from .benchmarks import BENCHMARKS, canonical_benchmark
+
 __all__ = [
     "DTL_MEAN", "DTL_STD", "RAND_AUGMENT", "BENCHMARKS", "canonical_benchmark", "build_transform",
     "transform_is_deterministic", "normalize_uint8_batch", "rand_augment_hparams",
@@ -41,23 +43,6 @@ DTL_STD: Tuple[float, float, float] = (0.5, 0.5, 0.5)
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-BENCHMARKS: Tuple[str, ...] = ("vtab", "few_shot", "domain_generalization")
-_BENCHMARK_ALIASES = {
-    "vtab": "vtab", "vtab1k": "vtab", "vtab_1k": "vtab",
-    "few_shot": "few_shot", "fewshot": "few_shot", "fgfs": "few_shot", "fs": "few_shot",
-    "domain_generalization": "domain_generalization", "domain_generalisation": "domain_generalization",
-    "dg": "domain_generalization",
-}
-
-
-def canonical_benchmark(name: str) -> str:
-    """``vtab`` | ``few_shot`` | ``domain_generalization`` (accepts e.g. ``few-shot``, ``fgfs``, ``dg``)."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _BENCHMARK_ALIASES:
-        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
-    return _BENCHMARK_ALIASES[key]
-
 
 def rand_augment_hparams(img_size: int, mean: Sequence[float] = DTL_MEAN) -> dict:
     """The RandAugment hparams timm's ``create_transform`` derives (translate 100 and fill 128 at 224)."""

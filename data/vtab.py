@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
-from .datasets import DataError, ListFileDataset
+from .errors import DataError
+
+if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
+    from .datasets import ListFileDataset
 
 __all__ = [
     "VTABTask", "VTAB_TASKS", "VTAB_GROUPS", "VTAB_SPLITS", "VTAB_TRAIN_SPLIT", "VTAB_EVAL_SPLIT",
@@ -117,7 +120,7 @@ def build_vtab_dataset(
         split: str,
         transform: Optional[Callable] = None,
         **kwargs,
-) -> ListFileDataset:
+) -> "ListFileDataset":
     """The list-file dataset of one VTAB-1k task and split.
 
     Args:
@@ -136,4 +139,6 @@ def build_vtab_dataset(
     list_path = vtab_list_path(data_dir, t, split)
     if not os.path.isfile(list_path):
         raise DataError(f"{list_path}: list file of VTAB task {t.name!r}, split {split!r} not found")
+    from .datasets import ListFileDataset
+
     return ListFileDataset(folder, list_path, t.num_classes, transform=transform, **kwargs)

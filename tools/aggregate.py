@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.domain_generalization import DG_TARGETS, canonical_dg_target  # noqa: E402
 from data.few_shot import FGFS_DATASETS, FGFS_SHOTS, canonical_fgfs_name  # noqa: E402
-from data.transforms import canonical_benchmark  # noqa: E402
+from data.benchmarks import canonical_benchmark  # noqa: E402
 from data.vtab import VTAB_GROUPS, VTAB_TASKS, get_vtab_task  # noqa: E402
 
 METHOD_ORDER = ("dtl", "dtl+")

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.check import AUTO_IMAGE_CHECK_LIMIT, check_data_root  # noqa: E402
-from data.transforms import BENCHMARKS  # noqa: E402
+from data.benchmarks import BENCHMARKS  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,125 @@
+"""List files (``relative/path label`` per line) and image decoding checks, without torch imports.
+
+Paths may contain spaces, so each line is split on its LAST whitespace run; blank lines are ignored. Problems
+are reported as :class:`~data.errors.DataError` naming the list file and the 1-based line number.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterator, List, Optional, Tuple
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError
+
+__all__ = ["ListEntry", "iter_list_file", "parse_list_file", "parse_list_entries", "load_rgb", "image_error"]
+
+_LINE_RE = re.compile(r"^(?P<path>.*?)\s+(?P<label>\S+)$")
+
+
+class ListEntry(tuple):
+    """One parsed list line: ``(path, label, line_no)`` (path as written in the list)."""
+
+    __slots__ = ()
+
+    def __new__(cls, path: str, label: int, line_no: int):
+        return super().__new__(cls, (path, label, line_no))
+
+    @property
+    def path(self) -> str:
+        return self[0]
+
+    @property
+    def label(self) -> int:
+        return self[1]
+
+    @property
+    def line_no(self) -> int:
+        return self[2]
+
+
+def _read_lines(list_path: str) -> List[str]:
+    if not os.path.exists(list_path):
+        raise DataError(f"{list_path}: list file not found")
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: expected a list file, found a directory or special file")
+    try:
+        with open(list_path, "r", encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_path}: not a UTF-8 text list file ({e})") from None
+    except OSError as e:
+        raise DataError(f"{list_path}: cannot read list file ({e})") from None
+
+
+def _parse_line(line: str, num_classes: Optional[int]) -> Tuple[Optional[Tuple[str, int]], Optional[str]]:
+    """Parse one non-blank line; return ``((path, label), None)`` or ``(None, problem)``."""
+    text = line.strip()
+    m = _LINE_RE.match(text)
+    if m is None or not m.group("path"):
+        return None, f"expected '<relative/path> <integer label>', got {text!r} (no label)"
+    path, label_s = m.group("path"), m.group("label")
+    try:
+        label = int(label_s)
+    except ValueError:
+        return None, f"label {label_s!r} is not an integer (line {text!r})"
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        rng = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        return None, f"label {label} is outside the class range {rng} (line {text!r})"
+    return (path, label), None
+
+
+def iter_list_file(list_path: str, num_classes: Optional[int]) -> Iterator[Tuple[int, Optional[ListEntry], Optional[str]]]:
+    """Yield ``(line_no, entry, problem)`` for every non-blank line; exactly one of entry/problem is set.
+
+    Used by the data checker to collect all problems; :func:`parse_list_file` stops at the first one.
+    Raises :class:`DataError` only when the file itself cannot be read.
+    """
+    for i, line in enumerate(_read_lines(list_path), start=1):
+        if not line.strip():
+            continue
+        parsed, problem = _parse_line(line, num_classes)
+        if parsed is None:
+            yield i, None, problem
+        else:
+            yield i, ListEntry(parsed[0], parsed[1], i), None
+
+
+def parse_list_file(list_path: str, num_classes: Optional[int]) -> List[Tuple[str, int]]:
+    """Parse a list file of ``relative/path label`` lines into ``[(path, label), ...]``.
+
+    Lines are split on their last whitespace run (paths may contain spaces); blank lines are ignored.
+    Raises :class:`DataError` (``<file>:<line>: ...``) for a line without a label, a non-integer label, or a
+    label outside ``[0, num_classes)`` (``num_classes=None``: only ``label >= 0`` is required).
+    """
+    return [(e.path, e.label) for e in parse_list_entries(list_path, num_classes)]
+
+
+def parse_list_entries(list_path: str, num_classes: Optional[int]) -> List[ListEntry]:
+    entries: List[ListEntry] = []
+    for line_no, entry, problem in iter_list_file(list_path, num_classes):
+        if problem is not None:
+            raise DataError(f"{list_path}:{line_no}: {problem}")
+        entries.append(entry)
+    return entries
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image with PIL and convert it to RGB (this decodes the whole file)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def image_error(path: str) -> Optional[str]:
+    """Return why ``path`` cannot be decoded as an image, or ``None`` when it decodes fine."""
+    try:
+        load_rgb(path)
+    except FileNotFoundError:
+        return "file not found"
+    except UnidentifiedImageError:
+        return "unreadable image (not a recognised image format)"
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None

@@ -11,7 +11,9 @@ recipe pieces (AdamW with weight decay 0.05 except biases, cross-entropy; SPEC Â
   of ``epoch_s``;
 - ``peak_mib``: peak resident memory of the process (RSS, CPU) or ``torch.cuda.max_memory_allocated`` over
   the training epochs (GPU; the cache, when in GPU memory, is included);
-- ``speedup``: ``epoch_s`` of ``default`` divided by the mode's.
+- ``speedup``: ``epoch_s`` of ``default`` divided by the mode's;
+- ``epoch_cpu_s`` / ``speedup_cpu``: the same with the process's CPU time (all threads), which other programs
+  running on a shared machine disturb much less than wall-clock time.
 
 Modes: ``default`` (the original's computation), ``lean`` (models.lean), ``cache`` (models.prefix_cache;
 float16 storage), ``cache+lean`` (both).
@@ -146,9 +148,9 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for epoch in range(args.epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for inputs, target in batches(epoch):
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model.forward_from_prefix(inputs) if cache is not None else model(inputs)
@@ -161,15 +163,18 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-        print(f"[{mode}] epoch {epoch + 1}/{args.epochs}: {times[-1]:.2f}s ({steps} steps), last loss {losses[-1]:.4f}",
-              flush=True)
+        cpu_times.append(time.process_time() - c0)
+        print(f"[{mode}] epoch {epoch + 1}/{args.epochs}: {times[-1]:.2f}s (CPU time {cpu_times[-1]:.2f}s, {steps} steps), "
+              f"last loss {losses[-1]:.4f}", flush=True)
     timed = times[1:] if len(times) > 1 else times
+    cpu_timed = cpu_times[1:] if len(cpu_times) > 1 else cpu_times
     if device.type == "cuda":
         peak, peak_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:
         peak, peak_kind = _peak_rss_mib(), "rss"
     return {
         "mode": mode, "epoch_s": sum(timed) / len(timed), "peak_mib": peak, "speedup": None,
+        "epoch_cpu_s": sum(cpu_timed) / len(cpu_timed), "speedup_cpu": None,
         "cache_build_s": build_s, "epoch_times_s": times, "first_epoch_excluded": len(times) > 1,
         "peak_kind": peak_kind, "steps_per_epoch": steps, "n_images": len(dataset), "final_loss": losses[-1],
         "cache_mib": cache.nbytes / 2**20 if cache is not None else None,
@@ -198,13 +203,17 @@ def format_table(rows: List[Dict[str, Any]], args: argparse.Namespace) -> str:
         "epoch_s = mean seconds per epoch after the first" if args.epochs > 1 else
         "epoch_s = the single epoch (--epochs 1: includes warm-up)",
         "cache build = one-off prefix computation, NOT included in epoch_s",
-        f"{'mode':<12} {'epoch_s':>9} {'speedup':>8} {peak_name:>15} {'cache build s':>14} {'cache MiB':>10}",
+        "epoch CPU s = process CPU time (all threads) per epoch, same epochs: less sensitive to other load on the machine",
+        f"{'mode':<12} {'epoch_s':>9} {'speedup':>8} {'epoch CPU s':>12} {'CPU speedup':>12} {peak_name:>15} "
+        f"{'cache build s':>14} {'cache MiB':>10}",
     ]
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        spc = f"{r['speedup_cpu']:.2f}x" if r["speedup_cpu"] is not None else "-"
         cb = f"{r['cache_build_s']:.2f}" if r["cache_build_s"] is not None else "-"
         cm = f"{r['cache_mib']:.1f}" if r["cache_mib"] is not None else "-"
-        lines.append(f"{r['mode']:<12} {r['epoch_s']:>9.3f} {sp:>8} {r['peak_mib']:>15.1f} {cb:>14} {cm:>10}")
+        lines.append(f"{r['mode']:<12} {r['epoch_s']:>9.3f} {sp:>8} {r['epoch_cpu_s']:>12.3f} {spc:>12} "
+                     f"{r['peak_mib']:>15.1f} {cb:>14} {cm:>10}")
     return "\n".join(lines)
 
 
@@ -241,8 +250,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if tmp is not None:
             tmp.cleanup()
     base = next((r["epoch_s"] for r in rows if r["mode"] == "default"), None)
+    base_cpu = next((r["epoch_cpu_s"] for r in rows if r["mode"] == "default"), None)
     for r in rows:
         r["speedup"] = base / r["epoch_s"] if base else None
+        r["speedup_cpu"] = base_cpu / r["epoch_cpu_s"] if base_cpu else None
         r.update(model=args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device, amp=args.amp,
                  epochs=args.epochs, dataset=args.dataset)
     print(format_table(rows, args))

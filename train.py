@@ -153,6 +153,10 @@ def build_data(args: argparse.Namespace, normalize: bool) -> DataPlan:
         info["skipped_images"] = _verify_all(seeds)
     elif args.check_images:
         _check_headers(seeds)
+    for plan in seeds:
+        if plan.train is not None and len(plan.train) < args.batch_size:
+            raise DataError(f"{plan.train.list_path}: {len(plan.train)} training images are fewer than one batch "
+                            f"of {args.batch_size} (incomplete batches are dropped); lower --batch_size")
     return DataPlan(num_classes, seeds, info)
 
 
@@ -577,9 +581,6 @@ class Run:
 
     def _train_loader(self, dataset, seed: int):
         per_proc = self.args.batch_size // self.dist.world_size
-        if len(dataset) // self.dist.world_size < per_proc:
-            raise DataError(f"{dataset.list_path}: {len(dataset)} training images are fewer than one batch of "
-                            f"{self.args.batch_size} (incomplete batches are dropped); lower --batch_size")
         loader = build_train_loader(dataset, per_proc, self.dist, seed, self.args.num_workers,
                                     pin_memory=self.device.type == "cuda")
         return CudaPrefetcher(loader, self.device, (0.5,) * 3, (0.5,) * 3) if self.prefetch else loader

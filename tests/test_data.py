@@ -386,3 +386,14 @@ def test_shapes_images_are_learnable(task, dims):
             correct += pred == y
             total += 1
     assert correct / total >= 0.8, (task, correct / total)
+
+
+def test_synthetic_cli(tmp_path, capsys):
+    from data.synthetic import main
+
+    assert main(["vtab", str(tmp_path / "v"), "--tasks", "kitti", "--n_train", "4", "--n_val", "2", "--n_test", "3",
+                 "--img_size", "8"]) == 0
+    assert [len(build_vtab_dataset(str(tmp_path / "v"), "kitti", s)) for s in VTAB_SPLITS] == [4, 2, 6, 3]
+    assert main(["dg", str(tmp_path / "d"), "--tasks", "imagenet-r", "--classes", "2", "--img_size", "8"]) == 0
+    assert len(build_dg_target(str(tmp_path / "d"), "imagenet-rendition")) == 4
+    assert "wrote a synthetic" in capsys.readouterr().out

@@ -21,7 +21,8 @@ from timm.models import VisionTransformer
 from timm.models import register_model
 
 from .config import DTLConfig
-from .lean import LowRankSideSum, lean_block
+from .lean import LowRankSideSum, lean_run
+from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork
 from .trainable import apply_trainable_rule
 
@@ -128,10 +129,8 @@ class DTLVisionTransformer(nn.Module):
         """
         side, prefix = self.side, self.num_prefix_tokens
         if self.lean:
-            state = s if isinstance(s, LowRankSideSum) else LowRankSideSum(side, base=s)
-            for i in range(start, len(self.backbone.blocks)):
-                x = lean_block(self.backbone.blocks[i], x, side, state, i, grid=grid, prefix=prefix)
-            return x
+            depth = len(self.backbone.blocks)
+            return lean_run(self.backbone.blocks[start:], range(start, depth), x, side, s, grid=grid, prefix=prefix)
         if isinstance(s, LowRankSideSum):
             s = s.dense()
         for i in range(start, len(self.backbone.blocks)):
@@ -182,17 +181,7 @@ class DTLVisionTransformer(nn.Module):
         bb = self.backbone
         mods = [(n, getattr(bb, n)) for n in ("patch_embed", "pos_drop", "patch_drop", "norm_pre") if hasattr(bb, n)]
         mods += [(f"blocks.{i}", blk) for i, blk in enumerate(bb.blocks[:resume])]
-        found = []
-        for prefix, mod in mods:
-            for name, m in mod.named_modules():
-                p = getattr(m, "drop_prob", None)  # timm DropPath
-                if p is None and isinstance(m, nn.Dropout):
-                    p = m.p
-                if p is None and type(m).__name__ == "PatchDropout":
-                    p = getattr(m, "prob", 0.0)
-                if p:
-                    found.append(f"{prefix}{'.' + name if name else ''} (p={float(p):g})")
-        return found
+        return find_random_ops(mods)
 
     @torch.no_grad()
     def record_block_inputs(self, x: torch.Tensor, blocks: List[int]) -> Dict[int, torch.Tensor]:

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .side_network import CompactSideNetwork, swish
 
-__all__ = ["LowRankSideSum", "lean_block", "side_output", "materialize_side_sum"]
+__all__ = ["LowRankSideSum", "lean_block", "lean_run", "lean_call", "side_output", "materialize_side_sum"]
 
 
 class LowRankSideSum:
@@ -169,3 +169,35 @@ def lean_block(
     if inject:
         y = y + _checkpoint(partial(side_output, side, keys, grid, prefix), base, *hs)
     return y
+
+
+def lean_run(
+    blocks: Sequence[nn.Module],
+    indices: Sequence[int],
+    x: torch.Tensor,
+    side: Optional[CompactSideNetwork],
+    s: "None | torch.Tensor | LowRankSideSum" = None,
+    grid: Optional[Sequence[int]] = None,
+    prefix: int = 0,
+) -> torch.Tensor:
+    """Lean version of a wrapper's loop over ``blocks`` (global indices ``indices``) sharing one side sum.
+
+    ``s`` is the side sum accumulated before the first of them: ``None``, a dense tensor (e.g. from a cached
+    prefix) or a :class:`LowRankSideSum`. ViT: ``lean_run(bb.blocks[start:], range(start, depth), x, side, s,
+    grid, n_prefix_tokens)``; a Swin stage: ``lean_run(stage.blocks[start - first:], range(start, end), x,
+    side_or_None, s)``.
+    """
+    state = None
+    if side is not None:
+        state = s if isinstance(s, LowRankSideSum) else LowRankSideSum(side, base=s)
+    for block, i in zip(blocks, indices):
+        x = lean_block(block, x, side, state, i, grid=grid, prefix=prefix)
+    return x
+
+
+def lean_call(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a frozen function (e.g. Swin's patch merging), recomputed in backward when ``x`` needs
+    a gradient (only ``x`` is kept)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _checkpoint(fn, x)
+    return fn(x)

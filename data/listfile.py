@@ -70,7 +70,8 @@ def _parse_line(line: str, num_classes: Optional[int]) -> Tuple[Optional[Tuple[s
     return (path, label), None
 
 
-def iter_list_file(list_path: str, num_classes: Optional[int]) -> Iterator[Tuple[int, Optional[ListEntry], Optional[str]]]:
+def iter_list_file(list_path: str, num_classes: Optional[int]
+                   ) -> Iterator[Tuple[int, Optional[ListEntry], Optional[str]]]:
     """Yield ``(line_no, entry, problem)`` for every non-blank line; exactly one of entry/problem is set.
 
     Used by the data checker to collect all problems; :func:`parse_list_file` stops at the first one.

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from .domain_generalization import DG_NUM_CLASSES, DG_SHOT, DG_TARGETS, canonical_dg_target
 from .few_shot import FGFS_DATASETS, FGFS_SEEDS, FGFS_SHOTS, SPLIT_DIR, canonical_fgfs_name
-from .vtab import VTAB_TASKS, get_vtab_task
+from .vtab import get_vtab_task
 
 __all__ = [
     "TASK_FACTORS", "GENERIC_FACTORS", "factors_for", "spread_labels", "render_scene", "make_image",
@@ -124,7 +124,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[T
 
 # Polygons are scaled to the area of the circle of radius r, so the object size is one number (its area) for
 # every shape; _EXTENT is the farthest point from the centre in units of r (to keep objects inside the image).
-_AREA_SCALE = {"circle": 1.0, "square": math.sqrt(math.pi / 2.56), "triangle": math.sqrt(math.pi / (3 * math.sqrt(3) / 4)),
+_AREA_SCALE = {"circle": 1.0, "square": math.sqrt(math.pi / 2.56),
+               "triangle": math.sqrt(math.pi / (3 * math.sqrt(3) / 4)),
                "plus": math.sqrt(math.pi / (2 * 2 * 0.66 - 0.66 ** 2)), "bar": 1.0}
 _EXTENT = {"circle": 1.0, "square": 0.8 * math.sqrt(2) * _AREA_SCALE["square"], "triangle": _AREA_SCALE["triangle"],
            "plus": math.hypot(1, 0.33) * _AREA_SCALE["plus"], "bar": math.hypot(1, 0.28)}

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.domain_generalization import DG_TARGETS, canonical_dg_target  # noqa: E402
 from data.few_shot import FGFS_DATASETS, FGFS_SHOTS, canonical_fgfs_name  # noqa: E402
 from data.benchmarks import canonical_benchmark  # noqa: E402
-from data.vtab import VTAB_GROUPS, VTAB_TASKS, get_vtab_task  # noqa: E402
+from data.vtab import VTAB_GROUPS, get_vtab_task  # noqa: E402
 
 METHOD_ORDER = ("dtl", "dtl+")
 GROUP_LABELS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
@@ -77,7 +77,8 @@ class Cell:
 
     @property
     def values(self) -> List[float]:
-        return [v[0] for _, v in sorted(self.by_seed.items(), key=lambda kv: str(kv[0]))] + [v for v, _ in self.unseeded]
+        seeded = [v[0] for _, v in sorted(self.by_seed.items(), key=lambda kv: str(kv[0]))]
+        return seeded + [v for v, _ in self.unseeded]
 
     @property
     def seeds(self) -> List[Any]:

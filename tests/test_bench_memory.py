@@ -72,3 +72,55 @@ def test_explicit_attention_and_bf16_are_applied():
 def test_bad_arguments_stop_before_any_work(argv, message):
     with pytest.raises(SystemExit, match=message):
         bench_memory.main([*TINY, *argv])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tools/plot_memory.py
+# ---------------------------------------------------------------------------------------------------------------
+import plot_memory  # noqa: E402
+
+
+def _bench_rows(**over):
+    base = {k: None for k in KEYS}
+    base.update(device="cpu", batch_size=8, img_size=224, precision="fp32", fused_attn=True, n_trainable=1)
+    rows = []
+    for m, mib in (("full", 901.5), ("lora", 616.4), ("dtl", 319.3), ("dtl+", 347.0), ("dtl-lean", 55.0)):
+        rows.append({**base, "method": m, "saved_mib": mib, **over.get(m, {})})
+    return rows
+
+
+def test_plot_uses_own_complete_results_and_marks_published(tmp_path):
+    bench = tmp_path / "b.json"
+    bench.write_text(json.dumps(_bench_rows()))
+    agg = tmp_path / "aggregate_vtab_summary.csv"
+    agg.write_text("backbone,method,natural,specialized,structured,mean_of_group_means,mean_19_tasks,n_tasks,partial\n"
+                   "vit_base_patch16_224_in21k,dtl,80.0,86.0,63.0,76.3333,74.1,19/19,\n"
+                   "vit_base_patch16_224_in21k,lora,80.0,86.0,63.0,70.0,74.0,3/19,mean_of_group_means\n")
+    out = tmp_path / "figs" / "m.png"
+    points = {p["method"]: p for p in plot_memory.main(["--bench", str(bench), "--results", str(agg), "--out", str(out),
+                                                        "--accuracy", "dtl+=77.0"])}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert points["dtl"]["source"] == "own" and points["dtl"]["accuracy"] == pytest.approx(76.3333)
+    assert points["lora"]["source"] == "published"  # 3/19 tasks: not comparable, the published number is used
+    assert points["lora"]["accuracy"] == plot_memory.PUBLISHED_VTAB_GROUP_MEAN["lora"][0]
+    assert points["dtl+"]["source"] == "override" and points["dtl+"]["accuracy"] == 77.0
+    assert points["dtl-lean"]["accuracy"] == plot_memory.PUBLISHED_VTAB_GROUP_MEAN["dtl"][0]
+    assert points["full"]["memory"] == 901.5
+    only_own = plot_memory.main(["--bench", str(bench), "--results", str(agg), "--out", str(out), "--no_published"])
+    assert [p["method"] for p in only_own] == ["dtl"]
+
+
+def test_plot_refuses_bad_input(tmp_path):
+    bench = tmp_path / "b.json"
+    bench.write_text(json.dumps(_bench_rows(dtl={"batch_size": 32})))
+    with pytest.raises(SystemExit, match="different settings"):
+        plot_memory.main(["--bench", str(bench)])
+    with pytest.raises(SystemExit, match="file not found"):
+        plot_memory.main(["--bench", str(tmp_path / "none.json")])
+    bench.write_text(json.dumps(_bench_rows()))
+    with pytest.raises(SystemExit, match="not a number"):
+        plot_memory.main(["--bench", str(bench), "--accuracy", "dtl=high"])
+    bad = tmp_path / "agg.csv"
+    bad.write_text("method,top1\ndtl,70\n")
+    with pytest.raises(SystemExit, match="aggregate.py VTAB CSV"):
+        plot_memory.main(["--bench", str(bench), "--results", str(bad)])

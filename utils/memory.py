@@ -133,9 +133,9 @@ def saved_tensor_mib(
     """MiB of distinct non-parameter storages saved for backward in one forward of ``model`` on ``x``.
 
     The model is put in training mode (``train=True``, the default: dropout/drop-path masks are what training
-    keeps) and restored afterwards. ``loss_fn`` maps the output to the scalar that would be back-propagated
-    (default: ``output.float().sum()``-free: the output itself, so the loss adds nothing). ``autocast_dtype``
-    runs the forward under ``torch.autocast`` of ``x``'s device type. No backward is run; the graph is freed.
+    keeps) and restored afterwards. ``loss_fn`` maps the output to the loss, whose saved tensors then count too
+    (default: none, only the model's forward is measured). ``autocast_dtype`` runs the forward under
+    ``torch.autocast`` of ``x``'s device type. No backward is run; the graph is freed.
     """
     was_training = model.training
     model.train(train)

@@ -15,12 +15,13 @@ with ``x = lean_block(block, x, side, state, i, grid=grid, prefix=prefix)``, whe
 :class:`LowRankSideSum` (one per run of blocks sharing a side sum: one for ViT, one per stage for Swin).
 What is kept for backward then:
 
-- per tap: its input ``x_i`` (needed for the gradient of ``A_i``; for a block after the first add-back it is
-  also the block's checkpoint input: the same tensor, stored once) and the rank-``r`` product
-  ``h_i = A_i x_i`` (``r / d`` of a block input);
-- per block whose input depends on a trainable tensor (the *tail*): nothing else -- the block runs under
-  :func:`torch.utils.checkpoint.checkpoint` (``use_reentrant=False``, ``preserve_rng_state=True``, so drop-path
-  masks are recomputed identically);
+- per tap before the first add-back block: its input ``x_i`` (needed for the gradient of ``A_i``; under
+  autocast the low-precision copy the linear map keeps) and the rank-``r`` product ``h_i = A_i x_i``
+  (``r / d`` of a block input);
+- per block whose input depends on a trainable tensor (the *tail*): only its input ``x_i``, once -- the tap,
+  the block and the side output run inside one :func:`torch.utils.checkpoint.checkpoint`
+  (``use_reentrant=False``, ``preserve_rng_state=True``, so drop-path masks are recomputed identically), so the
+  tap's use of ``x_i`` is recomputed too instead of being a second copy;
 - per add-back block: nothing else -- the side sum is kept as its low-rank factors ``h_j`` (plus an optional
   dense ``base``, e.g. the sum over a cached prefix) and ``s``, the gate and DTL+'s convolution are recomputed
   in backward inside the same checkpoint.
@@ -112,9 +113,10 @@ def side_output(
     return out
 
 
-def _block_then_side(
+def _tap_block_side(
     block: nn.Module,
-    side: CompactSideNetwork,
+    side: Optional[CompactSideNetwork],
+    key: Optional[str],
     keys: Sequence[str],
     grid: Optional[Sequence[int]],
     prefix: int,
@@ -122,14 +124,22 @@ def _block_then_side(
     x: torch.Tensor,
     base: Optional[torch.Tensor],
     *hs: torch.Tensor,
-) -> torch.Tensor:
+):
+    """Tap ``key`` (if any) on ``x``, run ``block``, add the side output back (if ``inject``).
+
+    Returns the block output, and the tap's ``h = A x`` when there is a tap.
+    """
+    h = None
+    if key is not None:
+        h = F.linear(x, side.taps[key].lora_A)
+        keys, hs = (*keys, key), (*hs, h)
     y = block(x)
     if inject:
         y = y + side_output(side, keys, grid, prefix, base, *hs)
-    return y
+    return y if h is None else (y, h)
 
 
-def _checkpoint(fn, *args: Optional[torch.Tensor]) -> torch.Tensor:
+def _checkpoint(fn, *args: Optional[torch.Tensor]):
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
 
 
@@ -148,26 +158,36 @@ def lean_block(
     blocks without a side network (the block is then only checkpointed). ``grid``/``prefix`` describe the
     tokens for DTL+'s convolution as in :meth:`CompactSideNetwork.inject`.
     """
+    key: Optional[str] = None
     inject = False
-    keys: Tuple[str, ...] = ()
-    base: Optional[torch.Tensor] = None
-    hs: Tuple[torch.Tensor, ...] = ()
     if side is not None:
         if state is None:
             raise ValueError("lean_block: a side network needs a LowRankSideSum state")
-        state.tap(index, x)
-        inject = index in side.add_back_blocks and not state.is_zero
+        key = str(index) if str(index) in side.taps else None
+        inject = index in side.add_back_blocks and (key is not None or not state.is_zero)
+    if side is not None and torch.is_grad_enabled() and x.requires_grad:
+        # The block's input carries gradient: tap, block and side output all run inside one checkpoint, which
+        # keeps only x (in its own dtype: under autocast the tap's low-precision copy of x is recomputed too).
         keys, base, hs = state.snapshot()
-    if not torch.is_grad_enabled():
-        return _block_then_side(block, side, keys, grid, prefix, inject, x, base, *hs)
-    if x.requires_grad:
-        # The block's input carries gradient: recompute the block (and the side output) in backward.
-        fn = partial(_block_then_side, block, side, keys, grid, prefix, inject)
-        return _checkpoint(fn, x, base, *hs)
-    # A frozen block on an input without gradient keeps nothing; only the side output needs recomputing.
+        out = _checkpoint(partial(_tap_block_side, block, side, key, keys, grid, prefix, inject), x, base, *hs)
+        if key is None:
+            return out
+        y, h = out
+        state.keys.append(key)
+        state.hs.append(h)
+        return y
+    if side is None:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _checkpoint(block, x)
+        return block(x)
+    # Input without gradient: the tap keeps x (it needs it for A's gradient); the frozen block keeps nothing.
+    if key is not None:
+        state.tap(index, x)
+    keys, base, hs = state.snapshot()
     y = block(x)
     if inject:
-        y = y + _checkpoint(partial(side_output, side, keys, grid, prefix), base, *hs)
+        out = partial(side_output, side, keys, grid, prefix)
+        y = y + (_checkpoint(out, base, *hs) if torch.is_grad_enabled() else out(base, *hs))
     return y
 
 

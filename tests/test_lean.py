@@ -140,3 +140,23 @@ def test_low_rank_side_sum_equals_running_sum():
         s = model.side.tap(s, i, x)
     assert torch.equal(state.dense(), s)
     assert LowRankSideSum(model.side).dense() is None
+
+
+def test_lean_under_autocast_keeps_one_copy_per_block_input():
+    """Under autocast the taps before the first add-back keep their low-precision copy of x (half a block
+    input each); a tail block keeps only its fp32 input (its tap's copy is recomputed in backward)."""
+    model = tiny(0, csn="0-5", add="3-5").train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    unit = 2 * 65 * 32 * 4
+    res = {}
+    for lean in (False, True):
+        model.set_lean(lean).zero_grad(set_to_none=True)
+        with SavedTensorMeter(model) as meter, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        res[lean] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, meter
+    assert torch.equal(res[False][0], res[True][0])
+    for k, g in res[False][1].items():
+        assert ((g - res[True][1][k]).norm() / g.norm()).item() <= 1e-2, k  # bf16 summation-order noise
+    big = sorted(v for v in res[True][2].by_size.values() if v >= unit // 2)
+    assert big == [unit // 2] * 4 + [unit] * 2  # bf16 copies of x_0..x_3, fp32 x_4, x_5

@@ -177,7 +177,7 @@ def make_image(label: int, factors: Factors, img_size: int, rng: np.random.Gener
     bg_level = rng.uniform(25, 80) if bg == 0 else rng.uniform(150, 205)
     n_obj = d["count"][0] + 1 if "count" in d else 1
     # Largest radius the layout allows; a 'size' label picks one of k bins of [0.3, 1] x that radius
-    # ([0.55, 1] when the shape is a label factor too).
+    # ([0.55, 1] when the shape or the orientation is a label factor too).
     if "angle" in d:
         r_max = 0.42 * S
     elif "grid" in d:
@@ -194,7 +194,7 @@ def make_image(label: int, factors: Factors, img_size: int, rng: np.random.Gener
     for k in range(n_obj):
         if "size" in d:  # small objects must still show their shape when the shape is part of the label
             b, c = d["size"]
-            r = _bin_value(rng, b, c, (0.55 if "shape" in d else 0.3) * r_max, r_max)
+            r = _bin_value(rng, b, c, (0.55 if "shape" in d or "angle" in d else 0.3) * r_max, r_max)
         else:
             r = rng.uniform(0.6, 0.8) * r_max
         if "angle" in d:

@@ -140,6 +140,33 @@ def collect_points(bench: List[dict], metric: str, own: Dict[str, float], overri
     return points
 
 
+def _place_labels(fig, ax, points: List[dict], fontsize: float = 9.0) -> None:
+    """Name every point, choosing for each label the first of a few offsets that overlaps no earlier label or point."""
+    to_pt = 72.0 / fig.dpi
+    xy = {id(p): ax.transData.transform((p["memory"], p["accuracy"])) * to_pt for p in points}
+    placed: List[Tuple[float, float, float, float]] = [(x - 6, y - 6, x + 6, y + 6) for x, y in xy.values()]
+    candidates = [(7, 4, "left"), (7, -13, "left"), (-7, 4, "right"), (-7, -13, "right"), (7, 14, "left"),
+                  (-7, 14, "right"), (7, -23, "left"), (-7, -23, "right")]
+    for p in sorted(points, key=lambda q: (-q["accuracy"], q["memory"])):
+        text = LABELS.get(p["method"], p["method"])
+        w, h = 0.58 * fontsize * len(text), fontsize
+        x, y = xy[id(p)]
+        chosen = candidates[0]
+        for dx, dy, ha in candidates:
+            x0 = x + dx if ha == "left" else x + dx - w
+            box = (x0, y + dy, x0 + w, y + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                chosen = (dx, dy, ha)
+                placed.append(box)
+                break
+        else:
+            dx, dy, ha = chosen
+            x0 = x + dx
+            placed.append((x0, y + dy, x0 + w, y + dy + h))
+        ax.annotate(text, (p["memory"], p["accuracy"]), textcoords="offset points", xytext=chosen[:2],
+                    ha=chosen[2], fontsize=fontsize)
+
+
 def plot(points: List[dict], bench: List[dict], metric: str, out: str, model_label: str = "ViT-B/16") -> None:
     import matplotlib
 
@@ -163,8 +190,6 @@ def plot(points: List[dict], bench: List[dict], metric: str, out: str, model_lab
                    facecolors=color if st["filled"] else "none", edgecolors=color, zorder=3,
                    label=None if label in used else label)
         used.add(label)
-        ax.annotate(LABELS.get(p["method"], p["method"]), (p["memory"], p["accuracy"]), textcoords="offset points",
-                    xytext=(7, 5), fontsize=9)
     ax.set_xlabel(METRIC_LABELS.get(metric, metric))
     ax.set_ylabel("VTAB-1k mean accuracy (%, mean of group means)")
     fused = "fused" if r0.get("fused_attn") else "explicit"
@@ -174,6 +199,7 @@ def plot(points: List[dict], bench: List[dict], metric: str, out: str, model_lab
     xs, ys = [p["memory"] for p in points], [p["accuracy"] for p in points]
     ax.set_xlim(0, max(xs) * 1.22)
     ax.set_ylim(min(ys) - 1.5, max(ys) + 1.5)
+    _place_labels(fig, ax, points)
     fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False,
                title="hollow = published accuracy (sources: tools/plot_memory.py); memory measured here",
                title_fontsize=7)

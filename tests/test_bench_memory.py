@@ -60,6 +60,13 @@ def test_explicit_attention_and_bf16_are_applied():
     assert bf16["precision"] == "bf16" and bf16["saved_mib"] < fp32["saved_mib"]
 
 
+def test_lean_dtl_keeps_less_than_dtl():
+    res = {r["method"]: r for r in bench_memory.main([*TINY, "--in_process", "--methods", "dtl,dtl-lean,dtl+,dtl+-lean"])}
+    assert res["dtl-lean"]["saved_mib"] < res["dtl"]["saved_mib"]
+    assert res["dtl+-lean"]["saved_mib"] < res["dtl+"]["saved_mib"]
+    assert res["dtl-lean"]["n_trainable"] == res["dtl"]["n_trainable"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--methods", "full,lst"], "unknown \\['lst'\\]"),
     (["--methods", "dtl,dtl"], "twice"),

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -245,8 +246,6 @@ class PrefixCache:
             autocast_dtype: run the prefix under ``torch.autocast`` with this dtype (e.g. float16 on a GPU).
             log: called with the size/storage line and the summary (``None``: silent).
         """
-        import time
-
         if storage not in STORAGES:
             raise PrefixCacheError(f"unknown cache storage {storage!r}; choose from {', '.join(STORAGES)}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -412,7 +411,9 @@ class PrefixCache:
     ) -> Iterator[Tuple[Dict[int, torch.Tensor], torch.Tensor]]:
         """Batches ``({block: B x ...}, labels)`` gathered by index (faster than a DataLoader over
         :meth:`dataset`); the order is ``torch.randperm(n, generator=generator)`` when shuffling, as a
-        ``RandomSampler`` with that generator draws it."""
+        ``RandomSampler`` with that generator draws it.  (A ``DataLoader(shuffle=True, generator=g)`` first
+        draws a worker seed from ``g``, so its order differs: to reproduce a DataLoader's batches exactly, use a
+        DataLoader over :meth:`dataset` with the same sampler settings.)"""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last else n

@@ -135,12 +135,14 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
         build_s = cache.build_seconds
 
     def batches(epoch: int):
-        g = torch.Generator().manual_seed(args.seed + epoch)
+        # The same shuffled batches in every mode (a seeded permutation per epoch, last partial batch dropped).
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch))
+        index_batches = [order[i:i + args.batch_size].tolist() for i in range(0, steps * args.batch_size, args.batch_size)]
         if cache is not None:
-            yield from cache.batches(args.batch_size, shuffle=True, drop_last=True, generator=g, device=device)
+            for idx in index_batches:
+                yield cache.gather(torch.tensor(idx), device)
         else:
-            loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=g,
-                                num_workers=args.num_workers)
+            loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=args.num_workers)
             for images, target in loader:
                 yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
 

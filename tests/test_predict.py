@@ -75,7 +75,7 @@ def test_cli_outputs_and_compare(setup, tmp_path, capsys):
     d, backbone, deltas, models, img_dir = setup
     out = tmp_path / "pred.json"
     assert predict.main(["--load_path", backbone, "--deltas", *deltas, "--images", str(img_dir), "--output", str(out),
-                         "--batch_size", "2", "--compare"]) == 0
+                         "--batch_size", "2", "--compare", "--repeats", "1"]) == 0
     err = capsys.readouterr().err
     assert "predictions identical: yes" in err and "images/s" in err and "shared prefix: blocks 0-1" in err
     res = json.loads(out.read_text())

@@ -148,7 +148,11 @@ class DTLVisionTransformer(nn.Module):
         x = self.backbone.norm(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, Mapping[int, torch.Tensor]]) -> torch.Tensor:
+        """Images -> logits; a mapping of recorded block inputs (a prefix-cache batch) goes to
+        :meth:`forward_from_prefix` (so a DDP-wrapped model can train from the cache)."""
+        if isinstance(x, Mapping):
+            return self.forward_from_prefix(x)
         return self.forward_head(self.forward_features(x))
 
     def model_config(self) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ then runs only blocks ``a..L-1``::
 
     cache = PrefixCache.build(model, train_dataset, batch_size=64, device="cuda", deterministic=True)
     for cached, target in cache.batches(32, shuffle=True, drop_last=True, generator=g, device="cuda"):
-        loss = criterion(model.forward_from_prefix(cached), target)
+        loss = criterion(model(cached), target)  # = model.forward_from_prefix(cached)
 
 Storage precision: **float16** by default.  Block inputs of pre-trained ViTs before the middle of the network
 are far inside float16's range (max 65504; the build checks every value and refuses on overflow, naming

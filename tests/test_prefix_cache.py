@@ -61,6 +61,8 @@ def test_cached_equals_uncached(dtype, fusion_size, csn, add, storage):
         got = logits_and_grads(model, lambda: (model.forward_from_prefix(cache.gather(torch.arange(6))[0]),
                                                cache.gather(torch.arange(6))[1]))
         assert sorted(ref[1]) == sorted(got[1])
+        with torch.no_grad():  # model(cached) dispatches to forward_from_prefix (DDP calls forward)
+            assert torch.equal(model(cache.gather(torch.arange(6))[0]), model.forward_from_prefix(cache.gather(torch.arange(6))[0]))
         if dtype == torch.float32:
             assert torch.equal(ref[0], got[0])
             assert all(torch.equal(ref[1][k], got[1][k]) for k in ref[1])

@@ -61,7 +61,7 @@ _logger = logging.getLogger("train")
 # Flags that must be equal when a run is resumed (everything that changes what is trained or measured).
 RESUME_MUST_MATCH = (
     "benchmark", "dataset", "shot", "seeds", "target_dataset", "model", "method", "fusion_size", "r", "beta",
-    "lora_before_blocks", "add_after_blocks", "drop_path", "img_size", "lr", "weight_decay", "epochs",
+    "lora_before_blocks", "add_after_blocks", "drop_path", "img_size", "model_kwargs", "lr", "weight_decay", "epochs",
     "warmup_epochs", "min_lr", "warmup_lr", "batch_size", "mixup", "cutmix", "mixup_prob", "smoothing", "ema",
     "ema_decay", "seed", "eval_interval",
 )
@@ -220,9 +220,17 @@ def dtl_config(args: argparse.Namespace, model_name: str) -> DTLConfig:
                      add_back_blocks=args.add_after_blocks)
 
 
+def backbone_label(model_name: str, extra: Optional[Dict[str, Any]]) -> str:
+    """``results.json``'s ``backbone``: the model name, with ``--model_kwargs`` when given (so that tables keep
+    differently sized backbones apart)."""
+    if not extra:
+        return model_name
+    return model_name + "[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
+
+
 def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """timm keyword arguments of the backbone (stored in delta checkpoints)."""
-    return {"drop_path_rate": float(args.drop_path), "img_size": int(args.img_size)}
+    return {**(args.model_kwargs or {}), "drop_path_rate": float(args.drop_path), "img_size": int(args.img_size)}
 
 
 def build_model(
@@ -253,7 +261,7 @@ def build_model(
                                    **(kwargs if kwargs is not None else model_kwargs(args)))
     except (CheckpointError, DataError):
         raise
-    except (ValueError, RuntimeError) as e:  # bad block ranges, unknown timm model, ...
+    except (ValueError, RuntimeError, TypeError) as e:  # bad block ranges, unknown timm model or argument, ...
         raise UsageError(f"cannot build --model {model_name} --method {method}: {e}") from e
     return model
 
@@ -659,7 +667,7 @@ class Run:
         res: Dict[str, Any] = {
             "benchmark": self.args.benchmark,
             "dataset": self.args.dataset,
-            "backbone": self.args.model,
+            "backbone": backbone_label(self.args.model, self.args.model_kwargs),
             "method": self.method,
             "top1": stats["mean"],
             "top1_std": stats["std"],
@@ -738,9 +746,14 @@ class Run:
         if ck["backbone"] != args.model:
             _logger.info("--model %s from the checkpoint (was %s)", ck["backbone"], args.model)
         dtl = DTLConfig.from_dict(cfg["dtl"]) if method == "dtl" and "dtl" in cfg else None
+        kwargs = dict(ck.get("model_kwargs", {}))
+        if method != "dtl":  # a baseline's own settings (e.g. LoRA's rank) are part of its configuration
+            settings = {k: v for k, v in cfg.items() if k not in ("arch", "method", "num_classes")}
+            if settings:
+                kwargs["settings"] = settings
         _seed_everything(args.seed)
         model = build_model(args, data.num_classes, method=method, model_name=ck["backbone"], dtl=dtl,
-                            kwargs=dict(ck.get("model_kwargs", {})))
+                            kwargs=kwargs)
         if _norm(model.model_config()) != _norm(cfg):
             raise CheckpointError(f"{args.checkpoint}: stored model configuration {cfg} does not match the rebuilt "
                                   f"model {model.model_config()}")
@@ -760,7 +773,9 @@ class Run:
         if len(final) > 1:
             seed_res["targets"] = {k: v["top1"] for k, v in final.items()}
         res: Dict[str, Any] = {
-            "benchmark": args.benchmark, "dataset": args.dataset, "backbone": ck["backbone"], "method": ck["method"],
+            "benchmark": args.benchmark, "dataset": args.dataset, "method": ck["method"],
+            "backbone": backbone_label(ck["backbone"], {k: v for k, v in kwargs.items()
+                                                        if k not in ("drop_path_rate", "img_size", "settings")}),
             "top1": final[primary]["top1"], "top1_std": None, "epochs": 0,
             "n_params": c.total, "n_trainable": c.trainable, "n_trainable_excl_head": c.trainable_excl_head,
             **self._resources(), "train_time_s": 0.0, "images_per_s": None, "per_seed": [seed_res],

@@ -270,3 +270,20 @@ def test_few_shot_and_dg_defaults():
     dg = parse_args(["--dataset", "imagenetv2"])
     assert dg.seeds == [0, 1, 2] and dg.shot == 16 and dg.eval_interval is None
     assert parse_args(["--dataset", "dtd"]).seeds == [0]
+
+
+def test_model_kwargs_are_stored_and_rebuilt(vtab, tmp_path):
+    out = tmp_path / "mk"
+    rc = run_train(["--data_dir", vtab, "--dataset", "dsprites_loc", *TINY, "--model_kwargs",
+                    "embed_dim=32,num_heads=2,patch_size=8", "--epochs", "1", "--warmup_epochs", "0",
+                    "--batch_size", "8", "--output_dir", out])
+    assert rc == 0
+    res = read_results(out)
+    assert res["backbone"] == "vit_tiny_patch16_224[embed_dim=32,num_heads=2,patch_size=8]"
+    assert res["n_trainable_excl_head"] == 12 * 2 * 2 * 32
+    ck = load_delta(out / "delta.pth")
+    assert ck["model_kwargs"]["embed_dim"] == 32 and ck["backbone"] == "vit_tiny_patch16_224"
+    ev = tmp_path / "ev"
+    assert run_train(["--data_dir", vtab, "--dataset", "dsprites_loc", "--num_workers", "0", "--eval_only",
+                      "--checkpoint", out / "delta.pth", "--output_dir", ev]) == 0
+    assert read_results(ev)["top1"] == res["top1"] and read_results(ev)["backbone"] == res["backbone"]

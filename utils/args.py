@@ -44,6 +44,23 @@ def block_range(text: str) -> str:
     return str(text)
 
 
+def model_kwargs_type(text: str) -> Dict[str, Any]:
+    """``"embed_dim=64,patch_size=8"`` -> ``{"embed_dim": 64, "patch_size": 8}`` (values read as YAML scalars)."""
+    import yaml
+
+    if isinstance(text, dict):
+        return dict(text)
+    out: Dict[str, Any] = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {part!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _positive_int(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -110,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks after which side information is added, e.g. 6-11 (default: ViT second half, "
                         "Swin-B 14-23)")
     g.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
+    g.add_argument("--model_kwargs", type=model_kwargs_type, default=None, metavar="K=V,...",
+                   help="extra timm arguments of the backbone, e.g. embed_dim=64,num_heads=2,patch_size=8 (small "
+                        "experiments; stored in the delta checkpoint)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
@@ -174,7 +194,10 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         action = next(a for a in parser._actions if a.dest == key)
         if v is not None and action.type is not None and not isinstance(v, bool):
             try:
-                v = action.type(str(v)) if not isinstance(v, list) else action.type(",".join(str(x) for x in v))
+                if isinstance(v, dict):
+                    v = action.type(v)
+                else:
+                    v = action.type(str(v)) if not isinstance(v, list) else action.type(",".join(str(x) for x in v))
             except (argparse.ArgumentTypeError, ValueError) as e:
                 raise UsageError(f"--config {path}: bad value for {k!r}: {e}") from None
         if action.choices is not None and v is not None and v not in action.choices:

@@ -3,6 +3,7 @@ AMP), --eval_only, the YAML config and the flag checks."""
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import os
@@ -287,3 +288,43 @@ def test_model_kwargs_are_stored_and_rebuilt(vtab, tmp_path):
     assert run_train(["--data_dir", vtab, "--dataset", "dsprites_loc", "--num_workers", "0", "--eval_only",
                       "--checkpoint", out / "delta.pth", "--output_dir", ev]) == 0
     assert read_results(ev)["top1"] == res["top1"] and read_results(ev)["backbone"] == res["backbone"]
+
+
+def test_demo_pipeline_pretrain_export_npz_and_launcher(vtab, tmp_path):
+    """The demo's path at toy scale: train.py --method full, export its backbone as a Google .npz
+    (demo.run_demo.export_npz), then a launcher with LOAD_PATH=<npz> loads it through timm's npz loader."""
+    import importlib.util
+    import subprocess
+
+    from helpers_train import REPO
+
+    small = ["--model_kwargs", "embed_dim=32,num_heads=2,patch_size=8", "--epochs", "1", "--warmup_epochs", "0",
+             "--batch_size", "8"]
+    pre = tmp_path / "pre"
+    assert run_train(["--data_dir", vtab, "--dataset", "dsprites_loc", "--method", "full", *TINY, *small,
+                      "--output_dir", pre]) == 0
+    spec = importlib.util.spec_from_file_location("run_demo", REPO / "demo" / "run_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    npz = tmp_path / "small_vit.npz"
+    demo.export_npz(str(pre), str(npz))
+
+    out = tmp_path / "dtl"
+    env = dict(os.environ, DATA_DIR=str(vtab), LOAD_PATH=str(npz), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "train_scripts/vit/vtab/cifar_100/train_dtl.sh"), *TINY, *small,
+                           "--no-amp", "--no-prefetcher", "--output_dir", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert f"backbone tensors from {npz}" in log and "RANDOMLY" not in log
+    assert read_results(out)["args"]["load_path"] == str(npz)
+
+    # the loaded backbone is the pre-trained one
+    from models import create_dtl_model
+    from models.pretrained import load_backbone_weights
+
+    full = load_delta(pre / "delta.pth")["delta"]
+    m = create_dtl_model("vit_tiny_patch16_224", 100, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
+    load_backbone_weights(m, str(npz))
+    for k, v in m.backbone.state_dict().items():
+        assert torch.allclose(v, full["backbone." + k], atol=1e-6), k

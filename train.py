@@ -255,6 +255,11 @@ def build_model(
         _logger.warning("!" * 100)
     if method == "dtl" and dtl is None:
         dtl = dtl_config(args, model_name)
+    if method != "dtl":
+        dtl_flags = [f"--{k}" for k in ("r", "lora_before_blocks", "add_after_blocks") if getattr(args, k) is not None]
+        if dtl_flags:
+            _logger.info("%s are DTL settings: --method %s ignores them and uses its own configuration",
+                         ", ".join(dtl_flags), method)
     try:
         model = create_tuned_model(method, model_name, num_classes, dtl=dtl if method == "dtl" else None,
                                    load_path=load_path or None, pretrained=pretrained,
@@ -470,10 +475,19 @@ class Run:
                 while os.path.exists(out):
                     out, k = f"{base}-{k}", k + 1
             out = os.path.abspath(out)
-            os.makedirs(out, exist_ok=True)
+            error = None
+            taken = [n for n in ("results.json", "last.pth", "summary.csv") if os.path.exists(os.path.join(out, n))]
+            if taken and not args.resume:
+                error = (f"--output_dir {out} already holds a run ({', '.join(taken)}); choose another folder, or "
+                         f"continue that run with --resume {os.path.join(out, 'last.pth')}")
+            else:
+                os.makedirs(out, exist_ok=True)
         else:
-            out = None
-        self.out_dir = broadcast_object(out)
+            out, error = None, None
+        out, error = broadcast_object((out, error))
+        if error:
+            raise UsageError(error)
+        self.out_dir = out
         if self.dist.is_main:
             add_file_log(os.path.join(self.out_dir, "log.txt"))
             self.tb = TensorBoardLogger(self.out_dir if args.tensorboard else None)

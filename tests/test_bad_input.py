@@ -185,3 +185,12 @@ def test_training_set_smaller_than_a_batch(vtab, tmp_path, caplog, no_model):
     out = tmp_path / "out"
     _fails(_argv(vtab, out, "--batch_size", "64"), caplog, "train800val200.txt", "fewer than one batch")
     assert not out.exists()
+
+
+def test_output_dir_of_another_run_is_refused(trained_delta, vtab, tmp_path, caplog, no_model):
+    run_dir = trained_delta.parent
+    before = sorted(os.listdir(run_dir))
+    _fails(_argv(vtab, run_dir), caplog, "already holds a run", "--resume")
+    _fails(["--data_dir", vtab, "--dataset", "cifar_100", "--eval_only", "--checkpoint", trained_delta,
+            "--output_dir", run_dir], caplog, "already holds a run")
+    assert sorted(os.listdir(run_dir)) == before

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from data.datasets import DataError
+from data.transforms import DTL_MEAN, DTL_STD
 from models import DTLConfig, count_parameters, create_tuned_model, delta_state_dict, load_delta_state_dict
 from models import trainable_report
 from models.factory import backbone_arch
@@ -586,7 +587,7 @@ class Run:
                 self._save_last(trainer, plan.index, epoch + 1, progress, completed, train_time, train_images,
                                 counts)
 
-            if start_epoch >= epochs_total and progress.get("final") is None:  # pragma: no cover - defensive
+            if progress.get("final") is None:  # resumed from a checkpoint written before the final evaluation
                 progress["final"] = self._final_eval(trainer, eval_loaders, progress)
             seed_result = self._seed_result(plan, progress)
             completed.append(seed_result)
@@ -605,14 +606,14 @@ class Run:
         per_proc = self.args.batch_size // self.dist.world_size
         loader = build_train_loader(dataset, per_proc, self.dist, seed, self.args.num_workers,
                                     pin_memory=self.device.type == "cuda")
-        return CudaPrefetcher(loader, self.device, (0.5,) * 3, (0.5,) * 3) if self.prefetch else loader
+        return CudaPrefetcher(loader, self.device, DTL_MEAN, DTL_STD) if self.prefetch else loader
 
     def _eval_loader(self, dataset):
         if dataset is None:
             return None
         loader = build_eval_loader(dataset, self.args.batch_size_test, self.dist, self.args.num_workers,
                                    pin_memory=self.device.type == "cuda")
-        return CudaPrefetcher(loader, self.device, (0.5,) * 3, (0.5,) * 3) if self.prefetch else loader
+        return CudaPrefetcher(loader, self.device, DTL_MEAN, DTL_STD) if self.prefetch else loader
 
     def _final_eval(self, trainer: Trainer, loaders: Dict[str, Any], progress: Dict[str, Any]) -> Dict[str, Any]:
         """Test-split evaluation after the last epoch (few-shot: of the best validation weights)."""

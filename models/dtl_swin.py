@@ -18,6 +18,12 @@ What differs from ViT (SPEC §1.2):
 - head: the backbone's final LayerNorm -> mean over tokens -> a fresh ``Linear`` (trunc-normal std .02, bias 0,
   as timm 0.5.4's Swin initialised its classifier).
 
+Lean mode (:mod:`models.lean`, ``lean=True`` / :meth:`DTLSwinTransformer.set_lean`) and the frozen-prefix cache
+(:mod:`models.prefix_cache`) work as for ViT: each stage's blocks run through :func:`~models.lean.lean_run` with
+that stage's side sum, patch merging through :func:`~models.lean.lean_call`; the prefix ends at the first
+add-back block, and since the side sum restarts at every stage only the taps of that block's stage before it
+are recorded.
+
 Default block selections (config ``None``), the paper's Swin-B rule generalised to any depths: let stage 2 (the
 deep stage; the last stage when there are fewer than 3) start at global block ``a`` and have ``d`` blocks;
 ``csn_blocks = a .. end`` and ``add_back_blocks = min(a + d // 2 + 1, a + d - 1) .. end`` (the ``min`` only
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -38,6 +44,8 @@ from timm.layers import trunc_normal_
 from timm.models import SwinTransformer, register_model
 
 from .config import DTLConfig
+from .lean import LowRankSideSum, lean_call, lean_run
+from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork, used_taps
 from .trainable import apply_trainable_rule
 
@@ -78,11 +86,15 @@ class DTLSwinTransformer(nn.Module):
         num_classes: classes of the new head.
         dtl: side-network settings (global block indices); ``None`` gives ``r = 4``, ``beta = 100`` and the
             default blocks of :func:`swin_default_blocks` (4-23 / 14-23 for Swin-B, as in the paper).
+        lean: recompute in backward what the default path stores (see :mod:`models.lean`); same values,
+            a fraction of the training memory. Also settable later with :meth:`set_lean`.
     """
 
     trainable_prefixes = ("side.", "head.")
 
-    def __init__(self, backbone: SwinTransformer, num_classes: int, dtl: Optional[DTLConfig] = None) -> None:
+    def __init__(
+        self, backbone: SwinTransformer, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, SwinTransformer):
             raise TypeError(f"DTLSwinTransformer wraps a timm SwinTransformer, got {type(backbone).__name__}")
@@ -123,6 +135,12 @@ class DTLSwinTransformer(nn.Module):
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
         self.reset_head()
         apply_trainable_rule(self)
+        self.lean = bool(lean)
+
+    def set_lean(self, lean: bool = True) -> "DTLSwinTransformer":
+        """Switch lean mode (:mod:`models.lean`) on or off; returns the model."""
+        self.lean = bool(lean)
+        return self
 
     def reset_head(self) -> None:
         """Initialise the head as timm 0.5.4's Swin (the original's) did: trunc-normal std .02, bias 0."""
@@ -158,23 +176,31 @@ class DTLSwinTransformer(nn.Module):
         x: torch.Tensor,
         stage_idx: int,
         start: Optional[int] = None,
-        s: Optional[torch.Tensor] = None,
+        s: Union[None, torch.Tensor, LowRankSideSum] = None,
     ) -> torch.Tensor:
         """Run stage ``stage_idx`` with its side network.
 
         With ``start=None``, ``x`` is the stage's input *before* its patch merging (the previous stage's
         output) and all blocks run. With a global block index ``start`` inside the stage, ``x`` is the input of
-        block ``start`` (after merging) and ``s`` the side sum this stage accumulated before ``start``.
+        block ``start`` (after merging) and ``s`` the side sum this stage accumulated before ``start`` (in lean
+        mode also a :class:`~models.lean.LowRankSideSum`).
         """
         stage = self.backbone.layers[stage_idx]
         first = self.stage_starts[stage_idx]
+        end = first + self.depths[stage_idx]
         if start is None:
-            x = stage.downsample(x)
+            x = lean_call(stage.downsample, x) if self.lean else stage.downsample(x)
             start, s = first, None
-        elif not first <= start < first + self.depths[stage_idx]:
+        elif not first <= start < end:
             raise ValueError(f"block {start} is not in stage {stage_idx}")
         side = self.side[str(stage_idx)] if str(stage_idx) in self.side else None
-        for i in range(start, first + self.depths[stage_idx]):
+        if side is None and s is not None and not (isinstance(s, LowRankSideSum) and s.is_zero):
+            raise ValueError(f"stage {stage_idx} has no side network, but a side sum was given")
+        if self.lean:
+            return lean_run(stage.blocks[start - first:], range(start, end), x, side, s)
+        if isinstance(s, LowRankSideSum):
+            s = s.dense()
+        for i in range(start, end):
             if side is not None:
                 s = side.tap(s, i, x)
             x = stage.blocks[i - first](x)
@@ -182,7 +208,9 @@ class DTLSwinTransformer(nn.Module):
                 x = side.inject(x, s, i)
         return x
 
-    def forward_blocks(self, x: torch.Tensor, start: int = 0, s: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_blocks(
+        self, x: torch.Tensor, start: int = 0, s: Union[None, torch.Tensor, LowRankSideSum] = None
+    ) -> torch.Tensor:
         """Run global blocks ``start..`` to the end (no final norm).
 
         ``x`` is the input of block ``start`` (for the first block of a stage: after that stage's patch
@@ -199,15 +227,114 @@ class DTLSwinTransformer(nn.Module):
         return self.backbone.norm(self.forward_blocks(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Final-normed tokens ``B x h x w x C`` -> mean over tokens -> head."""
         x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, Mapping[int, torch.Tensor]]) -> torch.Tensor:
+        """Images -> logits; a mapping of recorded block inputs (a prefix-cache batch) goes to
+        :meth:`forward_from_prefix` (so a DDP-wrapped model can train from the cache)."""
+        if isinstance(x, Mapping):
+            return self.forward_from_prefix(x)
         return self.forward_head(self.forward_features(x))
 
     def model_config(self) -> Dict[str, Any]:
         """What is needed to rebuild this model (stored in delta checkpoints)."""
         return {"arch": "swin", "num_classes": self.num_classes, "dtl": self.dtl_cfg.to_dict()}
+
+    # --- frozen prefix (models.prefix_cache, tools/predict.py) -------------------------------------------
+    # The blocks before the first add-back block ``a`` see inputs that no trainable tensor influences.  The
+    # side sum restarts at every stage, so the only taps whose inputs matter before ``a`` are those of ``a``'s
+    # own stage (a tap in an earlier stage could only reach an add-back block of that earlier stage, i.e. one
+    # before ``a``; such taps do not exist).  "The input of block i" is the tensor block i receives: for the
+    # first block of a stage, after that stage's patch merging.
+
+    def first_add_back(self) -> int:
+        """The first add-back block (global index) of the configuration."""
+        add_back = self.dtl_cfg.add_back_blocks
+        if not add_back:
+            raise ValueError("this DTL model has no add-back block: the side network never reaches the output")
+        return min(add_back)
+
+    def prefix_plan(self) -> Tuple[List[int], int]:
+        """``(blocks whose inputs to record, resume block)``: the taps of the first add-back block ``a``'s
+        stage before ``a``, then ``a`` itself (whose input the forward resumes from)."""
+        resume = self.first_add_back()
+        stage = str(self.stage_of(resume))
+        taps = sorted(int(k) for k in self.side[stage].taps if int(k) < resume) if stage in self.side else []
+        return taps + [resume], resume
+
+    def prefix_random_ops(self, resume: Optional[int] = None) -> List[str]:
+        """The stochastic operations (drop-path, dropout with a rate > 0) on the way to the input of block
+        ``resume`` (default: the first add-back block), as ``"name (p=...)"`` strings: the patch embedding,
+        the patch merging of every stage up to ``resume``'s and the blocks before ``resume``.
+
+        A prefix cache records these inputs once, in eval mode, so it is exact only when this list is empty.
+        """
+        if resume is None:
+            resume = self.prefix_plan()[1]
+        last = self.stage_of(resume)
+        bb = self.backbone
+        mods = [("patch_embed", bb.patch_embed)]
+        for j in range(last + 1):
+            stage, first = bb.layers[j], self.stage_starts[j]
+            mods.append((f"layers.{j}.downsample", stage.downsample))
+            mods += [(f"layers.{j}.blocks.{i - first}", stage.blocks[i - first])
+                     for i in range(first, min(resume, first + self.depths[j]))]
+        return find_random_ops(mods)
+
+    @torch.no_grad()
+    def record_block_inputs(self, x: torch.Tensor, blocks: Sequence[int]) -> Dict[int, torch.Tensor]:
+        """Images -> ``{i: input of block i}`` for ``blocks``, all at or before the first add-back block.
+
+        Runs the frozen backbone only (the side networks add nothing before the first add-back block).
+        """
+        wanted = sorted(set(int(i) for i in blocks))
+        if not wanted:
+            return {}
+        first_add = self.first_add_back() if self.dtl_cfg.add_back_blocks else sum(self.depths) - 1
+        if wanted[0] < 0 or wanted[-1] > first_add:
+            raise ValueError(f"block inputs {wanted}: only blocks 0..{first_add} (the first add-back block) can "
+                             "be recorded; later inputs depend on the side network")
+        last = wanted[-1]
+        out: Dict[int, torch.Tensor] = {}
+        h = self.embed(x)
+        for j, stage in enumerate(self.backbone.layers):
+            first = self.stage_starts[j]
+            if first > last:
+                break
+            h = stage.downsample(h)
+            for i in range(first, min(first + self.depths[j], last + 1)):
+                if i in wanted:
+                    out[i] = h
+                if i < last:
+                    h = stage.blocks[i - first](h)
+        return out
+
+    def forward_from_prefix(self, cached: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Logits from recorded block inputs (:meth:`prefix_plan`), running only the tail blocks.
+
+        ``cached`` maps block index -> input tokens ``B x h x w x C`` (any float dtype; cast to the model's).
+        """
+        record, resume = self.prefix_plan()
+        missing = [i for i in record if i not in cached]
+        if missing:
+            raise KeyError(f"forward_from_prefix: no recorded input for blocks {missing} (have {sorted(cached)})")
+        dtype = self.backbone.patch_embed.proj.weight.dtype
+        stage = str(self.stage_of(resume))
+        s: Union[None, torch.Tensor, LowRankSideSum] = None
+        if stage in self.side:
+            side = self.side[stage]
+            if self.lean:
+                s = LowRankSideSum(side)
+                for i in record[:-1]:
+                    s.tap(i, cached[i].to(dtype))
+            else:
+                for i in record[:-1]:
+                    s = side.tap(s, i, cached[i].to(dtype))
+        x = self.forward_blocks(cached[resume].to(dtype), start=resume, s=s)
+        return self.forward_head(self.backbone.norm(x))
+
 
 
 def create_swin_backbone(
@@ -243,6 +370,7 @@ def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLS
     for unused in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(unused, None)
     num_classes = kwargs.pop("num_classes", 1000)
+    lean = bool(kwargs.pop("lean", False))
     dtl = kwargs.pop("dtl", None)
     dtl_keys = {k: kwargs.pop(k) for k in ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks") if k in kwargs}
     if dtl is None:
@@ -250,7 +378,7 @@ def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLS
     elif dtl_keys:
         raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(dtl_keys)}, not both")
     backbone = create_swin_backbone(arch, pretrained=pretrained, **kwargs)
-    return DTLSwinTransformer(backbone, num_classes, dtl)
+    return DTLSwinTransformer(backbone, num_classes, dtl, lean=lean)
 
 
 @register_model

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Multi-task inference: one frozen ViT backbone, several DTL delta checkpoints, one pass through the shared prefix.
+"""Multi-task inference: one frozen ViT/Swin backbone, several DTL delta checkpoints, one pass through the shared prefix.
 
 DTL leaves the backbone untouched; a task is only its side network and head (a "delta" of ~0.04 M tensors).
 Before the earliest add-back block ``P`` among the tasks no task changes the tokens, so the inputs of blocks
 ``0..P`` are the same for every task: they are computed once per image, every task's taps before ``P`` read
 these shared inputs, and then each task runs its own tail (blocks ``P..L-1`` with its side network, and its
-head).  The results are identical to running the tasks' models one after another (same operations on the
+head).  Swin: blocks are numbered globally across stages, the input of a stage's first block is taken after
+its patch merging, and (the side sum restarting at every stage) only the taps of ``P``'s stage before ``P``
+matter.  The results are identical to running the tasks' models one after another (same operations on the
 same values); ``--compare`` measures both and checks it.
 
 Delta files (``--deltas``), each one of:
@@ -14,11 +16,11 @@ Delta files (``--deltas``), each one of:
   "model_config": model.model_config(), "method": "dtl"|"dtl+", "backbone": "<--model>",
   "model_kwargs": {"img_size": ...}, "dataset": ...}``); ``"state_dict"`` is accepted in place of ``"delta"``;
 - a plain dict ``{name: tensor}`` of the trainable tensors (``side.taps.<i>.lora_A/B``, ``side.fusion.conv.weight``,
-  ``head.weight/bias``, as :func:`models.trainable.delta_state_dict` writes them): rank, taps, fusion size and
-  class count are read from the tensors; the add-back blocks cannot be, so ``--add_back_blocks`` is required
-  (and ``--beta`` if it was not 100).
+  ``head.weight/bias``, as :func:`models.trainable.delta_state_dict` writes them; Swin: ``side.<stage>.taps...``,
+  ``side.<stage>.fusion.conv.weight``): rank, taps, fusion size and class count are read from the tensors; the
+  add-back blocks cannot be, so ``--add_back_blocks`` is required (and ``--beta`` if it was not 100).
 
-All deltas must be DTL/DTL+ on the same ViT backbone name and image size (the backbone weights come from
+All deltas must be DTL/DTL+ on the same ViT or Swin backbone name and image size (the backbone weights come from
 ``--load_path``).  Output (``--output``, ``.csv`` or ``.json``): per image and task the predicted class and its
 softmax probability.
 
@@ -34,6 +36,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -46,8 +49,10 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from timm.models import SwinTransformer  # noqa: E402
 
 from models.config import DTLConfig, parse_blocks  # noqa: E402
+from models.dtl_swin import DTLSwinTransformer, create_swin_backbone  # noqa: E402
 from models.dtl_vit import DTLVisionTransformer, create_vit_backbone  # noqa: E402
 from models.factory import backbone_arch  # noqa: E402
 from models.pretrained import CheckpointError, load_backbone_weights  # noqa: E402
@@ -68,21 +73,35 @@ class TaskDelta:
     backbone: Optional[str] = None
     img_size: Optional[int] = None
     extra_kwargs: Optional[Dict[str, Any]] = None
+    arch: Optional[str] = None  # 'vit' | 'swin' (None: not known from the file)
 
 
-def _infer_plain_delta(path: str, sd: Mapping[str, torch.Tensor], add_back: Optional[str], beta: float) -> Tuple[int, DTLConfig]:
+# ViT: side.taps.<block>.lora_A; Swin: side.<stage>.taps.<block>.lora_A (and side[.<stage>].fusion.conv.weight)
+_PLAIN_TAP = re.compile(r"^side\.(?:(\d+)\.)?taps\.(\d+)\.lora_A$")
+_PLAIN_FUSION = re.compile(r"^side\.(?:\d+\.)?fusion\.conv\.weight$")
+
+
+def _infer_plain_delta(path: str, sd: Mapping[str, torch.Tensor], add_back: Optional[str],
+                       beta: float) -> Tuple[int, DTLConfig, str]:
     if "head.weight" not in sd:
         raise CheckpointError(f"{path}: a plain tensor dict must hold head.weight (the classifier)")
-    taps = sorted(int(k.split(".")[2]) for k in sd if k.startswith("side.taps.") and k.endswith(".lora_A"))
-    if not taps:
-        raise CheckpointError(f"{path}: no side.taps.<i>.lora_A tensors: not a DTL delta")
+    matches = [m for m in (_PLAIN_TAP.match(k) for k in sd) if m]
+    if not matches:
+        raise CheckpointError(f"{path}: no side.taps.<i>.lora_A (ViT) or side.<stage>.taps.<i>.lora_A (Swin) "
+                              "tensors: not a DTL delta")
+    staged = {m.group(1) is not None for m in matches}
+    if len(staged) > 1:
+        raise CheckpointError(f"{path}: mixes ViT (side.taps.*) and Swin (side.<stage>.taps.*) tap names")
+    arch = "swin" if staged.pop() else "vit"
+    taps = sorted(int(m.group(2)) for m in matches)
     if add_back is None:
         raise CheckpointError(f"{path} is a plain tensor dict without its model configuration: give "
                               "--add_back_blocks (e.g. 6-11) so the side network can be rebuilt")
-    r = int(sd[f"side.taps.{taps[0]}.lora_A"].shape[0])
-    fusion = int(sd["side.fusion.conv.weight"].shape[-1]) if "side.fusion.conv.weight" in sd else 0
+    r = int(sd[matches[0].group(0)].shape[0])
+    fusions = [k for k in sd if _PLAIN_FUSION.match(k)]
+    fusion = int(sd[fusions[0]].shape[-1]) if fusions else 0
     cfg = DTLConfig(r=r, beta=beta, fusion_size=fusion, csn_blocks=taps, add_back_blocks=parse_blocks(add_back))
-    return int(sd["head.weight"].shape[0]), cfg
+    return int(sd["head.weight"].shape[0]), cfg, arch
 
 
 def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100.0) -> TaskDelta:
@@ -97,8 +116,8 @@ def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100
         raise CheckpointError(f"{path} does not hold a dict")
     name = os.path.splitext(os.path.basename(path))[0]
     if all(isinstance(v, torch.Tensor) for v in ck.values()):
-        num_classes, cfg = _infer_plain_delta(path, ck, add_back, beta)
-        return TaskDelta(name, path, num_classes, cfg, dict(ck))
+        num_classes, cfg, arch = _infer_plain_delta(path, ck, add_back, beta)
+        return TaskDelta(name, path, num_classes, cfg, dict(ck), arch=arch)
     tensors = ck.get("delta", ck.get("state_dict"))
     if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointError(f"{path}: expected the trainable tensors under 'delta' (train.py) or 'state_dict'")
@@ -106,8 +125,9 @@ def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100
     if not isinstance(mc, Mapping) or "dtl" not in mc or "num_classes" not in mc:
         raise CheckpointError(f"{path}: 'model_config' with 'dtl' and 'num_classes' is required "
                               "(or pass a plain tensor dict with --add_back_blocks)")
-    if mc.get("arch", "vit") != "vit":
-        raise CheckpointError(f"{path}: architecture {mc.get('arch')!r}; shared-prefix inference supports ViT DTL deltas")
+    arch = mc.get("arch", "vit")
+    if arch not in ("vit", "swin"):
+        raise CheckpointError(f"{path}: architecture {arch!r}; shared-prefix inference supports ViT and Swin DTL deltas")
     method = ck.get("method", "dtl")
     if method not in ("dtl", "dtl+"):
         raise CheckpointError(f"{path}: method {method!r}; shared-prefix inference needs DTL/DTL+ deltas "
@@ -118,14 +138,25 @@ def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100
     if ck.get("dataset"):
         name = str(ck["dataset"])
     return TaskDelta(name, path, int(mc["num_classes"]), DTLConfig.from_dict(dict(mc["dtl"])), dict(tensors),
-                     backbone=ck.get("backbone"), img_size=int(img_size) if img_size else None, extra_kwargs=kwargs)
+                     backbone=ck.get("backbone"), img_size=int(img_size) if img_size else None, extra_kwargs=kwargs,
+                     arch=arch)
+
+
+def _prefix_side(model: nn.Module, resume: int) -> Optional[nn.Module]:
+    """The side network whose taps before block ``resume`` feed ``model``'s side sum at ``resume`` (Swin: the
+    one of ``resume``'s stage, since the sum restarts at every stage; ``None`` if that stage has none)."""
+    if isinstance(model, DTLSwinTransformer):
+        stage = str(model.stage_of(resume))
+        return model.side[stage] if stage in model.side else None
+    return model.side
 
 
 class SharedPrefixDTL(nn.Module):
-    """Several DTL ViT tasks on one shared frozen backbone; the prefix before the earliest add-back runs once.
+    """Several DTL tasks on one shared frozen ViT or Swin; the prefix before the earliest add-back runs once.
 
     Args:
-        backbone: the frozen timm ViT (shared: each task's :class:`DTLVisionTransformer` wraps this same module).
+        backbone: the frozen timm ViT or Swin (shared: each task's :class:`DTLVisionTransformer` /
+            :class:`DTLSwinTransformer` wraps this same module).
         tasks: ``(name, num_classes, DTLConfig)`` per task.
     """
 
@@ -133,26 +164,34 @@ class SharedPrefixDTL(nn.Module):
         super().__init__()
         if not tasks:
             raise ValueError("no tasks")
+        wrapper = DTLSwinTransformer if isinstance(backbone, SwinTransformer) else DTLVisionTransformer
         self.names = [t[0] for t in tasks]
-        self.tasks = nn.ModuleList(DTLVisionTransformer(backbone, nc, cfg).eval() for _, nc, cfg in tasks)
+        self.tasks = nn.ModuleList(wrapper(backbone, nc, cfg).eval() for _, nc, cfg in tasks)
         self.backbone = backbone
+        self.is_swin = wrapper is DTLSwinTransformer
         self.resume = min(t.prefix_plan()[1] for t in self.tasks)
-        self.task_taps = [sorted(int(k) for k in t.side.taps if int(k) < self.resume) for t in self.tasks]
+        self.task_sides = [_prefix_side(t, self.resume) for t in self.tasks]
+        self.task_taps = [sorted(int(k) for k in side.taps if int(k) < self.resume) if side is not None else []
+                          for side in self.task_sides]
         self.record = sorted(set(i for taps in self.task_taps for i in taps) | {self.resume})
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Logits of every task for ``images``."""
         first = self.tasks[0]
-        grid = first.patch_grid(images)
+        grid = None if self.is_swin else first.patch_grid(images)
         rec = first.record_block_inputs(images, self.record)
         out = []
-        for model, taps in zip(self.tasks, self.task_taps):
+        for model, side, taps in zip(self.tasks, self.task_sides, self.task_taps):
             s = None
             for i in taps:
-                s = model.side.tap(s, i, rec[i])
-            x = model.forward_blocks(rec[self.resume], grid, start=self.resume, s=s)
-            out.append(model.forward_head(x))
+                s = side.tap(s, i, rec[i])
+            if self.is_swin:
+                x = model.forward_blocks(rec[self.resume], start=self.resume, s=s)
+                out.append(model.forward_head(model.backbone.norm(x)))
+            else:
+                x = model.forward_blocks(rec[self.resume], grid, start=self.resume, s=s)
+                out.append(model.forward_head(x))
         return out
 
     @torch.no_grad()
@@ -176,8 +215,11 @@ def build_shared_model(
         other = [f"{d.path} ({d.backbone})" for d in deltas if d.backbone and d.backbone != model_name]
         if other:
             raise CheckpointError(f"--model {model_name}, but these deltas were trained on another backbone: {other}")
-    if backbone_arch(model_name) != "vit":
-        raise CheckpointError(f"--model {model_name}: shared-prefix inference supports ViT backbones")
+    arch = backbone_arch(model_name)
+    other = [f"{d.path} ({d.arch})" for d in deltas if d.arch and d.arch != arch]
+    if other:
+        raise CheckpointError(f"--model {model_name} is a {arch} backbone, but these deltas are for another "
+                              f"architecture: {other}")
     sizes = {d.img_size for d in deltas if d.img_size}
     if img_size is None:
         if len(sizes) > 1:
@@ -190,7 +232,8 @@ def build_shared_model(
     extras = [d.extra_kwargs or {} for d in deltas]
     if any(e != extras[0] for e in extras):
         raise CheckpointError(f"the deltas were built with different backbone settings: {extras}")
-    backbone = create_vit_backbone(model_name, img_size=img_size, **extras[0])
+    create_backbone = create_swin_backbone if arch == "swin" else create_vit_backbone
+    backbone = create_backbone(model_name, img_size=img_size, **extras[0])
     shared = SharedPrefixDTL(backbone, [(d.name, d.num_classes, d.dtl) for d in deltas])
     if load_path:
         load_backbone_weights(shared.tasks[0], load_path)

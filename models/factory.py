@@ -18,13 +18,30 @@ _logger = logging.getLogger(__name__)
 
 
 def backbone_arch(model_name: str) -> str:
-    """``'vit'`` or ``'swin'`` from a model name."""
-    name = model_name.lower()
-    if "swin" in name:
-        return "swin"
-    if name.startswith(("vit_", "deit", "dtl_vit")):
+    """``'vit'`` or ``'swin'``: the timm module that defines ``model_name`` (tags like ``.orig_in21k`` allowed).
+
+    The original's names (``vit_base_patch16_224_in21k``, ``swin_base_patch4_window7_224_in22k``) are accepted too.
+    """
+    import timm
+
+    from .dtl_swin import ORIGINAL_SWIN_NAMES
+    from .dtl_vit import ORIGINAL_VIT_NAMES
+
+    if model_name in ORIGINAL_VIT_NAMES:
         return "vit"
-    raise ValueError(f"unsupported backbone {model_name!r}: use a timm ViT (vit_*) or Swin (swin_*) name")
+    if model_name in ORIGINAL_SWIN_NAMES:
+        return "swin"
+    arch = model_name.split(".")[0]
+    if arch.startswith("dtl_"):
+        arch = arch[len("dtl_"):]
+    if arch in timm.list_models(module="vision_transformer") or arch in timm.list_models(module="deit"):
+        return "vit"
+    if arch in timm.list_models(module="swin_transformer"):
+        return "swin"
+    raise ValueError(
+        f"unsupported backbone {model_name!r}: use a timm ViT (vision_transformer, e.g. vit_base_patch16_224) "
+        f"or Swin (swin_transformer, e.g. swin_base_patch4_window7_224) architecture name"
+    )
 
 
 def create_dtl_model(

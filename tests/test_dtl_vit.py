@@ -256,3 +256,17 @@ def test_delta_round_trip_and_errors():
 def test_trainable_report_lists_counts():
     report = models.trainable_report(tiny_dtl(3))
     assert "side.fusion.conv.weight" in report and "without head" in report
+
+
+def test_backbone_names_resolve_by_timm_module():
+    from models.factory import backbone_arch
+
+    assert backbone_arch("vit_base_patch16_224_in21k") == "vit"  # the original's name
+    assert backbone_arch("test_vit") == "vit"  # any timm ViT, whatever its name
+    assert backbone_arch("deit_small_patch16_224") == "vit"
+    assert backbone_arch("vit_base_patch16_224.orig_in21k") == "vit"
+    assert backbone_arch("swin_base_patch4_window7_224_in22k") == "swin"
+    with pytest.raises(ValueError, match="unsupported backbone 'resnet50'"):
+        backbone_arch("resnet50")
+    m = create_dtl_model("test_vit", 3)
+    assert isinstance(m, DTLVisionTransformer)

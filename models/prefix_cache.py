@@ -30,8 +30,8 @@ the one drawn while building the cache -- for every epoch; (2) the prefix blocks
 
 The cache works with any model that provides ``prefix_plan()``, ``prefix_random_ops()``,
 ``record_block_inputs(images, blocks)`` and ``forward_from_prefix(cached)`` (see
-:class:`models.dtl_vit.DTLVisionTransformer`); it records "the input of block ``i``" for block indices, so a
-backbone with stages (Swin) only has to provide those four methods.
+:class:`models.dtl_vit.DTLVisionTransformer` and :class:`models.dtl_swin.DTLSwinTransformer`); it records "the
+input of block ``i``" for global block indices (Swin: for a stage's first block, after its patch merging).
 """
 from __future__ import annotations
 

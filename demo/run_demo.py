@@ -9,7 +9,7 @@ launchers, print the aggregated table. CPU only, about two minutes on two cores.
 2. Pre-training: ``train.py --method full`` on ``pets`` (a ViT with ViT-Ti's 12 blocks at width 64, 8 x 8
    patches of 32 x 32 images), then its backbone is written as a Google-layout ``.npz`` -- the format of the
    paper's ``ViT-B_16.npz`` -- with :func:`models.npz.save_vit_npz`.
-3. Transfer: ``DATA_DIR=... LOAD_PATH=<the .npz> bash train_scripts/vit/vtab/svhn/train_dtl.sh`` (and
+3. Transfer: ``DATA_DIR=... LOAD_PATH=<the .npz> bash train_scripts/vit/vtab/eurosat/train_dtl.sh`` (and
    ``train_dtl+.sh``, and ``train_dtl.sh --method linear``): the launchers' own recipe (learning rate, drop path,
    fusion size, blocks, batch 32) with only the model size, image size and epoch count overridden.
 4. ``tools/aggregate.py`` prints the VTAB table of the three transferred models.

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -51,7 +51,7 @@ from utils.checkpoint import (
 from utils.distributed import (
     DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object, cleanup_distributed, init_distributed,
 )
-from utils.loader import CudaPrefetcher, build_eval_loader, build_train_loader, set_epoch
+from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader, set_epoch
 from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, close_file_logs, format_duration, setup_logging
 from utils.metrics import AverageMeter, TopKCounter, mean_std, peak_cuda_mib, peak_rss_mib, reset_peak_memory
 from utils.metrics import versions
@@ -64,7 +64,7 @@ RESUME_MUST_MATCH = (
     "benchmark", "dataset", "shot", "seeds", "target_dataset", "model", "method", "fusion_size", "r", "beta",
     "lora_before_blocks", "add_after_blocks", "drop_path", "img_size", "model_kwargs", "lr", "weight_decay", "epochs",
     "warmup_epochs", "min_lr", "warmup_lr", "batch_size", "mixup", "cutmix", "mixup_prob", "smoothing", "ema",
-    "ema_decay", "seed", "eval_interval",
+    "ema_decay", "seed", "eval_interval", "lean", "cache_prefix", "cache_prefix_approx", "cache_dtype",
 )
 
 
@@ -216,7 +216,13 @@ def _verify_all(seeds: Sequence[SeedPlan]) -> int:
 
 # ----------------------------------------------------------------------------------------------------- model
 def dtl_config(args: argparse.Namespace, model_name: str) -> DTLConfig:
-    r = args.r if args.r is not None else (4 if backbone_arch(model_name) == "swin" else 2)
+    """DTL settings from the flags; ``--r`` and the block flags left out (None) mean the backbone's defaults
+    (ViT r=2, taps 0-(L-1), add-back second half; Swin r=4 and its stage rule, SPEC §1.2)."""
+    try:
+        arch = backbone_arch(model_name)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
+    r = args.r if args.r is not None else (4 if arch == "swin" else 2)
     return DTLConfig(r=r, beta=args.beta, fusion_size=args.fusion_size, csn_blocks=args.lora_before_blocks,
                      add_back_blocks=args.add_after_blocks)
 
@@ -241,15 +247,18 @@ def build_model(
     model_name: Optional[str] = None,
     dtl: Optional[DTLConfig] = None,
     kwargs: Optional[Dict[str, Any]] = None,
+    lean: bool = False,
+    weights: bool = True,
 ) -> nn.Module:
-    """The tuned model (frozen backbone + trainable part) with the backbone weights of ``--load_path``."""
+    """The tuned model (frozen backbone + trainable part) with the backbone weights of ``--load_path``
+    (``weights=False``: without them, e.g. on the meta device to check settings); ``lean`` = ``--lean``."""
     method = method or args.method
     model_name = model_name or args.model
-    load_path, pretrained = args.load_path, False
-    if load_path == "timm":
+    load_path, pretrained = (args.load_path if weights else ""), False
+    if weights and load_path == "timm":
         load_path, pretrained = None, True
         _logger.info("backbone: timm's published weights for %s (downloaded to timm's cache if needed)", model_name)
-    elif not load_path:
+    elif weights and not load_path:
         _logger.warning("!" * 100)
         _logger.warning("!! --load_path is empty: the backbone is RANDOMLY INITIALISED (no pre-trained weights). "
                         "Results will be far below the paper's.")
@@ -258,12 +267,12 @@ def build_model(
         dtl = dtl_config(args, model_name)
     if method != "dtl":
         dtl_flags = [f"--{k}" for k in ("r", "lora_before_blocks", "add_after_blocks") if getattr(args, k) is not None]
-        if dtl_flags:
+        if dtl_flags and weights:
             _logger.info("%s are DTL settings: --method %s ignores them and uses its own configuration",
                          ", ".join(dtl_flags), method)
     try:
         model = create_tuned_model(method, model_name, num_classes, dtl=dtl if method == "dtl" else None,
-                                   load_path=load_path or None, pretrained=pretrained,
+                                   load_path=load_path or None, pretrained=pretrained, lean=lean,
                                    **(kwargs if kwargs is not None else model_kwargs(args)))
     except (CheckpointError, DataError):
         raise
@@ -314,10 +323,14 @@ class Trainer:
             yield from loader
             return
         for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if isinstance(x, Mapping):  # a prefix-cache batch: {block: inputs}
+                x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
+            else:
+                x = x.to(self.device, non_blocking=True)
+            yield x, y.to(self.device, non_blocking=True)
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One optimiser step; returns the (detached) batch loss."""
+    def train_step(self, images: Union[torch.Tensor, Mapping[int, torch.Tensor]], targets: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on images (or a prefix-cache batch); returns the (detached) batch loss."""
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         with self.autocast():
@@ -338,8 +351,8 @@ class Trainer:
         start = time.perf_counter()
         for images, targets in self._batches(loader):
             loss = self.train_step(images, targets)
-            loss_sum += loss.double() * images.shape[0]
-            n += images.shape[0]
+            loss_sum += loss.double() * targets.shape[0]
+            n += targets.shape[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -427,6 +440,8 @@ class Run:
         self.out_dir = ""
         self.summary: Optional[SummaryTable] = None
         self.tb = TensorBoardLogger(None)
+        # --cache_prefix: total build seconds over the seeds, and the size/storage/approximation of the cache
+        self.cache_info: Dict[str, Any] = {"build_s": 0.0, "mib": None, "storage": None, "approximate": None}
 
     # ---------------------------------------------------------------------- setup
     def load_checkpoints(self) -> None:
@@ -460,6 +475,31 @@ class Run:
         if ckpt.get("world_size", 1) != self.dist.world_size:
             _logger.warning("resuming a %d-process run with %d processes: the random stream differs from an "
                             "uninterrupted run", ckpt.get("world_size", 1), self.dist.world_size)
+
+    def preflight(self, num_classes: int) -> None:
+        """--lean / --cache_prefix: check them on the model's structure (built on the meta device: no memory,
+        no weights) before the run folder, the data loaders or the real model exist."""
+        args = self.args
+        if args.eval_only:
+            used = [f for f, on in (("--lean", args.lean), ("--cache_prefix", args.cache_prefix)) if on]
+            if used:
+                _logger.info("%s only change training; --eval_only ignores them", " and ".join(used))
+            return
+        if not (args.lean or args.cache_prefix):
+            return
+        with torch.device("meta"):
+            model = build_model(args, num_classes, lean=args.lean, weights=False)
+        if args.cache_prefix:
+            from data.transforms import transform_is_deterministic
+            from models.prefix_cache import PrefixCache, PrefixCacheError
+
+            try:
+                reasons = PrefixCache.check_exact(model, deterministic=transform_is_deterministic(args.benchmark, True),
+                                                  allow_approximate=args.cache_prefix_approx)
+            except PrefixCacheError as e:
+                raise UsageError(f"--cache_prefix: {e}") from None
+            for r in reasons:
+                _logger.warning("--cache_prefix_approx: training is approximate: %s", r)
 
     def make_output_dir(self) -> None:
         args = self.args
@@ -518,6 +558,8 @@ class Run:
         train_time = float(ck["train_time_s"]) if ck else 0.0
         train_images = int(ck["train_images"]) if ck else 0
         counts = ck.get("counts") if ck else None
+        if ck and ck.get("cache_info"):
+            self.cache_info = dict(ck["cache_info"])
         if ck:
             _logger.info("resuming from %s: seed %d/%d, %d/%d epochs done", args.resume, start_seed + 1, n_seeds,
                          int(ck["epoch"]), epochs_total)
@@ -528,7 +570,7 @@ class Run:
             resume_here = ck is not None and plan.index == start_seed and ck.get("trainer") is not None
             rng_seed = args.seed + plan.data_seed
             _seed_everything(rng_seed)  # same model initialisation on every rank
-            model = build_model(args, data.num_classes)
+            model = build_model(args, data.num_classes, lean=args.lean)
             if plan.index == start_seed:
                 c = count_parameters(model)
                 counts = {"n_params": c.total, "n_trainable": c.trainable, "n_trainable_excl_head": c.trainable_excl_head}
@@ -544,7 +586,8 @@ class Run:
                 states = ck.get("rng_states") or []
                 if len(states) == self.dist.world_size:
                     restore_rng_state(states[self.dist.rank])
-            loader = self._train_loader(plan.train, rng_seed)
+            cache = self._build_cache(trainer, plan) if args.cache_prefix else None
+            loader = self._train_loader(plan.train, rng_seed, cache)
             eval_loaders = {k: self._eval_loader(v) for k, v in plan.tests.items()}
             val_loader = self._eval_loader(plan.val) if plan.val is not None else None
             tag = f"seed {plan.data_seed} ({plan.index + 1}/{n_seeds}) " if n_seeds > 1 else ""
@@ -596,14 +639,48 @@ class Run:
                 self._write_delta(self.path(os.path.join("partial", f"delta_seed{plan.data_seed}.pth")), delta,
                                   trainer.model, plan, seed_result["top1"])
             self._save_last(None, plan.index + 1, 0, None, completed, train_time, train_images, counts)
+            if cache is not None:
+                cache.close()
+                del loader, cache
             _logger.info("%sdone: test top-1 %.2f%s", tag, seed_result["top1"],
                          f" (best val {seed_result['best_val']:.2f} @ epoch {seed_result['best_epoch']})"
                          if seed_result["best_val"] is not None else "")
             del trainer, model
         return self._results(data, completed, epochs_total, train_time, train_images, counts)
 
-    def _train_loader(self, dataset, seed: int):
+    def _build_cache(self, trainer: Trainer, plan: SeedPlan):
+        """--cache_prefix: the frozen prefix over this seed's training images, computed once (rebuilt on resume).
+
+        Built inside ``fork_rng``, so the random stream of training is the one of an uncached run."""
+        from data.transforms import normalize_uint8_batch, transform_is_deterministic
+        from models.prefix_cache import PrefixCache, PrefixCacheError
+
+        args = self.args
+        preprocess = (lambda x: normalize_uint8_batch(x, DTL_MEAN, DTL_STD)) if self.prefetch else None
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                cache = PrefixCache.build(
+                    trainer.model, plan.train, batch_size=args.batch_size_test, device=self.device,
+                    storage=args.cache_storage, dir=args.cache_dir, dtype=getattr(torch, args.cache_dtype),
+                    deterministic=transform_is_deterministic(args.benchmark, True),
+                    allow_approximate=args.cache_prefix_approx, num_workers=args.num_workers, preprocess=preprocess,
+                    autocast_dtype=trainer.amp_dtype if trainer.amp else None, log=_logger.info,
+                )
+            except PrefixCacheError as e:
+                raise UsageError(f"--cache_prefix: {e}") from None
+        info = self.cache_info
+        info["build_s"] = float(info.get("build_s") or 0.0) + cache.build_seconds
+        info["mib"] = max(float(info.get("mib") or 0.0), cache.nbytes / 2 ** 20)
+        info.update(storage=cache.storage, approximate=cache.approximate)
+        _logger.info("prefix cache ready: %d images, %.1f MiB in %s, %.1fs to build (not counted in the epoch times)",
+                     len(cache), cache.nbytes / 2 ** 20, cache.storage, cache.build_seconds)
+        return cache
+
+    def _train_loader(self, dataset, seed: int, cache=None):
         per_proc = self.args.batch_size // self.dist.world_size
+        if cache is not None:  # same sampler as below: the same images in the same batches
+            return build_cache_train_loader(cache, per_proc, self.dist, seed)
         loader = build_train_loader(dataset, per_proc, self.dist, seed, self.args.num_workers,
                                     pin_memory=self.device.type == "cuda")
         return CudaPrefetcher(loader, self.device, DTL_MEAN, DTL_STD) if self.prefetch else loader
@@ -663,6 +740,7 @@ class Run:
             "train_time_s": train_time,
             "train_images": train_images,
             "counts": counts,
+            "cache_info": self.cache_info,
             "rng_states": states,
         }
         atomic_torch_save(ckpt, self.path("last.pth"))
@@ -693,12 +771,24 @@ class Run:
             "images_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
             "per_seed": completed,
             "n_test_images": completed[-1]["n_test_images"] if completed else None,
+            **self._memory_flags(),
             **data.info,
         }
         if any("targets" in c for c in completed):
             names = list(completed[0]["targets"])
             res["per_target"] = {t: {**_rename(mean_std([c["targets"][t] for c in completed]))} for t in names}
         return res
+
+    def _memory_flags(self) -> Dict[str, Any]:
+        """``lean``/``cache_prefix`` and, with the cache, its build time (all seeds, not in ``train_time_s``),
+        size (MiB, one seed's cache), storage and whether it was approximate."""
+        args, info = self.args, self.cache_info
+        on = bool(args.cache_prefix) and not args.eval_only
+        return {"lean": bool(args.lean) and not args.eval_only, "cache_prefix": on,
+                "cache_build_s": round(float(info["build_s"]), 3) if on else None,
+                "cache_mib": round(float(info["mib"]), 3) if on and info.get("mib") is not None else None,
+                "cache_storage": info.get("storage") if on else None,
+                "cache_approximate": info.get("approximate") if on else None}
 
     def _resources(self) -> Dict[str, Any]:
         peaks = all_gather_object((peak_cuda_mib(self.device), peak_rss_mib()))
@@ -794,6 +884,7 @@ class Run:
             "top1": final[primary]["top1"], "top1_std": None, "epochs": 0,
             "n_params": c.total, "n_trainable": c.trainable, "n_trainable_excl_head": c.trainable_excl_head,
             **self._resources(), "train_time_s": 0.0, "images_per_s": None, "per_seed": [seed_res],
+            **self._memory_flags(),
             "n_test_images": {k: v["n"] for k, v in final.items()}, "checkpoint": os.path.abspath(args.checkpoint),
             **data.info,
         }
@@ -860,6 +951,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as e:  # unknown task / dataset / target names
             raise UsageError(str(e)) from e
         run.check_resume()
+        run.preflight(data.num_classes)
         run.make_output_dir()
         if args.eval_only:
             results = run.evaluate_only(data)

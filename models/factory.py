@@ -88,13 +88,20 @@ def create_tuned_model(
     dtl: Optional[DTLConfig] = None,
     load_path: Optional[str] = None,
     pretrained: bool = False,
+    lean: bool = False,
     **backbone_kwargs: Any,
 ) -> nn.Module:
-    """The model of tuning method ``method`` (``'dtl'`` or a baseline of :mod:`models.baselines`)."""
+    """The model of tuning method ``method`` (``'dtl'`` or a baseline of :mod:`models.baselines`).
+
+    ``lean=True`` (DTL only) switches on lean mode (:mod:`models.lean`).
+    """
     if method == "dtl":
-        return create_dtl_model(model_name, num_classes, dtl, load_path=load_path, pretrained=pretrained, **backbone_kwargs)
+        return create_dtl_model(model_name, num_classes, dtl, load_path=load_path, pretrained=pretrained, lean=lean,
+                                **backbone_kwargs)
     if method not in METHODS:
         raise ValueError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    if lean:
+        raise ValueError(f"lean mode (--lean) is implemented for DTL only, not for --method {method}")
     from .baselines import create_baseline_model
 
     return create_baseline_model(

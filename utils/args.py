@@ -14,6 +14,8 @@ __all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "BENCH
 
 BENCHMARKS = ("vtab", "few_shot", "domain_generalization")
 DEFAULT_SEEDS = {"vtab": [0], "few_shot": [0, 1, 2], "domain_generalization": [0, 1, 2]}
+CACHE_STORAGES = ("auto", "device", "host", "mmap")
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 class UsageError(ValueError):
@@ -51,14 +53,41 @@ def model_kwargs_type(text: str) -> Dict[str, Any]:
     if isinstance(text, dict):
         return dict(text)
     out: Dict[str, Any] = {}
-    for part in str(text).split(","):
+    for part in _split_top_level(str(text)):
         if not part.strip():
             continue
         key, sep, value = part.partition("=")
         if not sep or not key.strip().isidentifier():
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {part!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        value = value.strip()
+        if value.startswith("(") and value.endswith(")"):  # a tuple, e.g. depths=(2,2,6,2): read as a list
+            value = "[" + value[1:-1] + "]"
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise argparse.ArgumentTypeError(f"cannot read the value of {key.strip()!r}: {value!r}") from None
     return out
+
+
+def _split_top_level(text: str) -> List[str]:
+    """Split at the commas outside brackets: ``"a=1,b=[1,2]"`` -> ``["a=1", "b=[1,2]"]``."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise argparse.ArgumentTypeError(f"unbalanced brackets in {text!r}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise argparse.ArgumentTypeError(f"unbalanced brackets in {text!r}")
+    parts.append("".join(cur))
+    return parts
 
 
 def _positive_int(text: str) -> int:
@@ -128,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Swin-B 14-23)")
     g.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
     g.add_argument("--model_kwargs", type=model_kwargs_type, default=None, metavar="K=V,...",
-                   help="extra timm arguments of the backbone, e.g. embed_dim=64,num_heads=2,patch_size=8 (small "
-                        "experiments; stored in the delta checkpoint)")
+                   help="extra timm arguments of the backbone, e.g. embed_dim=64,num_heads=2,patch_size=8 or, for "
+                        "Swin, embed_dim=16,depths=[1,1,2,1],num_heads=[1,1,2,2],window_size=2 (small experiments; "
+                        "stored in the delta checkpoint)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
@@ -155,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
                    help="keep an EMA of the trainable tensors and evaluate/save it")
     g.add_argument("--ema_decay", type=float, default=0.9998, help="EMA decay per step")
+
+    g = p.add_argument_group("memory/speed (beyond the original)")
+    g.add_argument("--lean", action=argparse.BooleanOptionalAction, default=False,
+                   help="DTL only: recompute the frozen blocks' activations in backward instead of storing them "
+                        "(same results up to float summation order, a fraction of the training memory)")
+    g.add_argument("--cache_prefix", action=argparse.BooleanOptionalAction, default=False,
+                   help="DTL only: compute the frozen blocks before the first add-back block once per training "
+                        "image (needs a deterministic training transform, i.e. VTAB-1k, and no drop-path there) and "
+                        "train every epoch on the remaining blocks only")
+    g.add_argument("--cache_prefix_approx", action="store_true",
+                   help="let --cache_prefix approximate: random augmentation frozen to one sample per image and "
+                        "the cached blocks run without drop-path/dropout")
+    g.add_argument("--cache_storage", default="auto", choices=CACHE_STORAGES,
+                   help="where --cache_prefix keeps the cache: GPU memory, host RAM, a memory-mapped file in "
+                        "--cache_dir, or auto (the first that fits)")
+    g.add_argument("--cache_dtype", default="float16", choices=CACHE_DTYPES,
+                   help="storage precision of the --cache_prefix cache")
+    g.add_argument("--cache_dir", default=None, metavar="DIR",
+                   help="folder of the memory-mapped --cache_prefix file (default: the system temp folder)")
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42, help="random seed (offset by the seed index and the rank)")
@@ -300,3 +349,35 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError(f"--drop_path must lie in [0, 1), got {args.drop_path}")
     if args.method != "dtl" and args.fusion_size:
         raise UsageError(f"--fusion_size is a DTL+ setting; it does not apply to --method {args.method}")
+    validate_memory_flags(args)
+
+
+def validate_memory_flags(args: argparse.Namespace) -> None:
+    """--lean / --cache_prefix and their companions (the checks that need no model)."""
+    if args.eval_only:
+        return  # evaluation runs the plain forward; the flags only change training
+    if args.method != "dtl":
+        used = [f for f, on in (("--lean", args.lean), ("--cache_prefix", args.cache_prefix)) if on]
+        if used:
+            verb = "applies" if len(used) == 1 else "apply"
+            raise UsageError(f"{' and '.join(used)} {verb} to --method dtl (DTL/DTL+) only (built on DTL's frozen "
+                             f"backbone and side network), not to --method {args.method}")
+    if not args.cache_prefix:
+        stray = [f for f, on in (("--cache_prefix_approx", args.cache_prefix_approx),
+                                 ("--cache_dir", bool(args.cache_dir)),
+                                 ("--cache_storage", args.cache_storage != "auto"),
+                                 ("--cache_dtype", args.cache_dtype != "float16")) if on]
+        if stray:
+            raise UsageError(f"{', '.join(stray)} {'applies' if len(stray) == 1 else 'apply'} only with --cache_prefix")
+        return
+    if args.mixup > 0 or args.cutmix > 0:
+        raise UsageError("--cache_prefix cannot be combined with --mixup/--cutmix: mixing images happens before the "
+                         "first block, so the cached block inputs would not be those of the mixed images")
+    from data.transforms import transform_is_deterministic
+
+    if not transform_is_deterministic(args.benchmark, True) and not args.cache_prefix_approx:
+        raise UsageError(f"--cache_prefix: the {args.benchmark} training transform is random (augmentation), so a "
+                         "cache of the frozen prefix would freeze it to one sample per image; train without "
+                         "--cache_prefix, or accept that approximation with --cache_prefix_approx")
+    if args.cache_dir and not os.path.isdir(args.cache_dir):
+        raise UsageError(f"--cache_dir {args.cache_dir}: folder not found")

@@ -7,6 +7,10 @@ A run resumed at epoch ``e`` therefore sees exactly the batches an uninterrupted
 batches are dropped (the original recipe).
 
 Evaluation: :class:`~utils.distributed.ShardSampler` splits the images over the ranks without padding.
+
+``--cache_prefix``: :func:`build_cache_train_loader` draws the batches of a
+:class:`~models.prefix_cache.PrefixCache` with the same sampler, so the cached run sees the same images in the
+same batches as the uncached one.
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from .distributed import DistInfo, ShardSampler
 
-__all__ = ["build_train_loader", "build_eval_loader", "set_epoch", "CudaPrefetcher", "epoch_seed"]
+__all__ = ["build_train_loader", "build_eval_loader", "set_epoch", "CudaPrefetcher", "epoch_seed",
+           "build_cache_train_loader", "CacheBatchLoader"]
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -51,6 +56,41 @@ def build_train_loader(
         generator=generator,
         persistent_workers=False,
     )
+
+
+class CacheBatchLoader:
+    """Training batches ``({block: B x ...}, labels)`` of a prefix cache, in the order of ``sampler``.
+
+    Batches are cut from the sampler's indices exactly as a ``DataLoader(batch_size=..., sampler=sampler,
+    drop_last=True)`` over ``cache.dataset()`` cuts them, but gathered with one ``index_select`` per cached
+    tensor instead of one item at a time.  ``generator`` is kept only so that :func:`set_epoch` treats this
+    like the image loader (there are no workers to seed).
+    """
+
+    def __init__(self, cache, sampler: Sampler, batch_size: int, generator: Optional[torch.Generator] = None) -> None:
+        self.cache = cache
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.generator = generator
+        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last=True)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for idx in self.batch_sampler:
+            yield self.cache.gather(torch.as_tensor(idx, dtype=torch.int64))
+
+
+def build_cache_train_loader(cache, batch_size: int, dist_info: DistInfo, seed: int) -> CacheBatchLoader:
+    """The cache counterpart of :func:`build_train_loader` (same sampler settings, so the same batches)."""
+    sampler = DistributedSampler(
+        cache.dataset(), num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed,
+        drop_last=False,
+    )
+    generator = torch.Generator()
+    generator.manual_seed(epoch_seed(seed, dist_info.rank, 0))
+    return CacheBatchLoader(cache, sampler, batch_size, generator)
 
 
 def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:

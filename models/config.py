@@ -58,14 +58,14 @@ class DTLConfig:
     """Settings of the Compact Side Network.
 
     Args:
-        r: rank of every low-rank tap ``g_i``.
+        r: rank of every low-rank tap ``g_i``; ``None`` = the backbone's default (ViT 2, Swin 4).
         beta: slope of the swish gate ``s * sigmoid(beta * s)``.
         fusion_size: kernel of DTL+'s depthwise convolution; ``0`` means plain DTL.
         csn_blocks: blocks whose *input* is tapped (global indices); ``None`` = the backbone's default.
         add_back_blocks: blocks after which the gated side sum is added; ``None`` = the backbone's default.
     """
 
-    r: int = 2
+    r: Optional[int] = None
     beta: float = 100.0
     fusion_size: int = 0
     csn_blocks: Optional[List[int]] = None
@@ -74,7 +74,7 @@ class DTLConfig:
     def __post_init__(self) -> None:
         self.csn_blocks = parse_blocks(self.csn_blocks, "csn_blocks")
         self.add_back_blocks = parse_blocks(self.add_back_blocks, "add_back_blocks")
-        if self.r < 1:
+        if self.r is not None and self.r < 1:
             raise ValueError(f"DTL rank r must be >= 1, got {self.r}")
         if self.fusion_size < 0:
             raise ValueError(f"fusion_size must be >= 0 (0 = DTL), got {self.fusion_size}")
@@ -84,10 +84,13 @@ class DTLConfig:
         """``'dtl'`` or ``'dtl+'``."""
         return "dtl+" if self.fusion_size > 0 else "dtl"
 
-    def resolve(self, num_blocks: int, default_csn: Sequence[int], default_add_back: Sequence[int]) -> "DTLConfig":
+    def resolve(
+        self, num_blocks: int, default_csn: Sequence[int], default_add_back: Sequence[int], default_r: int
+    ) -> "DTLConfig":
         """Fill in backbone defaults and check the block indices against ``num_blocks``."""
         cfg = dataclasses.replace(
             self,
+            r=default_r if self.r is None else self.r,
             csn_blocks=list(default_csn) if self.csn_blocks is None else list(self.csn_blocks),
             add_back_blocks=list(default_add_back) if self.add_back_blocks is None else list(self.add_back_blocks),
         )

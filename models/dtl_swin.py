@@ -106,8 +106,8 @@ class DTLSwinTransformer(nn.Module):
             starts.append(starts[-1] + d)
         self.stage_starts: Tuple[int, ...] = tuple(starts)
         num_blocks = sum(self.depths)
-        dtl = dtl or DTLConfig(r=SWIN_DEFAULT_RANK)
-        self.dtl_cfg = dtl.resolve(num_blocks, *swin_default_blocks(self.depths))
+        dtl = dtl or DTLConfig()
+        self.dtl_cfg = dtl.resolve(num_blocks, *swin_default_blocks(self.depths), default_r=SWIN_DEFAULT_RANK)
         self.backbone = backbone
         self.num_classes = num_classes
         self.num_features = backbone.num_features
@@ -374,7 +374,7 @@ def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLS
     dtl = kwargs.pop("dtl", None)
     dtl_keys = {k: kwargs.pop(k) for k in ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks") if k in kwargs}
     if dtl is None:
-        dtl = DTLConfig(**{"r": SWIN_DEFAULT_RANK, **dtl_keys})
+        dtl = DTLConfig(**dtl_keys)
     elif dtl_keys:
         raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(dtl_keys)}, not both")
     backbone = create_swin_backbone(arch, pretrained=pretrained, **kwargs)

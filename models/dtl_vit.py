@@ -26,7 +26,9 @@ from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork
 from .trainable import apply_trainable_rule
 
-__all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES"]
+__all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES", "VIT_DEFAULT_RANK"]
+
+VIT_DEFAULT_RANK = 2  # the paper's ViT-B/16 setting
 
 # Names used by the original launchers (timm 0.5.4) -> timm 1.x architecture names.
 ORIGINAL_VIT_NAMES: Dict[str, str] = {
@@ -44,7 +46,7 @@ class DTLVisionTransformer(nn.Module):
         backbone: a timm ``VisionTransformer`` built with ``global_pool='token'`` and ``num_classes=0``.
         num_classes: classes of the new head.
         dtl: side-network settings; ``None`` block selections default to all blocks (taps) and the second
-            half of the blocks (add-back), i.e. 0-11 / 6-11 for ViT-B/16 as in the paper.
+            half of the blocks (add-back), i.e. 0-11 / 6-11 for ViT-B/16 as in the paper; ``r=None`` gives 2.
         lean: recompute in backward what the default path stores (see :mod:`models.lean`); same values,
             a fraction of the training memory. Also settable later with :meth:`set_lean`.
     """
@@ -61,7 +63,7 @@ class DTLVisionTransformer(nn.Module):
             raise ValueError("the ViT backbone must keep its final norm in .norm (build it with global_pool='token')")
         depth = len(backbone.blocks)
         dtl = dtl or DTLConfig()
-        self.dtl_cfg = dtl.resolve(depth, range(depth), range(depth // 2, depth))
+        self.dtl_cfg = dtl.resolve(depth, range(depth), range(depth // 2, depth), default_r=VIT_DEFAULT_RANK)
         self.backbone = backbone
         self.num_classes = num_classes
         self.num_features = self.embed_dim = backbone.embed_dim

@@ -57,7 +57,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--img_size", type=int, default=224)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--amp", default="none", choices=("none", "fp16", "bf16"), help="autocast dtype (GPU: the launchers use fp16)")
-    p.add_argument("--r", type=int, default=2, help="DTL rank")
+    p.add_argument("--r", type=int, default=None, help="DTL rank (default: the backbone's, ViT 2, Swin 4)")
     p.add_argument("--fusion_size", type=int, default=0, help="DTL+ kernel (0 = DTL)")
     p.add_argument("--csn_blocks", default=None, help="taps, e.g. 0-11 (default: the backbone's)")
     p.add_argument("--add_back_blocks", default=None, help="add-back blocks, e.g. 6-11 (default: the backbone's)")
@@ -200,7 +200,7 @@ def format_table(rows: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"model {args.model}, {args.dataset} train800val200 ({rows[0]['n_images']} images, "
         f"{rows[0]['steps_per_epoch']} steps/epoch), batch {args.batch_size}, {args.img_size} px, device {args.device}, "
-        f"amp {args.amp}, r={args.r}, fusion={args.fusion_size}, drop_path={args.drop_path}, epochs {args.epochs}, "
+        f"amp {args.amp}, r={args.r or 'backbone default'}, fusion={args.fusion_size}, drop_path={args.drop_path}, epochs {args.epochs}, "
         f"threads {args.threads or 'default'}",
         "epoch_s = mean seconds per epoch after the first" if args.epochs > 1 else
         "epoch_s = the single epoch (--epochs 1: includes warm-up)",

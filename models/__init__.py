@@ -16,7 +16,7 @@ from .trainable import (
 )
 
 __all__ = [
-    "DTLConfig", "parse_blocks", "format_blocks", "convert_original_state_dict", "DTLVisionTransformer",
+    "DTLConfig", "parse_blocks", "format_blocks", "convert_original_state_dict", "DTLVisionTransformer", "DTLSwinTransformer",
     "create_dtl_model", "create_tuned_model", "METHODS", "backbone_arch", "CheckpointError", "load_backbone_weights", "read_state_dict",
     "CompactSideNetwork", "DepthwiseFusion", "LowRankTap", "apply_trainable_rule", "count_parameters",
     "delta_state_dict", "is_trainable", "load_delta_state_dict", "trainable_report",

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 from functools import reduce
 from operator import mul
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .factory import backbone_arch
+from .head import ClassifierMixin
 from .pretrained import load_backbone_weights
 from .trainable import HEAD_PREFIX, apply_trainable_rule
 
@@ -55,7 +56,7 @@ def _module_key(path: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------------------------
-class BaselineModel(nn.Module):
+class BaselineModel(ClassifierMixin, nn.Module):
     """A timm ViT/Swin backbone with a fresh classifier head; subclasses add a tuning method.
 
     Args:
@@ -110,15 +111,6 @@ class BaselineModel(nn.Module):
 
             trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.reset_head()
-        apply_trainable_rule(self)
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["DTLConfig", "parse_blocks", "format_blocks"]
+__all__ = ["DTLConfig", "parse_blocks", "format_blocks", "pop_model_kwargs"]
 
 BlockSpec = Union[None, str, int, Iterable[int]]
 
@@ -112,3 +112,22 @@ class DTLConfig:
         if unknown:
             raise ValueError(f"unknown DTL config keys: {sorted(unknown)}")
         return cls(**d)
+
+
+DTL_KEYS = ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks")
+
+
+def pop_model_kwargs(kwargs: Dict[str, Any]) -> "tuple[int, DTLConfig, bool]":
+    """Split a timm entry point's kwargs: returns ``(num_classes, DTLConfig, lean)`` and leaves in ``kwargs``
+    only what goes to the backbone. DTL settings come either as ``dtl=DTLConfig(...)`` or as loose keys."""
+    for unused in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(unused, None)
+    num_classes = kwargs.pop("num_classes", 1000)
+    lean = bool(kwargs.pop("lean", False))
+    dtl = kwargs.pop("dtl", None)
+    loose = {k: kwargs.pop(k) for k in DTL_KEYS if k in kwargs}
+    if dtl is None:
+        dtl = DTLConfig(**loose)
+    elif loose:
+        raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(loose)}, not both")
+    return num_classes, dtl, lean

@@ -43,7 +43,8 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import SwinTransformer, register_model
 
-from .config import DTLConfig
+from .config import DTLConfig, pop_model_kwargs
+from .head import ClassifierMixin
 from .lean import LowRankSideSum, lean_call, lean_run
 from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork, used_taps
@@ -78,7 +79,7 @@ def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     return list(range(start, total)), list(range(first_add, total))
 
 
-class DTLSwinTransformer(nn.Module):
+class DTLSwinTransformer(ClassifierMixin, nn.Module):
     """A frozen timm Swin Transformer plus trainable per-stage Compact Side Networks and classifier head.
 
     Args:
@@ -147,16 +148,6 @@ class DTLSwinTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-
-    # timm-style classifier API
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.reset_head()
-        apply_trainable_rule(self)
 
     def stage_of(self, block: int) -> int:
         """The stage holding global block ``block``."""
@@ -367,16 +358,7 @@ def create_swin_backbone(
 
 
 def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    for unused in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(unused, None)
-    num_classes = kwargs.pop("num_classes", 1000)
-    lean = bool(kwargs.pop("lean", False))
-    dtl = kwargs.pop("dtl", None)
-    dtl_keys = {k: kwargs.pop(k) for k in ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks") if k in kwargs}
-    if dtl is None:
-        dtl = DTLConfig(**dtl_keys)
-    elif dtl_keys:
-        raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(dtl_keys)}, not both")
+    num_classes, dtl, lean = pop_model_kwargs(kwargs)
     backbone = create_swin_backbone(arch, pretrained=pretrained, **kwargs)
     return DTLSwinTransformer(backbone, num_classes, dtl, lean=lean)
 

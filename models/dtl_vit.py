@@ -20,7 +20,8 @@ import torch.nn as nn
 from timm.models import VisionTransformer
 from timm.models import register_model
 
-from .config import DTLConfig
+from .config import DTLConfig, pop_model_kwargs
+from .head import ClassifierMixin
 from .lean import LowRankSideSum, lean_run
 from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork
@@ -39,7 +40,7 @@ ORIGINAL_VIT_NAMES: Dict[str, str] = {
 }
 
 
-class DTLVisionTransformer(nn.Module):
+class DTLVisionTransformer(ClassifierMixin, nn.Module):
     """A frozen timm ViT plus a trainable Compact Side Network and classifier head.
 
     Args:
@@ -92,16 +93,6 @@ class DTLVisionTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-
-    # timm-style classifier API
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.reset_head()
-        apply_trainable_rule(self)
 
     def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:
         """The patch grid (H, W) of image batch ``x``, from the patch embedding (never hard-coded)."""
@@ -257,16 +248,7 @@ def create_vit_backbone(
 
 
 def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    for unused in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(unused, None)
-    num_classes = kwargs.pop("num_classes", 1000)
-    lean = bool(kwargs.pop("lean", False))
-    dtl = kwargs.pop("dtl", None)
-    dtl_keys = {k: kwargs.pop(k) for k in ("r", "beta", "fusion_size", "csn_blocks", "add_back_blocks") if k in kwargs}
-    if dtl is None:
-        dtl = DTLConfig(**dtl_keys)
-    elif dtl_keys:
-        raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(dtl_keys)}, not both")
+    num_classes, dtl, lean = pop_model_kwargs(kwargs)
     backbone = create_vit_backbone(arch, pretrained=pretrained, **kwargs)
     return DTLVisionTransformer(backbone, num_classes, dtl, lean=lean)
 

@@ -12,7 +12,7 @@ its tokens as a ``B x C x H x W`` grid (see :class:`DepthwiseFusion`).
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -55,7 +55,7 @@ def create_dtl_model(
 ) -> nn.Module:
     """DTL/DTL+ on backbone ``model_name``; ``load_path`` is a local weights file for the backbone.
 
-    ``lean=True`` switches on lean mode (``model.set_lean(True)``, see :mod:`models.lean`).
+    ``lean=True`` switches on lean mode (see :mod:`models.lean`).
 
     ``backbone_kwargs`` go to timm (``drop_path_rate``, ``img_size``, ...). ``pretrained=True`` asks timm for
     the backbone's published weights instead (needs network access or timm's cache).
@@ -65,19 +65,15 @@ def create_dtl_model(
         from .dtl_vit import DTLVisionTransformer, create_vit_backbone
 
         backbone = create_vit_backbone(model_name, pretrained=pretrained, **backbone_kwargs)
-        model = DTLVisionTransformer(backbone, num_classes, dtl)
+        model = DTLVisionTransformer(backbone, num_classes, dtl, lean=lean)
     else:
         from .dtl_swin import DTLSwinTransformer, create_swin_backbone
 
         backbone = create_swin_backbone(model_name, pretrained=pretrained, **backbone_kwargs)
-        model = DTLSwinTransformer(backbone, num_classes, dtl)
+        model = DTLSwinTransformer(backbone, num_classes, dtl, lean=lean)
     if load_path:
         n = load_backbone_weights(model, load_path)
         _logger.info("backbone: %d tensors loaded from %s", n, load_path)
-    if lean:
-        if not hasattr(model, "set_lean"):
-            raise ValueError(f"lean mode is not implemented for {type(model).__name__} ({model_name})")
-        model.set_lean(True)
     return model
 
 

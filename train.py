@@ -329,7 +329,8 @@ class Trainer:
                 x = x.to(self.device, non_blocking=True)
             yield x, y.to(self.device, non_blocking=True)
 
-    def train_step(self, images: Union[torch.Tensor, Mapping[int, torch.Tensor]], targets: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images: Union[torch.Tensor, Mapping[int, torch.Tensor]],
+                   targets: torch.Tensor) -> torch.Tensor:
         """One optimiser step on images (or a prefix-cache batch); returns the (detached) batch loss."""
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)

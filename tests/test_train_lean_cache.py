@@ -4,13 +4,15 @@ the cache loader drawing the same batches as the image loader."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from helpers_train import single_thread  # noqa: F401 - autouse fixture
 from helpers_train import (
-    TINY, Killed, kill_after, load_delta, read_results, read_summary, result_files, run_train, strip_timing,
+    REPO, TINY, Killed, kill_after, load_delta, read_results, read_summary, result_files, run_train, strip_timing,
     vtab_root,
 )
 
@@ -96,6 +98,28 @@ def test_results_record_the_flags(runs):
     assert "prefix cache:" in log and "not counted in the epoch times" in log
     # the memory-mapped file is gone with the run
     assert not [n for n in os.listdir(runs["lean_cache32"].parent) if n.startswith("dtl_prefix_cache_")]
+
+
+def test_two_processes_train_from_the_cache(runs, vtab, tmp_path):
+    """torchrun (2 CPU processes, gloo): every rank builds the whole cache, the sampler splits each global batch,
+    DDP gets the cached dict batches; the result is the one-process default run's."""
+    out = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train.py"), *map(str, _argv(vtab, out, "--cache_prefix", "--cache_dtype", "float32", "--lean"))],
+        env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = read_results(out)
+    assert res["world_size"] == 2 and res["cache_prefix"] is True
+    assert _losses(out) == pytest.approx(_losses(runs["default"]), rel=LEAN_RTOL)
+    assert res["top1"] == read_results(runs["default"])["top1"]
+    da, db = load_delta(runs["default"] / "delta.pth")["delta"], load_delta(out / "delta.pth")["delta"]
+    for k in da:
+        torch.testing.assert_close(db[k], da[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_eval_only_of_a_cache_run(runs, vtab, tmp_path):

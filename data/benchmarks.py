@@ -1,20 +1,42 @@
-"""Benchmark names (kept free of heavy imports)."""
-from typing import Tuple
+"""The registry of benchmarks: one :class:`~data.benchmark.Benchmark` per module, looked up by name or alias.
 
-__all__ = ["BENCHMARKS", "canonical_benchmark"]
+Adding a benchmark: write ``data/<name>.py`` with its datasets and a ``BENCHMARK = Benchmark(...)`` (see
+:mod:`data.benchmark` for the fields), add it to ``_MODULES`` below, and test it (see the README).
+"""
+from __future__ import annotations
 
-BENCHMARKS: Tuple[str, ...] = ("vtab", "few_shot", "domain_generalization")
-_BENCHMARK_ALIASES = {
-    "vtab": "vtab", "vtab1k": "vtab", "vtab_1k": "vtab",
-    "few_shot": "few_shot", "fewshot": "few_shot", "fgfs": "few_shot", "fs": "few_shot",
-    "domain_generalization": "domain_generalization", "domain_generalisation": "domain_generalization",
-    "dg": "domain_generalization",
-}
+from typing import Dict, List, Tuple
+
+from . import domain_generalization, few_shot, vtab
+from .benchmark import Benchmark
+
+__all__ = ["BENCHMARKS", "REGISTRY", "get_benchmark", "canonical_benchmark", "benchmarks_of_dataset"]
+
+_MODULES = (vtab, few_shot, domain_generalization)
+
+#: canonical name -> Benchmark, in table order.
+REGISTRY: Dict[str, Benchmark] = {m.BENCHMARK.name: m.BENCHMARK for m in _MODULES}
+BENCHMARKS: Tuple[str, ...] = tuple(REGISTRY)
+
+_ALIASES: Dict[str, str] = {}
+for _b in REGISTRY.values():
+    for _a in (_b.name, *_b.aliases):
+        _ALIASES[_a] = _b.name
 
 
 def canonical_benchmark(name: str) -> str:
     """``vtab`` | ``few_shot`` | ``domain_generalization`` (accepts e.g. ``few-shot``, ``fgfs``, ``dg``)."""
     key = name.strip().lower().replace("-", "_")
-    if key not in _BENCHMARK_ALIASES:
+    if key not in _ALIASES:
         raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
-    return _BENCHMARK_ALIASES[key]
+    return _ALIASES[key]
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The :class:`Benchmark` called ``name`` (or an alias); ``ValueError`` when unknown."""
+    return REGISTRY[canonical_benchmark(name)]
+
+
+def benchmarks_of_dataset(dataset: str) -> List[str]:
+    """Names of the benchmarks that have a dataset called ``dataset``."""
+    return [b.name for b in REGISTRY.values() if b.knows(dataset)]

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
+from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
+from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
 from .errors import DataError
 from .listfile import parse_list_file
 
@@ -31,7 +33,7 @@ if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
 __all__ = [
     "DG_SOURCE", "DG_TARGETS", "DG_NUM_CLASSES", "DG_SEEDS", "DG_SHOT", "canonical_dg_target",
     "dg_source_list_path", "dg_source_image_root", "dg_target_list_path", "dg_target_image_roots",
-    "resolve_dg_target_image_root", "build_dg_source", "build_dg_target",
+    "resolve_dg_target_image_root", "build_dg_source", "build_dg_target", "dg_targets", "BENCHMARK",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -147,3 +149,47 @@ def build_dg_target(
     from .datasets import ListFileDataset
 
     return ListFileDataset(image_root, list_path, DG_NUM_CLASSES, transform=transform, **kwargs)
+
+
+def dg_targets(spec: str) -> List[str]:
+    """The targets of ``--target_dataset`` (a name, a comma list, ``all``: the five targets)."""
+    if spec.strip().lower() == "all":
+        return list(DG_TARGETS)
+    return [canonical_dg_target(t) for t in spec.split(",") if t.strip()]
+
+
+def build_dg_plan(req: DataRequest) -> DataPlan:
+    """Seed ``s`` trains on the ImageNet ``shot``-shot list of seed ``s``; every target is evaluated after the
+    last epoch (``--target_dataset``, default ``--dataset``)."""
+    kw = req.dataset_kwargs
+    targets = dg_targets(req.target or req.dataset)
+    tests = {t: build_dg_target(req.data_dir, t, transform=req.test_transform, **kw) for t in targets}
+    seeds = []
+    for i, s in enumerate(req.seeds):
+        train = (build_dg_source(req.data_dir, s, shot=req.shot, transform=req.train_transform, **kw)
+                 if req.need_train else None)
+        seeds.append(SeedPlan(i, s, train, None, tests))
+    info = {"source": f"{DG_SOURCE}-{req.shot}shot", "target": targets[0] if len(targets) == 1 else targets,
+            "shot": req.shot}
+    return DataPlan(DG_NUM_CLASSES, seeds, req.dataset, info)
+
+
+def _primary_target(dataset: str, names) -> str:
+    """``--dataset``'s target when it was evaluated, else the first evaluated target."""
+    try:
+        name = canonical_dg_target(dataset)
+    except ValueError:
+        name = None
+    return name if name in names else next(iter(names))
+
+
+BENCHMARK = Benchmark(
+    name="domain_generalization", title="domain generalisation", aliases=("domain_generalisation", "dg"),
+    table="dg", launcher_data_dir="/path/to/DG", default_seeds=DG_SEEDS,
+    shot="optional", default_shot=DG_SHOT, shot_help="shots of the ImageNet source",
+    augment_train=True, eval_resize=Fraction(256, 224), selects_on_val=False, targets=True, shot_in_names=False,
+    canonical_dataset=canonical_dg_target, dataset_names=DG_TARGETS, num_classes=lambda name: DG_NUM_CLASSES,
+    build=build_dg_plan, primary=_primary_target,
+    protocol=("seeds 0,1,2 in turn, trained on ImageNet 16-shot, evaluated on the target after the last epoch "
+              "(--target_dataset all: all five targets with the same models)."),
+)

@@ -12,16 +12,18 @@ Dataset names are those of the original launchers; the ``-FS`` suffix they carry
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
+from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
 from .errors import DataError
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
     from .datasets import ListFileDataset
 
 __all__ = [
-    "FGFS_DATASETS", "FGFS_SHOTS", "FGFS_SEEDS", "FGFS_SPLITS", "canonical_fgfs_name", "fgfs_num_classes",
-    "fgfs_list_path", "fgfs_image_root", "build_fgfs_dataset",
+    "FGFS_DATASETS", "FGFS_SHOTS", "FGFS_SEEDS", "FGFS_SPLITS", "canonical_fgfs_name",
+    "fgfs_list_path", "fgfs_image_root", "build_fgfs_dataset", "BENCHMARK",
 ]
 
 #: Dataset name (folder name) -> number of classes.
@@ -50,10 +52,6 @@ def canonical_fgfs_name(name: str) -> str:
         raise ValueError(f"unknown few-shot dataset {name!r}; valid: {', '.join(FGFS_DATASETS)} "
                          f"(the launchers' '-FS' suffix is accepted, e.g. 'food101-FS')")
     return key
-
-
-def fgfs_num_classes(name: str) -> int:
-    return FGFS_DATASETS[canonical_fgfs_name(name)]
 
 
 def fgfs_list_path(data_dir: str, dataset: str, split: str, shot: Optional[int] = None,
@@ -110,3 +108,29 @@ def build_fgfs_dataset(
     from .datasets import ListFileDataset
 
     return ListFileDataset(image_root, list_path, FGFS_DATASETS[ds], transform=transform, **kwargs)
+
+
+def build_fgfs_plan(req: DataRequest) -> DataPlan:
+    """Seed ``s`` trains a fresh model on the ``shot``-shot list of seed ``s``, selects on ``val`` and tests on
+    ``test``."""
+    name = canonical_fgfs_name(req.dataset)
+    kw = req.dataset_kwargs
+    test = build_fgfs_dataset(req.data_dir, name, "test", transform=req.test_transform, **kw)
+    val = build_fgfs_dataset(req.data_dir, name, "val", transform=req.test_transform, **kw) if req.need_train else None
+    seeds = []
+    for i, s in enumerate(req.seeds):
+        train = (build_fgfs_dataset(req.data_dir, name, "train", shot=req.shot, seed=s, transform=req.train_transform,
+                                    **kw) if req.need_train else None)
+        seeds.append(SeedPlan(i, s, train, val, {"test": test}))
+    return DataPlan(FGFS_DATASETS[name], seeds, req.dataset, {"shot": req.shot})
+
+
+BENCHMARK = Benchmark(
+    name="few_shot", title="few-shot FGFS", aliases=("fewshot", "fgfs", "fs"), table="few_shot",
+    launcher_data_dir="/path/to/FGFS", default_seeds=FGFS_SEEDS,
+    shot="required", shot_help="1, 2, 4, 8 or 16",
+    augment_train=True, eval_resize=Fraction(256, 224), selects_on_val=True, default_eval_interval=10, targets=False,
+    shot_in_names=True, canonical_dataset=canonical_fgfs_name, dataset_names=tuple(FGFS_DATASETS),
+    num_classes=lambda name: FGFS_DATASETS[canonical_fgfs_name(name)], build=build_fgfs_plan,
+    protocol="seeds 0,1,2 in turn (fresh model each), validation every 10 epochs, best weights tested.",
+)

@@ -31,7 +31,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_i
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from .benchmarks import BENCHMARKS, canonical_benchmark
+from .benchmarks import BENCHMARKS, canonical_benchmark, get_benchmark
 
 __all__ = [
     "DTL_MEAN", "DTL_STD", "RAND_AUGMENT", "BENCHMARKS", "canonical_benchmark", "build_transform",
@@ -77,18 +77,16 @@ def build_transform(
             0..255, normalise on the device with :func:`normalize_uint8_batch`).
         mean, std: normalisation constants (default 0.5 / 0.5 as every original recipe).
     """
-    bench = canonical_benchmark(benchmark)
+    bench = get_benchmark(benchmark)
     bicubic = InterpolationMode.BICUBIC
-    if bench == "vtab":
-        tfl = [T.Resize((img_size, img_size), interpolation=bicubic), T.CenterCrop(img_size)]
-    elif is_train:
+    if is_train and bench.augment_train:
         tfl = [
             RandomResizedCropAndInterpolation(img_size, scale=RRC_SCALE, ratio=RRC_RATIO, interpolation="bicubic"),
             T.RandomHorizontalFlip(p=0.5),
             rand_augment_transform(RAND_AUGMENT, rand_augment_hparams(img_size, mean)),
         ]
     else:
-        resize = int(img_size * 256 / 224)
+        resize = int(img_size * bench.eval_resize)
         tfl = [T.Resize((resize, resize), interpolation=bicubic), T.CenterCrop(img_size)]
     return T.Compose(tfl + _final(normalize, mean, std))
 
@@ -96,7 +94,7 @@ def build_transform(
 def transform_is_deterministic(benchmark: str, is_train: bool) -> bool:
     """Whether the transform maps an image to the same tensor every time (all VTAB transforms, every test
     transform); a prefix/feature cache is only valid for deterministic transforms."""
-    return canonical_benchmark(benchmark) == "vtab" or not is_train
+    return not (is_train and get_benchmark(benchmark).augment_train)
 
 
 def normalize_uint8_batch(

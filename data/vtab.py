@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
+from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
 from .errors import DataError
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
 
 __all__ = [
     "VTABTask", "VTAB_TASKS", "VTAB_GROUPS", "VTAB_SPLITS", "VTAB_TRAIN_SPLIT", "VTAB_EVAL_SPLIT",
-    "get_vtab_task", "vtab_list_path", "build_vtab_dataset",
+    "get_vtab_task", "vtab_list_path", "build_vtab_dataset", "BENCHMARK",
 ]
 
 
@@ -142,3 +143,25 @@ def build_vtab_dataset(
     from .datasets import ListFileDataset
 
     return ListFileDataset(folder, list_path, t.num_classes, transform=transform, **kwargs)
+
+
+def build_vtab_plan(req: DataRequest) -> DataPlan:
+    """Every seed trains on ``train800val200`` and is tested once on ``test`` (no model selection)."""
+    task = get_vtab_task(req.dataset)
+    kw = req.dataset_kwargs
+    test = build_vtab_dataset(req.data_dir, task, VTAB_EVAL_SPLIT, transform=req.test_transform, **kw)
+    train = (build_vtab_dataset(req.data_dir, task, VTAB_TRAIN_SPLIT, transform=req.train_transform, **kw)
+             if req.need_train else None)
+    seeds = [SeedPlan(i, s, train, None, {"test": test}) for i, s in enumerate(req.seeds)]
+    return DataPlan(task.num_classes, seeds, task.name)
+
+
+BENCHMARK = Benchmark(
+    name="vtab", title="VTAB-1k", aliases=("vtab1k", "vtab_1k"), table="vtab",
+    launcher_data_dir="/path/to/VTAB/vtab-1k", default_seeds=(0,),
+    shot="none", shot_help="it always trains on train800val200",
+    augment_train=False, eval_resize=1, selects_on_val=False, targets=False, shot_in_names=False,
+    canonical_dataset=lambda name: get_vtab_task(name).name, dataset_names=tuple(VTAB_TASKS),
+    num_classes=lambda name: get_vtab_task(name).num_classes, build=build_vtab_plan,
+    protocol="train on train800val200, evaluate test once after the last epoch (no selection).",
+)

@@ -1,9 +1,10 @@
 """DTL models. Importing this package registers the ``dtl_*`` entry points in timm's registry."""
-from .config import DTLConfig, format_blocks, parse_blocks
+from .backbones import backbone_arch, create_backbone, default_rank
+from .config import DTLConfig, ModelSettingsError, format_blocks, parse_blocks
 from .convert import convert_original_state_dict
 from .dtl_vit import DTLVisionTransformer
 from .dtl_swin import DTLSwinTransformer
-from .factory import METHODS, backbone_arch, create_dtl_model, create_tuned_model
+from .factory import METHODS, create_dtl_model, create_tuned_model
 from .pretrained import CheckpointError, load_backbone_weights, read_state_dict
 from .side_network import CompactSideNetwork, DepthwiseFusion, LowRankTap
 from .trainable import (
@@ -16,7 +17,7 @@ from .trainable import (
 )
 
 __all__ = [
-    "DTLConfig", "parse_blocks", "format_blocks", "convert_original_state_dict", "DTLVisionTransformer", "DTLSwinTransformer",
+    "DTLConfig", "ModelSettingsError", "create_backbone", "default_rank", "parse_blocks", "format_blocks", "convert_original_state_dict", "DTLVisionTransformer", "DTLSwinTransformer",
     "create_dtl_model", "create_tuned_model", "METHODS", "backbone_arch", "CheckpointError", "load_backbone_weights", "read_state_dict",
     "CompactSideNetwork", "DepthwiseFusion", "LowRankTap", "apply_trainable_rule", "count_parameters",
     "delta_state_dict", "is_trainable", "load_delta_state_dict", "trainable_report",

@@ -23,6 +23,7 @@ structurally-pruned side transformer initialised from the backbone, which is out
 """
 from __future__ import annotations
 
+import inspect
 import math
 from functools import reduce
 from operator import mul
@@ -31,8 +32,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models import SwinTransformer, VisionTransformer
 
-from .factory import backbone_arch
+from .backbones import backbone_arch, create_backbone
+from .config import ModelSettingsError
 from .head import ClassifierMixin
 from .pretrained import load_backbone_weights
 from .trainable import HEAD_PREFIX, apply_trainable_rule
@@ -70,7 +74,6 @@ class BaselineModel(ClassifierMixin, nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
-        from timm.models import SwinTransformer, VisionTransformer
 
         if isinstance(backbone, VisionTransformer):
             self.arch = "vit"
@@ -82,8 +85,8 @@ class BaselineModel(ClassifierMixin, nn.Module):
         else:
             raise TypeError(f"baselines wrap a timm VisionTransformer or SwinTransformer, got {type(backbone).__name__}")
         if self.arch not in self.supported_archs():
-            raise ValueError(f"method {self.method!r} is not implemented for {self.arch} backbones "
-                             f"(supported: {', '.join(self.supported_archs())})")
+            raise ModelSettingsError(f"method {self.method!r} is not implemented for {self.arch} backbones "
+                                     f"(supported: {', '.join(self.supported_archs())})")
         self.backbone = backbone
         self.num_classes = num_classes
         self.num_features = backbone.num_features
@@ -107,8 +110,6 @@ class BaselineModel(ClassifierMixin, nn.Module):
         if self.arch == "vit":
             nn.init.zeros_(self.head.weight)
         else:
-            from timm.layers import trunc_normal_
-
             trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -199,10 +200,10 @@ class LoRAQKV(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+            raise ModelSettingsError(f"LoRA rank must be >= 1, got {rank}")
         bad = set(targets) - set("qkv")
         if bad or not targets or len(set(targets)) != len(targets):
-            raise ValueError(f"LoRA targets must be a non-empty subset of 'qkv' without repeats, got {targets!r}")
+            raise ModelSettingsError(f"LoRA targets must be a non-empty subset of 'qkv' without repeats, got {targets!r}")
         self.attn_dim = attn_dim
         self.rank = rank
         self.scaling = alpha / rank
@@ -303,11 +304,11 @@ class BottleneckAdapter(nn.Module):
                  init: str = "zero_up") -> None:
         super().__init__()
         if bottleneck < 1:
-            raise ValueError(f"adapter bottleneck must be >= 1, got {bottleneck}")
+            raise ModelSettingsError(f"adapter bottleneck must be >= 1, got {bottleneck}")
         if act not in _ACTS:
-            raise ValueError(f"adapter activation must be one of {sorted(_ACTS)}, got {act!r}")
+            raise ModelSettingsError(f"adapter activation must be one of {sorted(_ACTS)}, got {act!r}")
         if init not in ("zero_up", "houlsby"):
-            raise ValueError(f"adapter init must be 'zero_up' or 'houlsby', got {init!r}")
+            raise ModelSettingsError(f"adapter init must be 'zero_up' or 'houlsby', got {init!r}")
         self.down = nn.Linear(dim, bottleneck)
         self.act = _ACTS[act]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -356,7 +357,7 @@ class Adapter(BaselineModel):
         super().__init__(backbone, num_classes)
         pos = [p.strip() for p in positions.split(",") if p.strip()]
         if not pos or set(pos) - {"attn", "mlp"} or len(set(pos)) != len(pos):
-            raise ValueError(f"adapter positions must be 'mlp', 'attn' or 'attn,mlp', got {positions!r}")
+            raise ModelSettingsError(f"adapter positions must be 'mlp', 'attn' or 'attn,mlp', got {positions!r}")
         pos = [p for p in ("attn", "mlp") if p in pos]
         self.adapters = nn.ModuleDict()
         for path, blk in _block_modules(backbone):
@@ -424,7 +425,7 @@ class AdaptFormer(BaselineModel):
                  dropout: float = 0.1, source: str = "x") -> None:
         super().__init__(backbone, num_classes)
         if source not in ("x", "norm"):
-            raise ValueError(f"AdaptFormer source must be 'x' (official code) or 'norm' (paper), got {source!r}")
+            raise ModelSettingsError(f"AdaptFormer source must be 'x' (official code) or 'norm' (paper), got {source!r}")
         self.adaptmlp = nn.ModuleDict()
         for path, blk in _block_modules(backbone):
             mod = _ParallelMlpAdapter(blk.norm2.normalized_shape[0], bottleneck, scale, dropout, source)
@@ -531,7 +532,7 @@ class VPTDeep(BaselineModel):
     def __init__(self, backbone: nn.Module, num_classes: int, num_tokens: int = 10, dropout: float = 0.1) -> None:
         super().__init__(backbone, num_classes)
         if num_tokens < 1:
-            raise ValueError(f"VPT num_tokens must be >= 1, got {num_tokens}")
+            raise ModelSettingsError(f"VPT num_tokens must be >= 1, got {num_tokens}")
         depth, dim = len(backbone.blocks), backbone.embed_dim
         self.num_tokens = num_tokens
         self.prompts = nn.Parameter(torch.empty(depth, num_tokens, dim))
@@ -574,7 +575,7 @@ _CLASSES: Dict[str, Type[BaselineModel]] = {
 
 def baseline_class(method: str) -> Type[BaselineModel]:
     if method not in _CLASSES:
-        raise ValueError(f"unknown baseline method {method!r}; choose from {', '.join(BASELINE_METHODS)}")
+        raise ModelSettingsError(f"unknown baseline method {method!r}; choose from {', '.join(BASELINE_METHODS)}")
     return _CLASSES[method]
 
 
@@ -603,22 +604,13 @@ def create_baseline_model(
     settings = dict(settings or {})
     arch = backbone_arch(model_name)
     if arch not in cls.supported_archs():
-        raise ValueError(f"--method {method} is not implemented for {arch} backbones ({model_name}); "
+        raise ModelSettingsError(f"--method {method} is not implemented for {arch} backbones ({model_name}); "
                          f"{arch} supports: {', '.join(m for m in BASELINE_METHODS if arch in _CLASSES[m].supported_archs())}")
-    import inspect
-
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "backbone", "num_classes")]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown settings {unknown} for method {method!r} (allowed: {allowed})")
-    if arch == "vit":
-        from .dtl_vit import create_vit_backbone
-
-        backbone = create_vit_backbone(model_name, pretrained=pretrained, **timm_kwargs)
-    else:
-        from .dtl_swin import create_swin_backbone
-
-        backbone = create_swin_backbone(model_name, pretrained=pretrained, **timm_kwargs)
+        raise ModelSettingsError(f"unknown settings {unknown} for method {method!r} (allowed: {allowed})")
+    backbone = create_backbone(model_name, pretrained=pretrained, **timm_kwargs)
     if load_path:
         load_backbone_weights(backbone, load_path)
     return cls(backbone, num_classes, **settings)

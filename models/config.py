@@ -5,7 +5,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["DTLConfig", "parse_blocks", "format_blocks", "pop_model_kwargs"]
+__all__ = ["DTLConfig", "ModelSettingsError", "parse_blocks", "format_blocks", "pop_model_kwargs"]
+
+
+class ModelSettingsError(ValueError):
+    """A model setting that cannot be used (a block range, a rank, a baseline's setting, a backbone name or
+    keyword argument): the user's flags are wrong, the message names the setting."""
 
 BlockSpec = Union[None, str, int, Iterable[int]]
 
@@ -34,7 +39,7 @@ def parse_blocks(spec: BlockSpec, name: str = "blocks") -> Optional[List[int]]:
                 else:
                     out.append(int(part))
             except ValueError:
-                raise ValueError(f"{name}: cannot parse block selection {spec!r} (expected e.g. '0-11' or '0,2,4-6')") from None
+                raise ModelSettingsError(f"{name}: cannot parse block selection {spec!r} (expected e.g. '0-11' or '0,2,4-6')") from None
         return sorted(set(out))
     return sorted(set(int(i) for i in spec))
 
@@ -75,9 +80,9 @@ class DTLConfig:
         self.csn_blocks = parse_blocks(self.csn_blocks, "csn_blocks")
         self.add_back_blocks = parse_blocks(self.add_back_blocks, "add_back_blocks")
         if self.r is not None and self.r < 1:
-            raise ValueError(f"DTL rank r must be >= 1, got {self.r}")
+            raise ModelSettingsError(f"DTL rank r must be >= 1, got {self.r}")
         if self.fusion_size < 0:
-            raise ValueError(f"fusion_size must be >= 0 (0 = DTL), got {self.fusion_size}")
+            raise ModelSettingsError(f"fusion_size must be >= 0 (0 = DTL), got {self.fusion_size}")
 
     @property
     def method(self) -> str:
@@ -97,7 +102,7 @@ class DTLConfig:
         for name in ("csn_blocks", "add_back_blocks"):
             bad = [i for i in getattr(cfg, name) if not 0 <= i < num_blocks]
             if bad:
-                raise ValueError(
+                raise ModelSettingsError(
                     f"{name} contains {bad}, but the backbone has {num_blocks} blocks (valid: 0-{num_blocks - 1})"
                 )
         return cfg
@@ -110,7 +115,7 @@ class DTLConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown DTL config keys: {sorted(unknown)}")
+            raise ModelSettingsError(f"unknown DTL config keys: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -129,5 +134,5 @@ def pop_model_kwargs(kwargs: Dict[str, Any]) -> "tuple[int, DTLConfig, bool]":
     if dtl is None:
         dtl = DTLConfig(**loose)
     elif loose:
-        raise ValueError(f"pass either dtl=DTLConfig(...) or the keys {sorted(loose)}, not both")
+        raise ModelSettingsError(f"pass either dtl=DTLConfig(...) or the keys {sorted(loose)}, not both")
     return num_classes, dtl, lean

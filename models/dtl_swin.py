@@ -43,6 +43,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import SwinTransformer, register_model
 
+from .backbones import ORIGINAL_SWIN_NAMES, SWIN_DEFAULT_RANK, create_swin_backbone
 from .config import DTLConfig, pop_model_kwargs
 from .head import ClassifierMixin
 from .lean import LowRankSideSum, lean_call, lean_run
@@ -54,17 +55,6 @@ __all__ = [
     "DTLSwinTransformer", "create_swin_backbone", "convert_original_swin", "swin_from_fixture_config",
     "swin_default_blocks", "ORIGINAL_SWIN_NAMES", "SWIN_DEFAULT_RANK",
 ]
-
-SWIN_DEFAULT_RANK = 4
-
-# Names used by the original launchers (timm 0.5.4) -> timm 1.x ``architecture.tag``.
-ORIGINAL_SWIN_NAMES: Dict[str, str] = {
-    "swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k",
-    "swin_base_patch4_window12_384_in22k": "swin_base_patch4_window12_384.ms_in22k",
-    "swin_large_patch4_window7_224_in22k": "swin_large_patch4_window7_224.ms_in22k",
-    "swin_large_patch4_window12_384_in22k": "swin_large_patch4_window12_384.ms_in22k",
-}
-
 
 def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     """Default ``(csn_blocks, add_back_blocks)`` for stage depths ``depths`` (see the module docstring)."""
@@ -326,35 +316,6 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
         x = self.forward_blocks(cached[resume].to(dtype), start=resume, s=s)
         return self.forward_head(self.backbone.norm(x))
 
-
-
-def create_swin_backbone(
-    name: str = "swin_base_patch4_window7_224",
-    pretrained: bool = False,
-    layer_norm_eps: Optional[float] = None,
-    **kwargs: Any,
-) -> SwinTransformer:
-    """A timm Swin Transformer with no classifier (``num_classes=0``).
-
-    ``name`` is a timm Swin name (a ``.tag`` selects pre-trained weights with ``pretrained=True``), one of the
-    original's names (``swin_base_patch4_window7_224_in22k`` -> ``swin_base_patch4_window7_224``, with the
-    ImageNet-22k weights, timm tag ``ms_in22k``, when ``pretrained=True``) or a registered ``dtl_swin_*`` name
-    (its backbone).
-    """
-    if name in ORIGINAL_SWIN_NAMES:
-        arch = ORIGINAL_SWIN_NAMES[name]
-        name = arch if pretrained else arch.split(".")[0]
-    elif name.startswith("dtl_swin_"):
-        name = name[len("dtl_"):]
-    if not name.split(".")[0].startswith("swin_"):
-        raise ValueError(f"{name!r} is not a timm Swin Transformer name (e.g. swin_base_patch4_window7_224)")
-    kwargs["num_classes"] = 0
-    if layer_norm_eps is not None:
-        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if not isinstance(model, SwinTransformer):
-        raise ValueError(f"{name!r} is a {type(model).__name__}, not a timm SwinTransformer")
-    return model
 
 
 def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:

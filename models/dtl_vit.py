@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.models import VisionTransformer
 from timm.models import register_model
 
+from .backbones import ORIGINAL_VIT_NAMES, VIT_DEFAULT_RANK, create_vit_backbone
 from .config import DTLConfig, pop_model_kwargs
 from .head import ClassifierMixin
 from .lean import LowRankSideSum, lean_run
@@ -28,17 +29,6 @@ from .side_network import CompactSideNetwork
 from .trainable import apply_trainable_rule
 
 __all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES", "VIT_DEFAULT_RANK"]
-
-VIT_DEFAULT_RANK = 2  # the paper's ViT-B/16 setting
-
-# Names used by the original launchers (timm 0.5.4) -> timm 1.x architecture names.
-ORIGINAL_VIT_NAMES: Dict[str, str] = {
-    "vit_base_patch16_224_in21k": "vit_base_patch16_224",
-    "vit_large_patch16_224_in21k": "vit_large_patch16_224",
-    "vit_small_patch16_224_in21k": "vit_small_patch16_224",
-    "vit_tiny_patch16_224_in21k": "vit_tiny_patch16_224",
-}
-
 
 class DTLVisionTransformer(ClassifierMixin, nn.Module):
     """A frozen timm ViT plus a trainable Compact Side Network and classifier head.
@@ -225,26 +215,6 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
                 s = self.side.tap(s, i, cached[i].to(dtype))
         x = self.forward_blocks(cached[resume].to(dtype), grid, start=resume, s=s)
         return self.forward_head(x)
-
-
-def create_vit_backbone(
-    name: str = "vit_base_patch16_224",
-    pretrained: bool = False,
-    layer_norm_eps: Optional[float] = None,
-    **kwargs: Any,
-) -> VisionTransformer:
-    """A timm ViT with no head and its final norm kept in ``.norm``.
-
-    ``name`` is a timm architecture name (a ``.tag`` selects pre-trained weights with ``pretrained=True``) or
-    one of the original's names (``vit_base_patch16_224_in21k``, which maps to the ImageNet-21k weights of
-    Google's ``ViT-B_16.npz``, timm tag ``orig_in21k``).
-    """
-    if name in ORIGINAL_VIT_NAMES:
-        name = ORIGINAL_VIT_NAMES[name] + (".orig_in21k" if pretrained else "")
-    kwargs.update(num_classes=0, global_pool="token", fc_norm=False)
-    if layer_norm_eps is not None:
-        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:

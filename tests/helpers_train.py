@@ -70,20 +70,20 @@ class Killed(BaseException):
 @contextlib.contextmanager
 def kill_after(seed_index: int, epoch: int):
     """Stop ``train.main`` right after it wrote last.pth for ``epoch`` (1-based) of seed ``seed_index``."""
-    import train
+    from engine.run_folder import RunFolder
 
-    orig = train.Run._save_last
+    orig = RunFolder.save_resume
 
-    def patched(self, trainer, s_idx, ep, *args, **kwargs):
-        orig(self, trainer, s_idx, ep, *args, **kwargs)
-        if trainer is not None and s_idx == seed_index and ep == epoch:
-            raise Killed(f"killed after seed {s_idx} epoch {ep}")
+    def patched(self, state):
+        orig(self, state)
+        if state.trainer is not None and state.seed_index == seed_index and state.epoch == epoch:
+            raise Killed(f"killed after seed {state.seed_index} epoch {state.epoch}")
 
-    train.Run._save_last = patched
+    RunFolder.save_resume = patched
     try:
         yield
     finally:
-        train.Run._save_last = orig
+        RunFolder.save_resume = orig
 
 
 def run_train(argv: List[str]) -> int:

@@ -9,11 +9,16 @@ import argparse
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "BENCHMARKS", "resolved_method",
+import yaml
+
+from data.benchmarks import BENCHMARKS, REGISTRY, benchmarks_of_dataset, get_benchmark
+from data.transforms import transform_is_deterministic
+from models.config import parse_blocks
+from models.factory import METHODS
+
+__all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "resolved_method",
            "parse_int_list", "block_range"]
 
-BENCHMARKS = ("vtab", "few_shot", "domain_generalization")
-DEFAULT_SEEDS = {"vtab": [0], "few_shot": [0, 1, 2], "domain_generalization": [0, 1, 2]}
 CACHE_STORAGES = ("auto", "device", "host", "mmap")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -24,8 +29,6 @@ class UsageError(ValueError):
 
 def parse_int_list(text: str) -> List[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]`` (also ``"0-2"``)."""
-    from models.config import parse_blocks
-
     try:
         out = parse_blocks(str(text), "list")
     except ValueError:
@@ -37,8 +40,6 @@ def parse_int_list(text: str) -> List[int]:
 
 def block_range(text: str) -> str:
     """A block selection such as ``0-11`` or ``0,2,4-6`` (validated, kept as written)."""
-    from models.config import parse_blocks
-
     try:
         parse_blocks(text, "blocks")
     except ValueError as e:
@@ -48,8 +49,6 @@ def block_range(text: str) -> str:
 
 def model_kwargs_type(text: str) -> Dict[str, Any]:
     """``"embed_dim=64,patch_size=8"`` -> ``{"embed_dim": 64, "patch_size": 8}`` (values read as YAML scalars)."""
-    import yaml
-
     if isinstance(text, dict):
         return dict(text)
     out: Dict[str, Any] = {}
@@ -106,8 +105,6 @@ def _nonneg_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``train.py`` (also used by the launcher tests to read the launchers' commands)."""
-    from models.factory import METHODS
-
     p = argparse.ArgumentParser(
         prog="train.py",
         description="DTL / DTL+ (and baseline tuning methods) on VTAB-1k, few-shot FGFS and domain generalisation.",
@@ -223,8 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    import yaml
-
     if not os.path.isfile(path):
         raise UsageError(f"--config: file not found: {path}")
     try:
@@ -257,28 +252,7 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
 
 def infer_benchmark(dataset: str) -> str:
     """The benchmark a dataset name belongs to; :class:`UsageError` when unknown or ambiguous."""
-    found = []
-    try:
-        from data.vtab import get_vtab_task
-
-        get_vtab_task(dataset)
-        found.append("vtab")
-    except ValueError:
-        pass
-    try:
-        from data.few_shot import canonical_fgfs_name
-
-        canonical_fgfs_name(dataset)
-        found.append("few_shot")
-    except (ValueError, ImportError):
-        pass
-    try:
-        from data.domain_generalization import canonical_dg_target
-
-        canonical_dg_target(dataset)
-        found.append("domain_generalization")
-    except (ValueError, ImportError):
-        pass
+    found = benchmarks_of_dataset(dataset)
     if len(found) == 1:
         return found[0]
     if not found:
@@ -318,23 +292,25 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError("--eval_only and --resume exclude each other")
     if not args.eval_only and args.epochs + args.warmup_epochs < 1:
         raise UsageError("--epochs + --warmup_epochs must be at least 1")
-    if args.benchmark == "few_shot":
-        if args.shot is None and not args.eval_only:
-            raise UsageError("--shot is required for the few-shot benchmark (1, 2, 4, 8 or 16)")
+    bench = get_benchmark(args.benchmark)
+    if bench.selects_on_val:
         if args.eval_interval is None:
-            args.eval_interval = 10
+            args.eval_interval = bench.default_eval_interval
     elif args.eval_interval is not None:
-        raise UsageError("--eval_interval applies to the few-shot benchmark only (VTAB and DG evaluate once, after "
-                         "the last epoch, without model selection)")
-    if args.benchmark == "domain_generalization":
-        if args.shot is None:
-            args.shot = 16
-    elif args.target_dataset:
-        raise UsageError("--target_dataset applies to the domain_generalization benchmark only")
-    if args.benchmark == "vtab" and args.shot is not None:
-        raise UsageError("--shot does not apply to VTAB-1k (it always trains on train800val200)")
+        selecting = [b.name.replace("_", "-") for b in REGISTRY.values() if b.selects_on_val]
+        raise UsageError(f"--eval_interval applies to the {', '.join(selecting)} benchmark only ({bench.name} "
+                         f"evaluates once, after the last epoch, without model selection)")
+    if bench.shot == "required" and args.shot is None and not args.eval_only:
+        raise UsageError(f"--shot is required for the {bench.name.replace('_', '-')} benchmark ({bench.shot_help})")
+    if bench.shot == "optional" and args.shot is None:
+        args.shot = bench.default_shot
+    if bench.shot == "none" and args.shot is not None:
+        raise UsageError(f"--shot does not apply to {bench.title} ({bench.shot_help})")
+    if args.target_dataset and not bench.targets:
+        with_targets = [b.name for b in REGISTRY.values() if b.targets]
+        raise UsageError(f"--target_dataset applies to the {', '.join(with_targets)} benchmark only")
     if args.seeds is None:
-        args.seeds = list(DEFAULT_SEEDS[args.benchmark])
+        args.seeds = list(bench.default_seeds)
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds has repeated values: {args.seeds}")
     if args.batch_size % world_size:
@@ -373,8 +349,6 @@ def validate_memory_flags(args: argparse.Namespace) -> None:
     if args.mixup > 0 or args.cutmix > 0:
         raise UsageError("--cache_prefix cannot be combined with --mixup/--cutmix: mixing images happens before the "
                          "first block, so the cached block inputs would not be those of the mixed images")
-    from data.transforms import transform_is_deterministic
-
     if not transform_is_deterministic(args.benchmark, True) and not args.cache_prefix_approx:
         raise UsageError(f"--cache_prefix: the {args.benchmark} training transform is random (augmentation), so a "
                          "cache of the frozen prefix would freeze it to one sample per image; train without "

@@ -1,0 +1,124 @@
+"""What a benchmark is, for the rest of the program: :class:`Benchmark`, and the per-seed data it plans.
+
+Each benchmark module (``data/vtab.py``, ``data/few_shot.py``, ``data/domain_generalization.py``) defines one
+``BENCHMARK = Benchmark(...)``; :mod:`data.benchmarks` lists them. Everything that depends on the benchmark
+(flag validation, transforms, the data of every seed, model selection, the primary metric, run-folder and
+launcher names, result tables) reads these fields instead of comparing benchmark names.
+
+This module is a leaf (no project imports), so every other module may import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["Benchmark", "SeedPlan", "DataPlan", "DataRequest"]
+
+
+@dataclass
+class SeedPlan:
+    """What one seed trains on and evaluates: ``train`` (None for --eval_only), ``val`` (few-shot selection),
+    ``tests`` (name -> dataset: ``test`` for VTAB/few-shot, one entry per DG target)."""
+
+    index: int
+    data_seed: int
+    train: Any
+    val: Any
+    tests: Dict[str, Any]
+
+
+@dataclass
+class DataPlan:
+    """The datasets of a whole run: ``num_classes``, one :class:`SeedPlan` per seed, the canonical ``dataset``
+    name results.json records, and ``info`` (source/target/shot entries of results.json)."""
+
+    num_classes: int
+    seeds: List[SeedPlan]
+    dataset: str
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataRequest:
+    """What a benchmark needs to build the data of a run (from the resolved flags)."""
+
+    data_dir: str
+    dataset: str
+    seeds: Sequence[int]
+    shot: Optional[int]
+    target: Optional[str]  # --target_dataset (benchmarks with ``targets``)
+    train_transform: Callable
+    test_transform: Callable
+    need_train: bool  # False for --eval_only
+    dataset_kwargs: Dict[str, Any] = field(default_factory=dict)  # for ListFileDataset (skip_bad_images)
+
+
+def _test_split(dataset: str, names: Sequence[str]) -> str:
+    return "test"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark, described once.
+
+    Attributes:
+        name: canonical name (``--benchmark``, results.json, folder names).
+        title: human name (logs, launcher comments).
+        aliases: other accepted spellings of ``name`` (lower case, ``_`` for ``-``).
+        table: short name of its result table (``tools/aggregate.py`` files ``<base>_<table>.csv``).
+        launcher_data_dir: placeholder of ``DATA_DIR`` in the generated launchers.
+        default_seeds: data seeds run when ``--seeds`` is not given.
+        shot: ``"none"`` (``--shot`` is an error), ``"required"`` or ``"optional"`` (then ``default_shot``).
+        default_shot: ``--shot`` when omitted (``shot == "optional"``).
+        shot_help: the reason in the ``--shot`` error message (what the benchmark trains on / which shots).
+        augment_train: the training transform is random (RandomResizedCrop + flip + RandAugment); else train and
+            test use the same deterministic resize (a prefix cache is exact only then).
+        eval_resize: evaluation resize factor before the centre crop (1 = resize to the input size).
+        selects_on_val: validate every ``--eval_interval`` epochs and test the best validation weights.
+        default_eval_interval: ``--eval_interval`` when omitted (``selects_on_val`` only).
+        targets: evaluates one or several named targets (``--target_dataset``), not a single ``test`` split.
+        shot_in_names: run folders and launchers carry ``_shot_<k>``.
+        canonical_dataset: dataset name -> canonical name; ``ValueError`` listing the valid names.
+        dataset_names: every canonical dataset name, in table order.
+        num_classes: canonical dataset name -> number of classes of the head.
+        build: :class:`DataRequest` -> :class:`DataPlan` (raises ``DataError`` naming the file).
+        primary: (``--dataset``, evaluated split names) -> the split whose top-1 is the run's ``top1``.
+        protocol: one line on what is trained, evaluated and selected (launcher comments, README).
+    """
+
+    name: str
+    title: str
+    aliases: Tuple[str, ...]
+    table: str
+    launcher_data_dir: str
+    default_seeds: Tuple[int, ...]
+    shot: str
+    shot_help: str
+    augment_train: bool
+    eval_resize: Any  # a Fraction (exact: int(224 * 256/224) == 256)
+    selects_on_val: bool
+    targets: bool
+    shot_in_names: bool
+    canonical_dataset: Callable[[str], str]
+    dataset_names: Tuple[str, ...]
+    num_classes: Callable[[str], int]
+    build: Callable[[DataRequest], DataPlan]
+    protocol: str
+    default_shot: Optional[int] = None
+    default_eval_interval: Optional[int] = None
+    primary: Callable[[str, Sequence[str]], str] = _test_split
+
+    def train_transform_is_deterministic(self) -> bool:
+        return not self.augment_train
+
+    def knows(self, dataset: str) -> bool:
+        """Whether ``dataset`` names one of this benchmark's datasets."""
+        try:
+            self.canonical_dataset(dataset)
+        except ValueError:
+            return False
+        return True
+
+    def run_name(self, method: str, shot: Optional[int], eval_only: bool = False) -> str:
+        """Sub-folder of a run under ``output/<benchmark>/<dataset>/``: ``<method>[_shot_<k>]``."""
+        return f"{method}_shot_{shot}" if self.shot_in_names and not eval_only else method

@@ -1,0 +1,185 @@
+"""One model being trained or evaluated: optimiser, schedule, AMP, EMA, DDP wrapper (the original recipe:
+AdamW without weight decay on biases, timm's cosine schedule with warm-up stepped once per epoch, fp16 autocast
+with a gradient scaler under ``--amp``)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import time
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models import delta_state_dict, load_delta_state_dict
+from utils.checkpoint import CheckpointError
+from utils.distributed import DistInfo, all_reduce_sum
+from utils.loader import CudaPrefetcher
+from utils.metrics import TopKCounter
+from utils.optim import TrainableEMA, create_losses, create_mixup, create_optimizer, create_scheduler
+
+__all__ = ["Trainer"]
+
+_logger = logging.getLogger("train")
+
+
+class Trainer:
+    """``train_one_epoch`` runs :meth:`train_step` on every batch and steps the schedule; ``evaluate`` counts
+    correct predictions over all ranks. A batch is images or a prefix-cache batch ``{block: inputs}``."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, num_classes: int, dist_info: DistInfo) -> None:
+        self.args = args
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.model = model.to(self.device)
+        self.optimizer = create_optimizer(self.model, args.lr, args.weight_decay)
+        self.scheduler = create_scheduler(self.optimizer, args)
+        self.mixup = create_mixup(args, num_classes)
+        self.train_loss_fn, self.eval_loss_fn = create_losses(args, self.mixup is not None)
+        self.amp_dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
+        self.amp = bool(args.amp)
+        if self.amp and self.device.type != "cuda" and self.amp_dtype == torch.float16:
+            _logger.warning("--amp with float16 needs CUDA: training in float32 on %s (use --amp_dtype bfloat16 "
+                            "for CPU autocast)", self.device)
+            self.amp = False
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.ema = TrainableEMA(self.model, args.ema_decay) if args.ema else None
+        self.ddp_model: nn.Module = self.model
+        if dist_info.distributed:
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=args.find_unused_parameters)
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype of the forward passes, ``None`` in float32."""
+        return self.amp_dtype if self.amp else None
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _batches(self, loader):
+        if isinstance(loader, CudaPrefetcher):
+            yield from loader
+            return
+        for x, y in loader:
+            if isinstance(x, Mapping):  # a prefix-cache batch: {block: inputs}
+                x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
+            else:
+                x = x.to(self.device, non_blocking=True)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def train_step(self, images: Union[torch.Tensor, Mapping[int, torch.Tensor]],
+                   targets: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on images (or a prefix-cache batch); returns the (detached) batch loss."""
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with self.autocast():
+            out = self.ddp_model(images)
+            loss = self.train_loss_fn(out.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update()
+        return loss.detach()
+
+    def train_one_epoch(self, loader, epoch: int) -> Dict[str, float]:
+        """Train epoch ``epoch`` (0-based) on every batch of ``loader``, then step the schedule to ``epoch + 1``
+        (so epoch ``e`` runs at the schedule's value at ``t = e``). Returns the mean loss, images and seconds."""
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = 0
+        start = time.perf_counter()
+        for images, targets in self._batches(loader):
+            loss = self.train_step(images, targets)
+            loss_sum += loss.double() * targets.shape[0]
+            n += targets.shape[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n), dtype=torch.float64,
+                                                                     device=self.device)]))
+        total_n = int(totals[1].item())
+        loss = totals[0].item() / max(total_n, 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged: the mean training loss of the epoch is {loss} "
+                                     f"(lower --lr, or check the data)")
+        self.scheduler.step(epoch + 1)
+        return {"loss": loss, "images": total_n, "seconds": seconds}
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> Dict[str, float]:
+        """Top-1/top-5 (%) and mean loss over the whole split, every image counted once across ranks."""
+        self.model.eval()
+        counter = TopKCounter(self.device)
+        with self._ema_weights():
+            for images, targets in self._batches(loader):
+                with self.autocast():
+                    out = self.model(images)
+                out = out.float()
+                counter.update(out, targets, self.eval_loss_fn(out, targets))
+        return counter.reduce()
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        self.ema.swap()
+        try:
+            yield
+        finally:
+            self.ema.swap()
+
+    def delta(self) -> Dict[str, torch.Tensor]:
+        """The trainable tensors that are evaluated and saved (the EMA's with ``--ema``)."""
+        with self._ema_weights():
+            return delta_state_dict(self.model)
+
+    def load_delta(self, delta: Dict[str, torch.Tensor], source: str) -> None:
+        """Load evaluated/saved weights (with ``--ema`` into the EMA, leaving the raw weights)."""
+        with self._ema_weights():
+            load_delta_state_dict(self.model, delta, source=source)
+
+    @contextlib.contextmanager
+    def weights(self, delta: Optional[Dict[str, torch.Tensor]], source: str):
+        """Evaluate with ``delta`` (e.g. the best validation weights) inside the block, the current ones after;
+        ``None``: the current weights."""
+        if delta is None:
+            yield
+            return
+        current = self.delta()
+        self.load_delta(delta, source)
+        try:
+            yield
+        finally:
+            self.load_delta(current, "last weights")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "model_delta": delta_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, sd: Dict[str, Any], source: str) -> None:
+        load_delta_state_dict(self.model, sd["model_delta"], source=source)
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.scaler.load_state_dict(sd["scaler"])
+        if self.ema is not None:
+            if sd.get("ema") is None:
+                raise CheckpointError(f"{source}: the checkpoint has no EMA state but --ema is on")
+            self.ema.load_state_dict(sd["ema"], source)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])

@@ -20,7 +20,7 @@ from data.errors import DataError
 from data.transforms import DTL_MEAN, DTL_STD, build_transform, normalize_uint8_batch
 from models import DTLConfig, create_tuned_model
 from models.backbones import backbone_arch, default_rank
-from models.prefix_cache import PrefixCache, PrefixCacheError
+from engine.prefix_cache import PrefixCache, PrefixCacheError
 from utils.args import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader

@@ -19,7 +19,7 @@ What differs from ViT (SPEC §1.2):
   as timm 0.5.4's Swin initialised its classifier).
 
 Lean mode (:mod:`models.lean`, ``lean=True`` / :meth:`DTLSwinTransformer.set_lean`) and the frozen-prefix cache
-(:mod:`models.prefix_cache`) work as for ViT: each stage's blocks run through :func:`~models.lean.lean_run` with
+(:mod:`engine.prefix_cache`) work as for ViT: each stage's blocks run through :func:`~models.lean.lean_run` with
 that stage's side sum, patch merging through :func:`~models.lean.lean_call`; the prefix ends at the first
 add-back block, and since the side sum restarts at every stage only the taps of that block's stage before it
 are recorded.
@@ -33,11 +33,8 @@ reference fixtures).  Default rank for Swin: ``r = 4``.
 """
 from __future__ import annotations
 
-import re
-from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import timm
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -45,16 +42,12 @@ from timm.models import SwinTransformer, register_model
 
 from .backbones import ORIGINAL_SWIN_NAMES, SWIN_DEFAULT_RANK, create_swin_backbone
 from .config import DTLConfig, pop_model_kwargs
-from .head import ClassifierMixin
+from .dtl_base import DTLBase, SideSum, find_random_ops
 from .lean import LowRankSideSum, lean_call, lean_run
-from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork, used_taps
-from .trainable import apply_trainable_rule
 
-__all__ = [
-    "DTLSwinTransformer", "create_swin_backbone", "convert_original_swin", "swin_from_fixture_config",
-    "swin_default_blocks", "ORIGINAL_SWIN_NAMES", "SWIN_DEFAULT_RANK",
-]
+__all__ = ["DTLSwinTransformer", "create_swin_backbone", "swin_default_blocks", "ORIGINAL_SWIN_NAMES",
+           "SWIN_DEFAULT_RANK"]
 
 def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     """Default ``(csn_blocks, add_back_blocks)`` for stage depths ``depths`` (see the module docstring)."""
@@ -69,7 +62,7 @@ def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     return list(range(start, total)), list(range(first_add, total))
 
 
-class DTLSwinTransformer(ClassifierMixin, nn.Module):
+class DTLSwinTransformer(DTLBase):
     """A frozen timm Swin Transformer plus trainable per-stage Compact Side Networks and classifier head.
 
     Args:
@@ -81,7 +74,7 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
             a fraction of the training memory. Also settable later with :meth:`set_lean`.
     """
 
-    trainable_prefixes = ("side.", "head.")
+    arch = "swin"
 
     def __init__(
         self, backbone: SwinTransformer, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False
@@ -122,16 +115,7 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
                 fusion_size=self.dtl_cfg.fusion_size,
             )
         self.side = nn.ModuleDict(side)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
-        self.reset_head()
-        apply_trainable_rule(self)
-        self.lean = bool(lean)
-
-    def set_lean(self, lean: bool = True) -> "DTLSwinTransformer":
-        """Switch lean mode (:mod:`models.lean`) on or off; returns the model."""
-        self.lean = bool(lean)
-        return self
+        self._finish_init(num_classes, lean)
 
     def reset_head(self) -> None:
         """Initialise the head as timm 0.5.4's Swin (the original's) did: trunc-normal std .02, bias 0."""
@@ -157,7 +141,7 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
         x: torch.Tensor,
         stage_idx: int,
         start: Optional[int] = None,
-        s: Union[None, torch.Tensor, LowRankSideSum] = None,
+        s: SideSum = None,
     ) -> torch.Tensor:
         """Run stage ``stage_idx`` with its side network.
 
@@ -189,13 +173,13 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
                 x = side.inject(x, s, i)
         return x
 
-    def forward_blocks(
-        self, x: torch.Tensor, start: int = 0, s: Union[None, torch.Tensor, LowRankSideSum] = None
-    ) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, s: SideSum = None,
+                       grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Run global blocks ``start..`` to the end (no final norm).
 
         ``x`` is the input of block ``start`` (for the first block of a stage: after that stage's patch
-        merging) and ``s`` the side sum accumulated in ``start``'s stage before it.
+        merging) and ``s`` the side sum accumulated in ``start``'s stage before it. ``grid`` is not needed
+        (Swin tokens are ``B x h x w x C``).
         """
         j = self.stage_of(start)
         x = self.forward_stage(x, j, start=start, s=s)
@@ -203,47 +187,22 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
             x = self.forward_stage(x, k)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> final-normed tokens ``B x h x w x C`` (as timm's Swin ``forward_features``)."""
-        return self.backbone.norm(self.forward_blocks(self.embed(x)))
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Final-normed tokens ``B x h x w x C`` -> mean over tokens -> head."""
-        x = x.mean(dim=(1, 2))
+        """Tokens ``B x h x w x C`` -> the final norm -> mean over tokens -> head (the original's order)."""
+        x = self.backbone.norm(x).mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Union[torch.Tensor, Mapping[int, torch.Tensor]]) -> torch.Tensor:
-        """Images -> logits; a mapping of recorded block inputs (a prefix-cache batch) goes to
-        :meth:`forward_from_prefix` (so a DDP-wrapped model can train from the cache)."""
-        if isinstance(x, Mapping):
-            return self.forward_from_prefix(x)
-        return self.forward_head(self.forward_features(x))
-
-    def model_config(self) -> Dict[str, Any]:
-        """What is needed to rebuild this model (stored in delta checkpoints)."""
-        return {"arch": "swin", "num_classes": self.num_classes, "dtl": self.dtl_cfg.to_dict()}
-
-    # --- frozen prefix (models.prefix_cache, tools/predict.py) -------------------------------------------
+    # --- frozen prefix (engine.prefix_cache, tools/predict.py) -------------------------------------------
     # The blocks before the first add-back block ``a`` see inputs that no trainable tensor influences.  The
     # side sum restarts at every stage, so the only taps whose inputs matter before ``a`` are those of ``a``'s
     # own stage (a tap in an earlier stage could only reach an add-back block of that earlier stage, i.e. one
     # before ``a``; such taps do not exist).  "The input of block i" is the tensor block i receives: for the
     # first block of a stage, after that stage's patch merging.
 
-    def first_add_back(self) -> int:
-        """The first add-back block (global index) of the configuration."""
-        add_back = self.dtl_cfg.add_back_blocks
-        if not add_back:
-            raise ValueError("this DTL model has no add-back block: the side network never reaches the output")
-        return min(add_back)
-
-    def prefix_plan(self) -> Tuple[List[int], int]:
-        """``(blocks whose inputs to record, resume block)``: the taps of the first add-back block ``a``'s
-        stage before ``a``, then ``a`` itself (whose input the forward resumes from)."""
-        resume = self.first_add_back()
+    def prefix_side(self, resume: int) -> Optional[CompactSideNetwork]:
+        """The side network of ``resume``'s stage (the sum restarts at every stage), if it has one."""
         stage = str(self.stage_of(resume))
-        taps = sorted(int(k) for k in self.side[stage].taps if int(k) < resume) if stage in self.side else []
-        return taps + [resume], resume
+        return self.side[stage] if stage in self.side else None
 
     def prefix_random_ops(self, resume: Optional[int] = None) -> List[str]:
         """The stochastic operations (drop-path, dropout with a rate > 0) on the way to the input of block
@@ -292,31 +251,6 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
                     h = stage.blocks[i - first](h)
         return out
 
-    def forward_from_prefix(self, cached: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """Logits from recorded block inputs (:meth:`prefix_plan`), running only the tail blocks.
-
-        ``cached`` maps block index -> input tokens ``B x h x w x C`` (any float dtype; cast to the model's).
-        """
-        record, resume = self.prefix_plan()
-        missing = [i for i in record if i not in cached]
-        if missing:
-            raise KeyError(f"forward_from_prefix: no recorded input for blocks {missing} (have {sorted(cached)})")
-        dtype = self.backbone.patch_embed.proj.weight.dtype
-        stage = str(self.stage_of(resume))
-        s: Union[None, torch.Tensor, LowRankSideSum] = None
-        if stage in self.side:
-            side = self.side[stage]
-            if self.lean:
-                s = LowRankSideSum(side)
-                for i in record[:-1]:
-                    s.tap(i, cached[i].to(dtype))
-            else:
-                for i in record[:-1]:
-                    s = side.tap(s, i, cached[i].to(dtype))
-        x = self.forward_blocks(cached[resume].to(dtype), start=resume, s=s)
-        return self.forward_head(self.backbone.norm(x))
-
-
 
 def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
     num_classes, dtl, lean = pop_model_kwargs(kwargs)
@@ -340,85 +274,3 @@ def dtl_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -
 def dtl_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
     """DTL on Swin-B (window 7, 224), ImageNet-22k weights (the paper's backbone) with ``pretrained=True``."""
     return _create_dtl_swin("swin_base_patch4_window7_224_in22k", pretrained, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The original's key layout (timm 0.5.4 Swin + DTL) and its reference fixtures
-
-_TAP = re.compile(r"^lora_dict\.(\d+)\.(lora_[AB])$")
-_FUSION = re.compile(r"^lora_fusions\.(\d+)\.weight$")
-_ALIAS = re.compile(r"^layers\.\d+\.(lora_dict|lora_fusions)\.")
-
-
-def convert_original_swin(state_dict: Mapping[str, torch.Tensor], model: DTLSwinTransformer) -> Dict[str, torch.Tensor]:
-    """Map an original DTL Swin state dict (timm 0.5.4 layout) onto :class:`DTLSwinTransformer` keys.
-
-    ``lora_dict.<block>.lora_{A,B}`` -> ``side.<stage>.taps.<block>.lora_{A,B}`` and ``lora_fusions.<stage>.weight``
-    -> ``side.<stage>.fusion.conv.weight`` (only for tensors that exist here: the original also creates taps
-    and fusions that can never receive a gradient); the aliases ``layers.<i>.lora_dict.*`` /
-    ``layers.<i>.lora_fusions.*`` are ignored; ``head.*`` stays; the backbone part goes through timm's Swin
-    ``checkpoint_filter_fn`` (patch merging ``layers.<i>.downsample`` -> ``layers.<i+1>.downsample``, buffers
-    dropped) and gets the ``backbone.`` prefix.
-    """
-    from timm.models.swin_transformer import checkpoint_filter_fn
-
-    out: Dict[str, torch.Tensor] = {}
-    backbone_sd: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if _ALIAS.match(key):
-            continue
-        m = _TAP.match(key)
-        if m:
-            block, which = int(m.group(1)), m.group(2)
-            stage = str(model.stage_of(block))
-            if stage in model.side and model.side[stage].has_tap(block):
-                out[f"side.{stage}.taps.{block}.{which}"] = value
-            continue
-        m = _FUSION.match(key)
-        if m:
-            stage = m.group(1)
-            if stage in model.side and model.side[stage].fusion is not None:
-                out[f"side.{stage}.fusion.conv.weight"] = value
-            continue
-        if key.startswith("head."):
-            out[key] = value
-        else:
-            backbone_sd[key] = value
-    if backbone_sd:
-        backbone_sd = checkpoint_filter_fn(backbone_sd, model.backbone)
-        out.update({f"backbone.{k}": v for k, v in backbone_sd.items()})
-    return out
-
-
-_FIXTURE_KEYS = (
-    "img_size", "patch_size", "window_size", "embed_dim", "depths", "num_heads", "mlp_ratio", "qkv_bias",
-    "layer_norm_eps", "num_classes", "r", "beta", "fusion_size", "csn_blocks", "add_back_blocks",
-)
-
-
-def swin_from_fixture_config(config: Mapping[str, Any]) -> DTLSwinTransformer:
-    """Build the model a Swin fixture's ``meta.json['config']`` describes (random weights)."""
-    if config.get("arch", "swin") != "swin":
-        raise ValueError(f"not a Swin fixture config (arch={config.get('arch')!r})")
-    missing = [k for k in _FIXTURE_KEYS if k not in config]
-    if missing:
-        raise KeyError(f"Swin fixture config lacks {missing}")
-    c = config
-    backbone = SwinTransformer(
-        img_size=c["img_size"],
-        patch_size=c["patch_size"],
-        window_size=c["window_size"],
-        embed_dim=c["embed_dim"],
-        depths=tuple(c["depths"]),
-        num_heads=tuple(c["num_heads"]),
-        mlp_ratio=c["mlp_ratio"],
-        qkv_bias=c["qkv_bias"],
-        norm_layer=partial(nn.LayerNorm, eps=c["layer_norm_eps"]),
-        drop_path_rate=c.get("drop_path_rate", 0.0),
-        num_classes=0,
-    )
-    dtl = DTLConfig(
-        r=c["r"], beta=c["beta"], fusion_size=c["fusion_size"],
-        csn_blocks=c["csn_blocks"], add_back_blocks=c["add_back_blocks"],
-    )
-    return DTLSwinTransformer(backbone, c["num_classes"], dtl)

@@ -11,10 +11,8 @@ a fresh ``Linear``.  The backbone is built with ``global_pool='token'`` so that 
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
-import timm
 import torch
 import torch.nn as nn
 from timm.models import VisionTransformer
@@ -22,15 +20,14 @@ from timm.models import register_model
 
 from .backbones import ORIGINAL_VIT_NAMES, VIT_DEFAULT_RANK, create_vit_backbone
 from .config import DTLConfig, pop_model_kwargs
-from .head import ClassifierMixin
+from .dtl_base import DTLBase, SideSum, find_random_ops
 from .lean import LowRankSideSum, lean_run
-from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork
-from .trainable import apply_trainable_rule
 
 __all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES", "VIT_DEFAULT_RANK"]
 
-class DTLVisionTransformer(ClassifierMixin, nn.Module):
+
+class DTLVisionTransformer(DTLBase):
     """A frozen timm ViT plus a trainable Compact Side Network and classifier head.
 
     Args:
@@ -42,7 +39,7 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
             a fraction of the training memory. Also settable later with :meth:`set_lean`.
     """
 
-    trainable_prefixes = ("side.", "head.")
+    arch = "vit"
 
     def __init__(
         self, backbone: VisionTransformer, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False
@@ -67,16 +64,7 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
             beta=self.dtl_cfg.beta,
             fusion_size=self.dtl_cfg.fusion_size,
         )
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
-        self.reset_head()
-        apply_trainable_rule(self)
-        self.lean = bool(lean)
-
-    def set_lean(self, lean: bool = True) -> "DTLVisionTransformer":
-        """Switch lean mode (:mod:`models.lean`) on or off; returns the model."""
-        self.lean = bool(lean)
-        return self
+        self._finish_init(num_classes, lean)
 
     def reset_head(self) -> None:
         """Zero-initialise the head, as timm 0.5.4's ViT (the original's) did for a fresh classifier."""
@@ -99,18 +87,14 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
         x = bb.patch_drop(x)
         return bb.norm_pre(x)
 
-    def forward_blocks(
-        self,
-        x: torch.Tensor,
-        grid: Tuple[int, int],
-        start: int = 0,
-        s: Union[None, torch.Tensor, LowRankSideSum] = None,
-    ) -> torch.Tensor:
-        """Run blocks ``start..`` with the side network; ``s`` is the side sum accumulated before ``start``.
-
-        In lean mode ``s`` may also be a :class:`~models.lean.LowRankSideSum` (kept in factored form).
-        """
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, s: SideSum = None,
+                       grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Run blocks ``start..`` with the side network; ``s`` is the side sum accumulated before ``start``
+        (in lean mode also a :class:`~models.lean.LowRankSideSum`), ``grid`` the patch grid (default: the
+        patch embedding's)."""
         side, prefix = self.side, self.num_prefix_tokens
+        if grid is None:
+            grid = tuple(self.backbone.patch_embed.grid_size)
         if self.lean:
             depth = len(self.backbone.blocks)
             return lean_run(self.backbone.blocks[start:], range(start, depth), x, side, s, grid=grid, prefix=prefix)
@@ -122,40 +106,14 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
             x = side.inject(x, s, i, grid=grid, prefix=prefix)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.patch_grid(x)
-        return self.forward_blocks(self.embed(x), grid)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> mean over the patch tokens -> the final norm -> head (the original's order)."""
         x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.backbone.norm(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Union[torch.Tensor, Mapping[int, torch.Tensor]]) -> torch.Tensor:
-        """Images -> logits; a mapping of recorded block inputs (a prefix-cache batch) goes to
-        :meth:`forward_from_prefix` (so a DDP-wrapped model can train from the cache)."""
-        if isinstance(x, Mapping):
-            return self.forward_from_prefix(x)
-        return self.forward_head(self.forward_features(x))
-
-    def model_config(self) -> Dict[str, Any]:
-        """What is needed to rebuild this model (stored in delta checkpoints)."""
-        return {"arch": "vit", "num_classes": self.num_classes, "dtl": self.dtl_cfg.to_dict()}
-
-    # --- frozen prefix (models.prefix_cache, tools/predict.py) -------------------------------------------
-    # The blocks before the first add-back block see inputs that no trainable tensor influences.  A cache
-    # records, per image, the inputs of the taps among them and the input of the first add-back block, and
-    # training resumes from there with forward_from_prefix.
-
-    def prefix_plan(self) -> Tuple[List[int], int]:
-        """``(blocks whose inputs to record, resume block)``: the taps before the first add-back block ``a``,
-        then ``a`` itself (whose input the forward resumes from)."""
-        add_back = self.dtl_cfg.add_back_blocks
-        if not add_back:
-            raise ValueError("this DTL model has no add-back block: the side network never reaches the output")
-        resume = min(add_back)
-        taps = sorted(int(k) for k in self.side.taps if int(k) < resume)
-        return taps + [resume], resume
+    def prefix_side(self, resume: int) -> CompactSideNetwork:
+        return self.side
 
     def prefix_random_ops(self, resume: Optional[int] = None) -> List[str]:
         """The stochastic operations (drop-path, dropout, patch dropout with a rate > 0) on the way to the
@@ -190,31 +148,6 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
             if i < wanted[-1]:
                 h = self.backbone.blocks[i](h)
         return out
-
-    def forward_from_prefix(self, cached: Mapping[int, torch.Tensor], grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Logits from recorded block inputs (:meth:`prefix_plan`), running only the tail blocks.
-
-        ``cached`` maps block index -> input tokens (any float dtype; cast to the model's). ``grid`` defaults
-        to the patch embedding's grid.
-        """
-        record, resume = self.prefix_plan()
-        missing = [i for i in record if i not in cached]
-        if missing:
-            raise KeyError(f"forward_from_prefix: no recorded input for blocks {missing} (have {sorted(cached)})")
-        dtype = self.backbone.patch_embed.proj.weight.dtype
-        if grid is None:
-            grid = tuple(self.backbone.patch_embed.grid_size)
-        s: Union[None, torch.Tensor, LowRankSideSum]
-        if self.lean:
-            s = LowRankSideSum(self.side)
-            for i in record[:-1]:
-                s.tap(i, cached[i].to(dtype))
-        else:
-            s = None
-            for i in record[:-1]:
-                s = self.side.tap(s, i, cached[i].to(dtype))
-        x = self.forward_blocks(cached[resume].to(dtype), grid, start=resume, s=s)
-        return self.forward_head(x)
 
 
 def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:

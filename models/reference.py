@@ -11,46 +11,79 @@ import json
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import SwinTransformer, VisionTransformer
 
 from .config import DTLConfig
 from .convert import convert_original_state_dict
+from .dtl_swin import DTLSwinTransformer
+from .dtl_vit import DTLVisionTransformer
 from .trainable import count_parameters
 
-__all__ = ["FixtureResult", "model_from_fixture_config", "check_fixture", "LOGIT_TOL", "GRAD_RTOL"]
+__all__ = ["FixtureResult", "model_from_fixture_config", "vit_from_fixture_config", "swin_from_fixture_config",
+           "check_fixture", "LOGIT_TOL", "GRAD_RTOL"]
 
 LOGIT_TOL = 1e-5  # absolute, on logits and loss (fixtures README)
 GRAD_RTOL = 1e-4  # relative to the largest reference gradient entry of each tensor
 
 
-def _dtl_config(c: Dict[str, Any]) -> DTLConfig:
+def _dtl_config(c: Mapping[str, Any]) -> DTLConfig:
     return DTLConfig(
         r=c["r"], beta=c["beta"], fusion_size=c["fusion_size"],
         csn_blocks=c["csn_blocks"], add_back_blocks=c["add_back_blocks"],
     )
 
 
+def vit_from_fixture_config(c: Mapping[str, Any]) -> DTLVisionTransformer:
+    """Build the model a ViT fixture's ``meta.json['config']`` describes (random weights)."""
+    backbone = VisionTransformer(
+        img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"], depth=c["depth"],
+        num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], qkv_bias=c["qkv_bias"],
+        norm_layer=partial(nn.LayerNorm, eps=c["layer_norm_eps"]), num_classes=0, global_pool="token",
+        drop_path_rate=c.get("drop_path_rate", 0.0),
+    )
+    return DTLVisionTransformer(backbone, c["num_classes"], _dtl_config(c))
+
+
+_FIXTURE_KEYS = (
+    "img_size", "patch_size", "window_size", "embed_dim", "depths", "num_heads", "mlp_ratio", "qkv_bias",
+    "layer_norm_eps", "num_classes", "r", "beta", "fusion_size", "csn_blocks", "add_back_blocks",
+)
+
+
+def swin_from_fixture_config(config: Mapping[str, Any]) -> DTLSwinTransformer:
+    """Build the model a Swin fixture's ``meta.json['config']`` describes (random weights)."""
+    if config.get("arch", "swin") != "swin":
+        raise ValueError(f"not a Swin fixture config (arch={config.get('arch')!r})")
+    missing = [k for k in _FIXTURE_KEYS if k not in config]
+    if missing:
+        raise KeyError(f"Swin fixture config lacks {missing}")
+    c = config
+    backbone = SwinTransformer(
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        window_size=c["window_size"],
+        embed_dim=c["embed_dim"],
+        depths=tuple(c["depths"]),
+        num_heads=tuple(c["num_heads"]),
+        mlp_ratio=c["mlp_ratio"],
+        qkv_bias=c["qkv_bias"],
+        norm_layer=partial(nn.LayerNorm, eps=c["layer_norm_eps"]),
+        drop_path_rate=c.get("drop_path_rate", 0.0),
+        num_classes=0,
+    )
+    return DTLSwinTransformer(backbone, c["num_classes"], _dtl_config(c))
+
+
 def model_from_fixture_config(c: Dict[str, Any]) -> nn.Module:
     """Build the model a fixture's ``meta.json['config']`` describes (random weights)."""
     if c["arch"] == "vit":
-        from timm.models import VisionTransformer
-
-        from .dtl_vit import DTLVisionTransformer
-
-        backbone = VisionTransformer(
-            img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"], depth=c["depth"],
-            num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], qkv_bias=c["qkv_bias"],
-            norm_layer=partial(nn.LayerNorm, eps=c["layer_norm_eps"]), num_classes=0, global_pool="token",
-            drop_path_rate=c.get("drop_path_rate", 0.0),
-        )
-        return DTLVisionTransformer(backbone, c["num_classes"], _dtl_config(c))
+        return vit_from_fixture_config(c)
     if c["arch"] == "swin":
-        from .dtl_swin import swin_from_fixture_config
-
         return swin_from_fixture_config(c)
     raise ValueError(f"unsupported fixture architecture {c['arch']!r}")
 

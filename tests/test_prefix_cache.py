@@ -7,9 +7,9 @@ import torchvision.transforms as T
 from timm.models import VisionTransformer
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
-import models.prefix_cache as pc
+import engine.prefix_cache as pc
 from models import DTLConfig, DTLVisionTransformer
-from models.prefix_cache import PrefixCache, PrefixCacheError, transform_looks_random
+from engine.prefix_cache import PrefixCache, PrefixCacheError, transform_looks_random
 
 # Tolerances (fp32 CPU model; relative = ||a - b|| / ||a||). float32 storage is exact (bit-identical values);
 # float16 rounds each cached value by <= 2^-11 relative, bfloat16 by <= 2^-8.

@@ -11,15 +11,10 @@ from timm.models import SwinTransformer
 
 import models
 from models import CheckpointError, DTLConfig, create_dtl_model
-from models.dtl_swin import (
-    DTLSwinTransformer,
-    convert_original_swin,
-    create_swin_backbone,
-    swin_default_blocks,
-    swin_from_fixture_config,
-)
+from models.convert import convert_original_swin
+from models.dtl_swin import DTLSwinTransformer, create_swin_backbone, swin_default_blocks
 from models.pretrained import load_backbone_weights
-from models.reference import check_fixture
+from models.reference import check_fixture, swin_from_fixture_config
 from models.side_network import DepthwiseFusion
 from tests.conftest import FIXTURES, REPO
 
@@ -260,7 +255,7 @@ def test_split_forward_matches_forward():
             s = side.tap(s, i, t)
             t = side.inject(stage.blocks[i - 4](t), s, i)
         t = model.forward_blocks(t, start=6, s=s)
-        torch.testing.assert_close(model.forward_head(model.backbone.norm(t)), full, rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_head(t), full, rtol=0, atol=0)
         assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 128)
     assert [model.stage_of(i) for i in (0, 1, 2, 3, 4, 9, 10, 11)] == [0, 0, 1, 1, 2, 2, 3, 3]
     with pytest.raises(IndexError):
@@ -350,9 +345,10 @@ def test_timm_swin_pth_loads(tmp_path):
     _assert_backbone_equal(model, src)
     assert not torch.equal(model.head.weight[:5], src.head.fc.weight[:5])  # the head is fresh
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():  # side path zero at init: same features as the source backbone
+    with torch.no_grad():  # side path zero at init: same features as the source backbone (timm's include the norm)
         model.eval()
-        torch.testing.assert_close(model.forward_features(x), src.eval().forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(model.backbone.norm(model.forward_features(x)), src.eval().forward_features(x),
+                                   rtol=0, atol=0)
 
 
 def test_microsoft_swin_release_layout_loads(tmp_path):
@@ -386,7 +382,7 @@ def test_swin_checkpoint_missing_tensor_is_named(tmp_path):
 
 
 def test_original_name_selects_imagenet22k_weights(monkeypatch):
-    import models.dtl_swin as dtl_swin
+    import models.backbones as backbones
 
     asked = []
 
@@ -394,7 +390,7 @@ def test_original_name_selects_imagenet22k_weights(monkeypatch):
         asked.append((name, pretrained, kw["num_classes"]))
         return tiny_swin()
 
-    monkeypatch.setattr(dtl_swin.timm, "create_model", fake_create_model)
+    monkeypatch.setattr(backbones.timm, "create_model", fake_create_model)
     create_swin_backbone("swin_base_patch4_window7_224_in22k", pretrained=True)
     create_swin_backbone("swin_base_patch4_window7_224_in22k")
     create_swin_backbone("dtl_swin_tiny_patch4_window7_224")

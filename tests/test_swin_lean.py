@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from models import DTLConfig, create_dtl_model, delta_state_dict
 from models.dtl_swin import DTLSwinTransformer
 from models.pretrained import CheckpointError
-from models.prefix_cache import PrefixCache, PrefixCacheError
+from engine.prefix_cache import PrefixCache, PrefixCacheError
 from utils.memory import SavedTensorMeter
 
 # fp32 on the CPU: lean forward values are bit-identical; gradients differ only by floating-point summation order.

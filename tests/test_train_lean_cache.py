@@ -197,7 +197,7 @@ def test_cache_loader_draws_the_dataloaders_batches():
     images' own loader visits the same indices, epoch after epoch, on every rank."""
     from torch.utils.data import DataLoader, Dataset
 
-    from models.prefix_cache import PrefixCache
+    from engine.prefix_cache import PrefixCache
     from utils.distributed import DistInfo
     from utils.loader import build_cache_train_loader, build_train_loader, set_epoch
 

@@ -15,7 +15,7 @@ recipe pieces (AdamW with weight decay 0.05 except biases, cross-entropy; SPEC Â
 - ``epoch_cpu_s`` / ``speedup_cpu``: the same with the process's CPU time (all threads), which other programs
   running on a shared machine disturb much less than wall-clock time.
 
-Modes: ``default`` (the original's computation), ``lean`` (models.lean), ``cache`` (models.prefix_cache;
+Modes: ``default`` (the original's computation), ``lean`` (models.lean), ``cache`` (engine.prefix_cache;
 float16 storage), ``cache+lean`` (both).
 
 Example (generates a 48-image VTAB root at 224 px into a temporary folder)::
@@ -104,7 +104,7 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
     from data.transforms import build_transform, transform_is_deterministic
     from data.vtab import build_vtab_dataset, get_vtab_task
     from models import DTLConfig, create_dtl_model
-    from models.prefix_cache import PrefixCache
+    from engine.prefix_cache import PrefixCache
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -49,14 +48,16 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from timm.models import SwinTransformer  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from data.transforms import build_transform  # noqa: E402
+from models.backbones import backbone_arch, create_backbone  # noqa: E402
 from models.config import DTLConfig, parse_blocks  # noqa: E402
-from models.dtl_swin import DTLSwinTransformer, create_swin_backbone  # noqa: E402
-from models.dtl_vit import DTLVisionTransformer, create_vit_backbone  # noqa: E402
-from models.factory import backbone_arch  # noqa: E402
+from models.dtl_swin import DTLSwinTransformer  # noqa: E402
+from models.dtl_vit import DTLVisionTransformer  # noqa: E402
 from models.pretrained import CheckpointError, load_backbone_weights  # noqa: E402
 from models.trainable import load_delta_state_dict  # noqa: E402
+from utils.checkpoint import atomic_write_text  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -142,56 +143,38 @@ def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100
                      arch=arch)
 
 
-def _prefix_side(model: nn.Module, resume: int) -> Optional[nn.Module]:
-    """The side network whose taps before block ``resume`` feed ``model``'s side sum at ``resume`` (Swin: the
-    one of ``resume``'s stage, since the sum restarts at every stage; ``None`` if that stage has none)."""
-    if isinstance(model, DTLSwinTransformer):
-        stage = str(model.stage_of(resume))
-        return model.side[stage] if stage in model.side else None
-    return model.side
-
-
 class SharedPrefixDTL(nn.Module):
     """Several DTL tasks on one shared frozen ViT or Swin; the prefix before the earliest add-back runs once.
 
     Args:
-        backbone: the frozen timm ViT or Swin (shared: each task's :class:`DTLVisionTransformer` /
-            :class:`DTLSwinTransformer` wraps this same module).
+        backbone: the frozen timm ViT or Swin (shared: each task's DTL wrapper wraps this same module).
         tasks: ``(name, num_classes, DTLConfig)`` per task.
+        arch: ``'vit'`` or ``'swin'`` (:func:`models.backbones.backbone_arch` of the backbone's name).
     """
 
-    def __init__(self, backbone: nn.Module, tasks: Sequence[Tuple[str, int, DTLConfig]]) -> None:
+    def __init__(self, backbone: nn.Module, tasks: Sequence[Tuple[str, int, DTLConfig]], arch: str) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("no tasks")
-        wrapper = DTLSwinTransformer if isinstance(backbone, SwinTransformer) else DTLVisionTransformer
+        wrapper = DTLSwinTransformer if arch == "swin" else DTLVisionTransformer
         self.names = [t[0] for t in tasks]
         self.tasks = nn.ModuleList(wrapper(backbone, nc, cfg).eval() for _, nc, cfg in tasks)
         self.backbone = backbone
-        self.is_swin = wrapper is DTLSwinTransformer
         self.resume = min(t.prefix_plan()[1] for t in self.tasks)
-        self.task_sides = [_prefix_side(t, self.resume) for t in self.tasks]
         self.task_taps = [sorted(int(k) for k in side.taps if int(k) < self.resume) if side is not None else []
-                          for side in self.task_sides]
+                          for side in (t.prefix_side(self.resume) for t in self.tasks)]
         self.record = sorted(set(i for taps in self.task_taps for i in taps) | {self.resume})
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Logits of every task for ``images``."""
         first = self.tasks[0]
-        grid = None if self.is_swin else first.patch_grid(images)
+        grid = first.patch_grid(images)
         rec = first.record_block_inputs(images, self.record)
         out = []
-        for model, side, taps in zip(self.tasks, self.task_sides, self.task_taps):
-            s = None
-            for i in taps:
-                s = side.tap(s, i, rec[i])
-            if self.is_swin:
-                x = model.forward_blocks(rec[self.resume], start=self.resume, s=s)
-                out.append(model.forward_head(model.backbone.norm(x)))
-            else:
-                x = model.forward_blocks(rec[self.resume], grid, start=self.resume, s=s)
-                out.append(model.forward_head(x))
+        for model, taps in zip(self.tasks, self.task_taps):
+            s = model.prefix_side_sum(self.resume, rec, taps)
+            out.append(model.forward_head(model.forward_blocks(rec[self.resume], start=self.resume, s=s, grid=grid)))
         return out
 
     @torch.no_grad()
@@ -232,9 +215,8 @@ def build_shared_model(
     extras = [d.extra_kwargs or {} for d in deltas]
     if any(e != extras[0] for e in extras):
         raise CheckpointError(f"the deltas were built with different backbone settings: {extras}")
-    create_backbone = create_swin_backbone if arch == "swin" else create_vit_backbone
     backbone = create_backbone(model_name, img_size=img_size, **extras[0])
-    shared = SharedPrefixDTL(backbone, [(d.name, d.num_classes, d.dtl) for d in deltas])
+    shared = SharedPrefixDTL(backbone, [(d.name, d.num_classes, d.dtl) for d in deltas], arch)
     if load_path:
         load_backbone_weights(shared.tasks[0], load_path)
     for d, model in zip(deltas, shared.tasks):
@@ -287,9 +269,6 @@ def collect_images(items: Sequence[str]) -> List[str]:
 
 def load_images(paths: Sequence[str], img_size: int, benchmark: str) -> torch.Tensor:
     """The evaluation transform of ``benchmark`` (data.transforms) applied to every image, stacked."""
-    from data.transforms import build_transform
-    from PIL import Image
-
     tf = build_transform(benchmark, False, img_size)
     out = []
     for p in paths:
@@ -349,15 +328,6 @@ def format_output(fmt: str, image_paths: Sequence[str], names: Sequence[str], lo
     return buf.getvalue()
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_predict_")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="backbone name (default: the one the deltas name)")
@@ -403,7 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     fmt = "json" if args.output and args.output.endswith(".json") else "csv"
     text = format_output(fmt, paths, names, logits, args.deltas)
     if args.output:
-        write_text_atomic(args.output, text)
+        atomic_write_text(args.output, text)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -9,7 +9,7 @@ batches are dropped (the original recipe).
 Evaluation: :class:`~utils.distributed.ShardSampler` splits the images over the ranks without padding.
 
 ``--cache_prefix``: :func:`build_cache_train_loader` draws the batches of a
-:class:`~models.prefix_cache.PrefixCache` with the same sampler, so the cached run sees the same images in the
+:class:`~engine.prefix_cache.PrefixCache` with the same sampler, so the cached run sees the same images in the
 same batches as the uncached one.
 """
 from __future__ import annotations

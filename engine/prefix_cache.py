@@ -46,7 +46,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
-    "PrefixCache", "PrefixCacheDataset", "PrefixCacheError", "STORAGES", "transform_looks_random", "find_random_ops",
+    "PrefixCache", "PrefixCacheDataset", "PrefixCacheError", "STORAGES", "transform_looks_random",
     "available_host_bytes", "format_bytes",
 ]
 
@@ -113,22 +113,6 @@ def transform_looks_random(transform: Any) -> Optional[bool]:
     if all(name in known for name in seen):
         return False
     return None
-
-
-def find_random_ops(modules: "Iterable[Tuple[str, nn.Module]]") -> List[str]:
-    """``"name (p=...)"`` of every drop-path (timm ``DropPath.drop_prob``), dropout or patch dropout with a
-    positive rate inside the given ``(name, module)`` pairs: what a prefix cache would switch off."""
-    found = []
-    for prefix, mod in modules:
-        for name, m in mod.named_modules():
-            p = getattr(m, "drop_prob", None)  # timm DropPath
-            if p is None and isinstance(m, nn.Dropout):
-                p = m.p
-            if p is None and type(m).__name__ == "PatchDropout":
-                p = getattr(m, "prob", 0.0)
-            if p:
-                found.append(f"{prefix}{'.' + name if name else ''} (p={float(p):g})")
-    return found
 
 
 def _device_free_bytes(device: torch.device) -> Optional[int]:

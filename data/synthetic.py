@@ -24,6 +24,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from utils.atomic import atomic_write_text
+
 from .domain_generalization import DG_NUM_CLASSES, DG_SHOT, DG_TARGETS, canonical_dg_target
 from .few_shot import FGFS_DATASETS, FGFS_SEEDS, FGFS_SHOTS, SPLIT_DIR, canonical_fgfs_name
 from .vtab import get_vtab_task
@@ -244,12 +246,7 @@ def _save(img: Image.Image, path: str, fmt: str) -> None:
 
 
 def _write_list(path: str, rows: Iterable[Tuple[str, int]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p, y in rows:
-            f.write(f"{p} {y}\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{p} {y}\n" for p, y in rows))
 
 
 def _ext(fmt: str) -> str:

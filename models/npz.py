@@ -5,13 +5,13 @@ pretrains a small ViT and hands it to the real loading path, and by the tests of
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from utils.atomic import atomic_write
 
 __all__ = ["save_vit_npz", "vit_to_npz_dict"]
 
@@ -57,14 +57,4 @@ def vit_to_npz_dict(backbone: nn.Module, head: Optional[nn.Linear] = None) -> Di
 def save_vit_npz(backbone: nn.Module, path: str, head: Optional[nn.Linear] = None) -> None:
     """Save ``backbone`` (a timm ``VisionTransformer``) to ``path`` in Google's npz layout, atomically."""
     arrays = vit_to_npz_dict(backbone, head)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -41,6 +40,7 @@ from data.domain_generalization import DG_TARGETS, canonical_dg_target  # noqa: 
 from data.few_shot import FGFS_DATASETS, FGFS_SHOTS, canonical_fgfs_name  # noqa: E402
 from data.benchmarks import canonical_benchmark  # noqa: E402
 from data.vtab import VTAB_GROUPS, get_vtab_task  # noqa: E402
+from utils.atomic import atomic_write_bytes  # noqa: E402
 
 METHOD_ORDER = ("dtl", "dtl+")
 GROUP_LABELS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
@@ -449,20 +449,6 @@ def long_rows(col: Collection) -> List[List[Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- output
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -513,7 +499,7 @@ def plot_few_shot(col: Collection, path: str) -> Optional[str]:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -560,7 +546,7 @@ def main(argv=None) -> int:
     md = render_markdown(tables, args.decimals, col, args.output_root)
     base = os.path.splitext(args.out)[0] if args.out else os.path.join(args.output_root, "aggregate")
     written = []
-    _atomic_write(base + ".md", md.encode("utf-8"))
+    atomic_write_bytes(base + ".md", md.encode("utf-8"))
     written.append(base + ".md")
     csv_names = {"vtab": "vtab", "vtab_summary": "vtab_summary", "few_shot": "few_shot", "dg": "dg",
                  "other": "other"}
@@ -568,11 +554,11 @@ def main(argv=None) -> int:
     for name, t in tables.items():
         text = _csv_text(t.csv_rows())
         path = f"{base}_{csv_names[name]}.csv"
-        _atomic_write(path, text.encode("utf-8"))
+        atomic_write_bytes(path, text.encode("utf-8"))
         written.append(path)
         csv_texts.append(f"# {t.title}\n{text}")
     long_path = f"{base}_long.csv"
-    _atomic_write(long_path, _csv_text(long_rows(col)).encode("utf-8"))
+    atomic_write_bytes(long_path, _csv_text(long_rows(col)).encode("utf-8"))
     written.append(long_path)
     fig = plot_few_shot(col, os.path.join(args.fig_dir, "few_shot_curves.png"))
     if fig:

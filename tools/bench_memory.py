@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -41,33 +40,23 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from models import DTLConfig, backbone_arch, create_dtl_model  # noqa: E402
+from models.baselines import create_baseline_model  # noqa: E402
+from models.trainable import count_parameters  # noqa: E402
+from utils.args import model_kwargs_type  # noqa: E402
+from utils.atomic import atomic_write_json  # noqa: E402
+from utils.memory import MIB, SavedTensorMeter  # noqa: E402
+from utils.metrics import peak_rss_mib  # noqa: E402
+
 ALL_METHODS = ("full", "linear", "bitfit", "lora", "adapter", "adaptformer", "vpt", "ssf", "dtl", "dtl+")
 EXTRA_METHODS = ("dtl-lean", "dtl+-lean")  # the project's lean mode (models.lean), not in the default list
 JSON_KEYS = ("method", "device", "batch_size", "img_size", "precision", "fused_attn", "saved_mib", "peak_alloc_mib",
              "peak_reserved_mib", "peak_rss_mib", "step_s", "images_per_s", "n_trainable")
 _RESULT_MARK = "@@BENCH_RESULT@@ "
-MIB = float(1 << 20)
-
-
-def parse_model_kwargs(spec: str) -> Dict[str, Any]:
-    """``"embed_dim=32,depth=2,patch_size=8"`` -> dict (ints, floats, true/false, strings)."""
-    out: Dict[str, Any] = {}
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if "=" not in part:
-            raise ValueError(f"--model_kwargs: expected key=value, got {part!r}")
-        k, v = part.split("=", 1)
-        val: Any = v
-        if v.lower() in ("true", "false"):
-            val = v.lower() == "true"
-        else:
-            for conv in (int, float):
-                try:
-                    val = conv(v)
-                    break
-                except ValueError:
-                    pass
-        out[k.strip()] = val
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,11 +97,9 @@ def check_args(args: argparse.Namespace) -> List[str]:
     if args.warmup < 0 or args.threads < 0:
         raise SystemExit("--warmup and --threads must be >= 0")
     try:
-        args.model_kwargs_dict = parse_model_kwargs(args.model_kwargs)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    from models.factory import backbone_arch
-
+        args.model_kwargs_dict = model_kwargs_type(args.model_kwargs)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"--model_kwargs: {e}") from None
     try:
         arch = backbone_arch(args.model)
     except ValueError as e:
@@ -124,8 +111,6 @@ def check_args(args: argparse.Namespace) -> List[str]:
         if not os.path.isdir(d):
             raise SystemExit(f"--json: directory {d} does not exist")
     if args.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available")
     return methods
@@ -135,9 +120,6 @@ def check_args(args: argparse.Namespace) -> List[str]:
 # One method (runs in a worker process unless --in_process)
 # ----------------------------------------------------------------------------------------------------------------
 def build_model(method: str, args: argparse.Namespace):
-    from models import DTLConfig, backbone_arch, create_dtl_model
-    from models.baselines import create_baseline_model
-
     kw = dict(args.model_kwargs_dict)
     kw.setdefault("img_size", args.img_size)
     if args.drop_path:
@@ -172,12 +154,6 @@ def _reset_peak_rss() -> bool:
 
 
 def run_method(method: str, args: argparse.Namespace) -> Dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
-    from models.trainable import count_parameters
-    from utils.memory import MIB as _MIB, SavedTensorMeter
-
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -222,7 +198,7 @@ def run_method(method: str, args: argparse.Namespace) -> Dict[str, Any]:
     # one instrumented step: what autograd keeps for backward
     with SavedTensorMeter(model) as meter:
         loss = forward_loss()
-    saved_mib = meter.nbytes / _MIB
+    saved_mib = meter.nbytes / MIB
     finish(loss)
     del loss
     sync()
@@ -253,7 +229,7 @@ def run_method(method: str, args: argparse.Namespace) -> Dict[str, Any]:
             extra["rss_step_mib"] = round((hwm - (rss_before_kib or hwm)) / 1024.0, 1)
             extra["rss_kind"] = "step"
         else:  # no /proc or not allowed: lifetime peak of the process
-            res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+            res["peak_rss_mib"] = round(peak_rss_mib(), 1)
             extra["rss_kind"] = "lifetime"
     res["_extra"] = extra
     return res
@@ -290,9 +266,6 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
 
 
 def settings_lines(args: argparse.Namespace, methods: List[str]) -> List[str]:
-    import timm
-    import torch
-
     if args.device == "cuda":
         dev = f"cuda ({torch.cuda.get_device_name(0)})"
     else:
@@ -327,19 +300,11 @@ def format_table(results: List[Dict[str, Any]], args: argparse.Namespace, method
     return "\n".join(lines + [head, "-" * len(head)] + rows)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.worker:
-        args.model_kwargs_dict = parse_model_kwargs(args.model_kwargs)
+        args.model_kwargs_dict = model_kwargs_type(args.model_kwargs)
         res = run_method(args.worker, args)
         print(_RESULT_MARK + json.dumps(res), flush=True)
         return [res]
@@ -350,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         results.append(run_method(m, args) if args.in_process else run_in_subprocess(m, argv))
     print(format_table(results, args, methods))
     if args.json:
-        write_json_atomic(args.json, [{k: r[k] for k in JSON_KEYS} for r in results])
+        atomic_write_json(args.json, [{k: r[k] for k in JSON_KEYS} for r in results], indent=1)
     return results
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Time DTL training epochs in the default, lean and frozen-prefix-cache modes on a VTAB-1k root.
 
-Each mode runs in its own subprocess (so that peak memory is per mode) with the same seed, data order and
-recipe pieces (AdamW with weight decay 0.05 except biases, cross-entropy; SPEC §2), on the task's
-``train800val200`` split, shuffled, last incomplete batch dropped.  Reported per mode:
+Each mode runs in its own subprocess (so that peak memory is per mode) with the same seed and data order, and
+trains with train.py's own :class:`engine.trainer.Trainer` (AdamW with weight decay 0.05 except biases, the
+cosine schedule without warm-up, cross-entropy, the gradient scaler under fp16) on the task's ``train800val200``
+split, shuffled, last incomplete batch dropped.  Reported per mode:
 
 - ``epoch_s``: mean seconds per training epoch *after the first* (the first epoch warms up allocators and
   caches; with ``--epochs 1`` it is the only epoch, and the table says so);
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,20 @@ from typing import Any, Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from data.benchmarks import get_benchmark  # noqa: E402
+from data.synthetic import make_vtab_root  # noqa: E402
+from data.transforms import build_transform  # noqa: E402
+from data.vtab import build_vtab_dataset, get_vtab_task  # noqa: E402
+from engine.prefix_cache import PrefixCache  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+from models import DTLConfig, create_dtl_model  # noqa: E402
+from utils.args import parse_args as parse_train_args  # noqa: E402
+from utils.atomic import atomic_write_json  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
+from utils.metrics import peak_rss_mib  # noqa: E402
 
 MODES = ("default", "lean", "cache", "cache+lean")
 
@@ -90,22 +104,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _peak_rss_mib() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+def trainer_args(args: argparse.Namespace):
+    """train.py's flags for the recipe timed here (the Trainer reads its settings from them)."""
+    amp = {"none": [], "fp16": ["--amp", "--amp_dtype", "float16"], "bf16": ["--amp", "--amp_dtype", "bfloat16"]}
+    return parse_train_args(["--dataset", args.dataset, "--lr", str(args.lr), "--weight_decay", "0.05",
+                             "--epochs", str(args.epochs), "--warmup_epochs", "0", "--batch_size", str(args.batch_size),
+                             *amp[args.amp]])
 
 
 def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
-    """One mode in this process: build the model (and cache), train ``--epochs`` epochs, time them."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
-
-    from data.transforms import build_transform, transform_is_deterministic
-    from data.vtab import build_vtab_dataset, get_vtab_task
-    from models import DTLConfig, create_dtl_model
-    from engine.prefix_cache import PrefixCache
-
+    """One mode in this process: build the model (and cache), train ``--epochs`` epochs with the Trainer of
+    train.py, time them."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -118,19 +127,16 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     dtl = DTLConfig(r=args.r, fusion_size=args.fusion_size, csn_blocks=args.csn_blocks, add_back_blocks=args.add_back_blocks)
     model = create_dtl_model(args.model, task.num_classes, dtl, load_path=args.load_path, img_size=args.img_size,
-                             drop_path_rate=args.drop_path, lean="lean" in mode).to(device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+                             drop_path_rate=args.drop_path, lean="lean" in mode)
+    trainer = Trainer(trainer_args(args), model, task.num_classes, DistInfo(device=device))
 
     cache, build_s = None, None
     if mode.startswith("cache"):
         cache = PrefixCache.build(
-            model, dataset, batch_size=max(args.batch_size, 32), device=device, storage=args.cache_storage,
-            dtype=getattr(torch, args.cache_dtype), deterministic=transform_is_deterministic("vtab", True),
-            allow_approximate=args.cache_prefix_approx, num_workers=args.num_workers, autocast_dtype=amp_dtype,
+            trainer.model, dataset, batch_size=max(args.batch_size, 32), device=device, storage=args.cache_storage,
+            dtype=getattr(torch, args.cache_dtype), deterministic=get_benchmark("vtab").train_transform_is_deterministic(),
+            allow_approximate=args.cache_prefix_approx, num_workers=args.num_workers,
+            autocast_dtype=trainer.autocast_dtype,
         )
         build_s = cache.build_seconds
 
@@ -139,41 +145,28 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch))
         index_batches = [order[i:i + args.batch_size].tolist() for i in range(0, steps * args.batch_size, args.batch_size)]
         if cache is not None:
-            for idx in index_batches:
-                yield cache.gather(torch.tensor(idx), device)
-        else:
-            loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=args.num_workers)
-            for images, target in loader:
-                yield images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            return [cache.gather(torch.tensor(idx)) for idx in index_batches]
+        return torch.utils.data.DataLoader(dataset, batch_sampler=index_batches, num_workers=args.num_workers)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    model.train()
     times, cpu_times, losses = [], [], []
     for epoch in range(args.epochs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for inputs, target in batches(epoch):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model.forward_from_prefix(inputs) if cache is not None else model(inputs)
-                loss = F.cross_entropy(out, target)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.item())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+        loader = batches(epoch)  # cache batches are gathered before the clock starts, as a loader would prefetch
+        c0 = time.process_time()
+        stats = trainer.train_one_epoch(loader, epoch)
+        times.append(stats["seconds"])
         cpu_times.append(time.process_time() - c0)
+        losses.append(stats["loss"])
         print(f"[{mode}] epoch {epoch + 1}/{args.epochs}: {times[-1]:.2f}s (CPU time {cpu_times[-1]:.2f}s, {steps} steps), "
-              f"last loss {losses[-1]:.4f}", flush=True)
+              f"mean loss {losses[-1]:.4f}", flush=True)
     timed = times[1:] if len(times) > 1 else times
     cpu_timed = cpu_times[1:] if len(cpu_times) > 1 else cpu_times
     if device.type == "cuda":
         peak, peak_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:
-        peak, peak_kind = _peak_rss_mib(), "rss"
+        peak, peak_kind = peak_rss_mib(), "rss"
     return {
         "mode": mode, "epoch_s": sum(timed) / len(timed), "peak_mib": peak, "speedup": None,
         "epoch_cpu_s": sum(cpu_timed) / len(cpu_timed), "speedup_cpu": None,
@@ -183,15 +176,6 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
         "cache_storage": cache.storage if cache is not None else None,
         "cache_approximate": cache.approximate if cache is not None else None,
     }
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def format_table(rows: List[Dict[str, Any]], args: argparse.Namespace) -> str:
@@ -223,12 +207,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args._worker:
         result = run_worker(args, args._worker)
-        write_json_atomic(args._result, result)
+        atomic_write_json(args._result, result, indent=1)
         return 0
     tmp = None
     if args.make_synthetic:
-        from data.synthetic import make_vtab_root
-
         tmp = tempfile.TemporaryDirectory(prefix="dtl_bench_train_")
         n = args.make_synthetic
         n_val = n // 5
@@ -260,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  epochs=args.epochs, dataset=args.dataset)
     print(format_table(rows, args))
     if args.json:
-        write_json_atomic(args.json, rows)
+        atomic_write_json(args.json, rows, indent=1)
         print(f"wrote {args.json}")
     return 0
 

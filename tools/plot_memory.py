@@ -22,6 +22,13 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from utils.atomic import atomic_write  # noqa: E402
+
 # Published VTAB-1k accuracies for ViT-B/16 (ImageNet-21k), mean of the three group means (Natural, Specialized,
 # Structured), as printed in the comparison tables of the PEFT literature.  Sources, and how sure we are:
 # - dtl 76.7, dtl+ 77.7: the DTL paper (Fu et al. AAAI 2024), as given in SPEC.md section 5 (for DTL, recomputed
@@ -168,11 +175,6 @@ def _place_labels(fig, ax, points: List[dict], fontsize: float = 9.0) -> None:
 
 
 def plot(points: List[dict], bench: List[dict], metric: str, out: str, model_label: str = "ViT-B/16") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     r0 = bench[0]
     fig, ax = plt.subplots(figsize=(7.5, 5.4), dpi=150)
     styles = {"own": dict(marker="o", filled=True), "override": dict(marker="s", filled=False),
@@ -204,11 +206,8 @@ def plot(points: List[dict], bench: List[dict], metric: str, out: str, model_lab
                title="hollow = published accuracy (sources: tools/plot_memory.py); memory measured here",
                title_fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:

@@ -57,7 +57,7 @@ def model_kwargs_type(text: str) -> Dict[str, Any]:
             continue
         key, sep, value = part.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {part!r}")
+            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {part!r}")
         value = value.strip()
         if value.startswith("(") and value.endswith(")"):  # a tuple, e.g. depths=(2,2,6,2): read as a list
             value = "[" + value[1:-1] + "]"

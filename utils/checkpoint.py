@@ -1,7 +1,5 @@
-"""Atomic file writing, the small *delta* checkpoint and the ``last.pth`` resume checkpoint.
-
-Every file is written to a temporary name in the destination folder and moved into place with
-``os.replace``, so a reader (or a run killed half-way) never sees a half-written file.
+"""The small *delta* checkpoint and the ``last.pth`` resume checkpoint (both written atomically, with
+:mod:`utils.atomic`; its helpers are re-exported here).
 
 Delta checkpoint (``delta.pth`` / ``delta_seed<k>.pth``), a plain dict:
     ``format`` (``"dtl-delta/1"``), ``delta`` (the trainable tensors only, see :mod:`models.trainable`),
@@ -15,14 +13,16 @@ rank, the per-seed bookkeeping (best validation delta, summary rows) and the res
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
+
+from models.pretrained import CheckpointError
+
+from .atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
@@ -32,77 +32,6 @@ __all__ = [
 
 DELTA_FORMAT = "dtl-delta/1"
 RESUME_FORMAT = "dtl-resume/1"
-
-try:  # one exception type for every bad checkpoint in the project
-    from models.pretrained import CheckpointError
-except ImportError:  # pragma: no cover - models is part of this repository
-    class CheckpointError(ValueError):
-        """A checkpoint file that cannot be used; the message names the file."""
-
-
-def _tmp_path(path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return tmp
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace(tmp: str, path: str) -> None:
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = _tmp_path(path)
-    try:
-        torch.save(obj, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- delta files

@@ -82,6 +82,9 @@ class Benchmark:
         dataset_names: every canonical dataset name, in table order.
         num_classes: canonical dataset name -> number of classes of the head.
         build: :class:`DataRequest` -> :class:`DataPlan` (raises ``DataError`` naming the file).
+        check_root: (root, names or None, :class:`~data.listcheck.CheckReport`) -> None: check every list
+            file the benchmark needs under ``root`` (``tools/check_data.py``), adding the results to the report.
+        detect: whether a folder has this benchmark's layout.
         primary: (``--dataset``, evaluated split names) -> the split whose top-1 is the run's ``top1``.
         protocol: one line on what is trained, evaluated and selected (launcher comments, README).
     """
@@ -103,6 +106,8 @@ class Benchmark:
     dataset_names: Tuple[str, ...]
     num_classes: Callable[[str], int]
     build: Callable[[DataRequest], DataPlan]
+    check_root: Callable[[str, Optional[Sequence[str]], Any], None]
+    detect: Callable[[str], bool]
     protocol: str
     default_shot: Optional[int] = None
     default_eval_interval: Optional[int] = None

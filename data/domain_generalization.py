@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
 from .errors import DataError
+from .listcheck import CheckReport, check_list, first_path, select_names
 from .listfile import parse_list_file
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -183,13 +184,36 @@ def _primary_target(dataset: str, names) -> str:
     return name if name in names else next(iter(names))
 
 
+def check_dg_root(root: str, targets, report: CheckReport, seeds=DG_SEEDS, shot=DG_SHOT) -> None:
+    src = os.path.join(root, DG_SOURCE)
+    if not os.path.isdir(os.path.join(src, "annotations")):
+        report.errors.append(f"{os.path.join(src, 'annotations')}: ImageNet source annotations not found")
+    else:
+        train_root = dg_source_image_root(root)
+        for s in seeds:
+            report.lists.append(check_list(f"{DG_SOURCE} (source)", f"train {shot}-shot seed {s}", train_root,
+                                           dg_source_list_path(root, s, shot), DG_NUM_CLASSES,
+                                           expected_per_class=shot))
+    names = select_names(targets, list(DG_TARGETS),
+                    lambda n: os.path.isfile(dg_target_list_path(root, n)), canonical_dg_target,
+                    "DG targets", report)
+    for t in names:
+        lp = dg_target_list_path(root, t)
+        image_root = resolve_dg_target_image_root(root, t, first_path(lp) if os.path.isfile(lp) else None)
+        report.lists.append(check_list(f"{t} (target)", "val", image_root, lp, DG_NUM_CLASSES))
+
+
+def looks_like_dg_root(root: str) -> bool:
+    return any(os.path.isdir(os.path.join(root, t, "annotations")) for t in DG_TARGETS)
+
+
 BENCHMARK = Benchmark(
     name="domain_generalization", title="domain generalisation", aliases=("domain_generalisation", "dg"),
     table="dg", launcher_data_dir="/path/to/DG", default_seeds=DG_SEEDS,
     shot="optional", default_shot=DG_SHOT, shot_help="shots of the ImageNet source",
     augment_train=True, eval_resize=Fraction(256, 224), selects_on_val=False, targets=True, shot_in_names=False,
     canonical_dataset=canonical_dg_target, dataset_names=DG_TARGETS, num_classes=lambda name: DG_NUM_CLASSES,
-    build=build_dg_plan, primary=_primary_target,
-    protocol=("seeds 0,1,2 in turn, trained on ImageNet 16-shot, evaluated on the target after the last epoch "
-              "(--target_dataset all: all five targets with the same models)."),
+    build=build_dg_plan, primary=_primary_target, check_root=check_dg_root, detect=looks_like_dg_root,
+    protocol=("seeds 0,1,2 in turn, trained on ImageNet 16-shot, evaluated on the target after the last\n"
+              "epoch (add --target_dataset all to evaluate all five targets with the same models)."),
 )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
 from .errors import DataError
+from .listcheck import CheckReport, check_list, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
     from .datasets import ListFileDataset
@@ -125,6 +126,32 @@ def build_fgfs_plan(req: DataRequest) -> DataPlan:
     return DataPlan(FGFS_DATASETS[name], seeds, req.dataset, {"shot": req.shot})
 
 
+def check_fgfs_root(root: str, datasets, report: CheckReport, shots=FGFS_SHOTS, seeds=FGFS_SEEDS) -> None:
+    split_root = os.path.join(root, SPLIT_DIR)
+    if not os.path.isdir(split_root):
+        report.errors.append(f"{split_root}: few-shot split folder not found")
+        return
+    names = select_names(datasets, list(FGFS_DATASETS),
+                    lambda n: os.path.isdir(os.path.join(split_root, n)) or os.path.isdir(os.path.join(root, n)),
+                    canonical_fgfs_name, "few-shot datasets", report)
+    for ds in names:
+        C = FGFS_DATASETS[ds]
+        image_root = os.path.join(root, ds)
+        if not os.path.isdir(image_root):
+            report.errors.append(f"{image_root}: image folder of few-shot dataset {ds!r} not found")
+            continue
+        for k in shots:
+            for s in seeds:
+                report.lists.append(check_list(ds, f"train {k}-shot seed {s}", image_root,
+                                               fgfs_list_path(root, ds, "train", k, s), C, expected_per_class=k))
+        for split in ("val", "test"):
+            report.lists.append(check_list(ds, split, image_root, fgfs_list_path(root, ds, split), C))
+
+
+def looks_like_fgfs_root(root: str) -> bool:
+    return os.path.isdir(os.path.join(root, SPLIT_DIR))
+
+
 BENCHMARK = Benchmark(
     name="few_shot", title="few-shot FGFS", aliases=("fewshot", "fgfs", "fs"), table="few_shot",
     launcher_data_dir="/path/to/FGFS", default_seeds=FGFS_SEEDS,
@@ -132,5 +159,6 @@ BENCHMARK = Benchmark(
     augment_train=True, eval_resize=Fraction(256, 224), selects_on_val=True, default_eval_interval=10, targets=False,
     shot_in_names=True, canonical_dataset=canonical_fgfs_name, dataset_names=tuple(FGFS_DATASETS),
     num_classes=lambda name: FGFS_DATASETS[canonical_fgfs_name(name)], build=build_fgfs_plan,
+    check_root=check_fgfs_root, detect=looks_like_fgfs_root,
     protocol="seeds 0,1,2 in turn (fresh model each), validation every 10 epochs, best weights tested.",
 )

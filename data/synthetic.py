@@ -16,6 +16,7 @@ A class index is written in mixed radix over the task's factors (first factor va
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import zlib
@@ -442,8 +443,6 @@ def make_dg_root(
 
 def main(argv=None) -> int:
     """``python -m data.synthetic {vtab,few_shot,dg} ROOT [options]``: write a generated data root."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m data.synthetic", description=main.__doc__, allow_abbrev=False)
     p.add_argument("benchmark", choices=("vtab", "few_shot", "dg"))
     p.add_argument("root")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
 from .errors import DataError
+from .listcheck import CheckReport, check_list, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
     from .datasets import ListFileDataset
@@ -156,6 +157,31 @@ def build_vtab_plan(req: DataRequest) -> DataPlan:
     return DataPlan(task.num_classes, seeds, task.name)
 
 
+def check_vtab_root(root: str, tasks, report: CheckReport) -> None:
+    names = select_names(tasks, list(VTAB_TASKS), lambda n: os.path.isdir(os.path.join(root, VTAB_TASKS[n].folder)),
+                    lambda n: get_vtab_task(n).name, "VTAB tasks", report)
+    for name in names:
+        t = VTAB_TASKS[name]
+        folder = os.path.join(root, t.folder)
+        if not os.path.isdir(folder):
+            report.errors.append(f"{folder}: data folder of VTAB task {name!r} not found")
+            continue
+        reps = {}
+        for split in VTAB_SPLITS:
+            reps[split] = check_list(name, split, folder, os.path.join(folder, f"{split}.txt"), t.num_classes)
+            report.lists.append(reps[split])
+        tr, va, tv = reps["train800"], reps["val200"], reps["train800val200"]
+        if tr.ok and va.ok and tv.ok and tv.n_samples != tr.n_samples + va.n_samples:
+            tv.warnings.append(f"{tv.list_path}: {tv.n_samples} images, but train800 + val200 hold "
+                               f"{tr.n_samples} + {va.n_samples}")
+
+
+def looks_like_vtab_root(root: str) -> bool:
+    """A folder holding at least one task folder with a split list."""
+    return any(os.path.isfile(os.path.join(root, t.folder, f"{s}.txt")) for t in VTAB_TASKS.values()
+               for s in VTAB_SPLITS)
+
+
 BENCHMARK = Benchmark(
     name="vtab", title="VTAB-1k", aliases=("vtab1k", "vtab_1k"), table="vtab",
     launcher_data_dir="/path/to/VTAB/vtab-1k", default_seeds=(0,),
@@ -163,5 +189,6 @@ BENCHMARK = Benchmark(
     augment_train=False, eval_resize=1, selects_on_val=False, targets=False, shot_in_names=False,
     canonical_dataset=lambda name: get_vtab_task(name).name, dataset_names=tuple(VTAB_TASKS),
     num_classes=lambda name: get_vtab_task(name).num_classes, build=build_vtab_plan,
+    check_root=check_vtab_root, detect=looks_like_vtab_root,
     protocol="train on train800val200, evaluate test once after the last epoch (no selection).",
 )

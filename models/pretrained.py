@@ -12,6 +12,7 @@ and that is an error naming the file and the keys. Classifier heads in the file 
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Dict, List, Mapping
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file as load_safetensors
 
 __all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError"]
 
@@ -36,9 +38,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(path)
+            sd = load_safetensors(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any read failure is a bad file for the user
@@ -59,8 +59,6 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _filter_fn(backbone: nn.Module):
-    import importlib
-
     module = importlib.import_module(type(backbone).__module__)
     return getattr(module, "checkpoint_filter_fn", None)
 

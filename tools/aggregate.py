@@ -34,13 +34,18 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import matplotlib
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.domain_generalization import DG_TARGETS, canonical_dg_target  # noqa: E402
-from data.few_shot import FGFS_DATASETS, FGFS_SHOTS, canonical_fgfs_name  # noqa: E402
-from data.benchmarks import canonical_benchmark  # noqa: E402
-from data.vtab import VTAB_GROUPS, get_vtab_task  # noqa: E402
+from data.domain_generalization import DG_TARGETS  # noqa: E402
+from data.few_shot import FGFS_DATASETS, FGFS_SHOTS  # noqa: E402
+from data.benchmarks import canonical_benchmark, get_benchmark  # noqa: E402
+from data.vtab import VTAB_GROUPS  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 METHOD_ORDER = ("dtl", "dtl+")
 GROUP_LABELS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
@@ -133,16 +138,11 @@ def find_results(root: str) -> List[str]:
 
 
 def _canon_dataset(bench: str, name: str) -> Tuple[str, bool]:
+    """The canonical dataset name of a known benchmark, and whether both are known."""
     try:
-        if bench == "vtab":
-            return get_vtab_task(name).name, True
-        if bench == "few_shot":
-            return canonical_fgfs_name(name), True
-        if bench == "domain_generalization":
-            return canonical_dg_target(name), True
+        return get_benchmark(bench).canonical_dataset(name), True
     except ValueError:
-        pass
-    return name, False
+        return name, False
 
 
 def _seed_of(res: Dict[str, Any]):
@@ -462,11 +462,6 @@ def plot_few_shot(col: Collection, path: str) -> Optional[str]:
     keys = [k for k in col.cells if k[0] == "few_shot"]
     if not keys:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = [d for d in FGFS_DATASETS if any(k[3] == d for k in keys)]
     rows = _rows(col, "few_shot")
     multi_backbone = len({b for b, _ in rows}) > 1

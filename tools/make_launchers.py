@@ -23,6 +23,11 @@ import sys
 from typing import Dict, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from data.benchmarks import get_benchmark  # noqa: E402
+
 SCRIPTS = os.path.join(REPO, "train_scripts")
 TABLE = os.path.join(SCRIPTS, "hparams.tsv")
 
@@ -34,16 +39,10 @@ PAPER_DTL_VIT_VTAB = {
     "dsprites_ori": 53.9, "smallnorb_azi": 34.2, "smallnorb_ele": 47.1,
 }
 
-DEFAULT_PATHS = {
-    "vtab": "/path/to/VTAB/vtab-1k",
-    "few_shot": "/path/to/FGFS",
-    "domain_generalization": "/path/to/DG",
-}
 BACKBONES = {
     "vit": ("vit_base_patch16_224_in21k", "/path/to/ViT-B_16.npz", "ViT-B/16 (ImageNet-21k)"),
     "swin": ("swin_base_patch4_window7_224_in22k", "timm", "Swin-B (ImageNet-22k, window 7, 224)"),
 }
-BENCH_NAMES = {"vtab": "VTAB-1k", "few_shot": "few-shot FGFS", "domain_generalization": "domain generalisation"}
 
 
 def read_table(path: str = TABLE) -> List[Dict[str, str]]:
@@ -53,7 +52,8 @@ def read_table(path: str = TABLE) -> List[Dict[str, str]]:
 
 def launcher_path(row: Dict[str, str]) -> str:
     """Path of a row's launcher, relative to the repository root."""
-    name = f"train_{row['method']}" + (f"_shot_{row['shot']}" if row["benchmark"] == "few_shot" else "") + ".sh"
+    shot = f"_shot_{row['shot']}" if get_benchmark(row["benchmark"]).shot_in_names else ""
+    name = f"train_{row['method']}{shot}.sh"
     return os.path.join("train_scripts", row["backbone"], row["benchmark"], row["dataset"], name)
 
 
@@ -79,7 +79,7 @@ def _flags(row: Dict[str, str]) -> List[Tuple[str, str]]:
         ("--benchmark", row["benchmark"]),
         ("--dataset", row["dataset"]),
     ]
-    if row["benchmark"] == "few_shot":
+    if get_benchmark(row["benchmark"]).shot == "required":
         flags.append(("--shot", row["shot"]))
     flags += [
         ("--model", model),
@@ -106,22 +106,16 @@ def _flags(row: Dict[str, str]) -> List[Tuple[str, str]]:
 def render(row: Dict[str, str]) -> str:
     """The text of one launcher."""
     model, default_load, bb_name = BACKBONES[row["backbone"]]
-    bench = row["benchmark"]
+    bench = get_benchmark(row["benchmark"])
     method = "DTL+" if row["method"] == "dtl+" else "DTL"
-    what = f"{BENCH_NAMES[bench]} {row['dataset']}" + (f", {row['shot']}-shot" if bench == "few_shot" else "")
+    what = f"{bench.title} {row['dataset']}" + (f", {row['shot']}-shot" if bench.shot == "required" else "")
     if row["backbone"] == "swin":
         load_doc = ("#   LOAD_PATH   Swin-B weights: 'timm' (default) downloads timm's swin_base_patch4_window7_224.ms_in22k,\n"
                     "#               as the original did; or a local .pth/.safetensors file; empty = random init.")
     else:
         load_doc = ("#   LOAD_PATH   Google's ViT-B_16.npz (ImageNet-21k); 'timm' = timm's copy (downloaded);\n"
                     "#               empty = random initialisation (a loud warning; for tests only).")
-    if bench == "few_shot":
-        proto = "# Protocol: seeds 0,1,2 in turn (fresh model each), validation every 10 epochs, best weights tested."
-    elif bench == "domain_generalization":
-        proto = ("# Protocol: seeds 0,1,2 in turn, trained on ImageNet 16-shot, evaluated on the target after the last\n"
-                 "# epoch (add --target_dataset all to evaluate all five targets with the same models).")
-    else:
-        proto = "# Protocol: train on train800val200, evaluate test once after the last epoch (no selection)."
+    proto = "\n".join("# " + line for line in f"Protocol: {bench.protocol}".split("\n"))
     lines = [
         "#!/usr/bin/env bash",
         f"# {method} on {bb_name}, {what}: the original launcher's settings.",
@@ -136,7 +130,7 @@ def render(row: Dict[str, str]) -> str:
         "#   Environment variables of the same names override the values below; so do PYTHON and TORCHRUN_ARGS",
         "#   (extra torchrun flags for several nodes: --nnodes --node_rank --master_addr --master_port).",
         "",
-        f'DATA_DIR="${{DATA_DIR-{DEFAULT_PATHS[bench]}}}"',
+        f'DATA_DIR="${{DATA_DIR-{bench.launcher_data_dir}}}"',
         f'LOAD_PATH="${{LOAD_PATH-{default_load}}}"',
         'NPROC="${NPROC-1}"',
         "",

@@ -1,5 +1,6 @@
 """Atomic file writing: the one helper every file of the project is written with.
 
+Kept free of torch (``utils.checkpoint.atomic_torch_save`` builds on it), so light tools can use it.
 A file is written to a temporary name in the destination folder and moved into place with ``os.replace``, so a
 reader (or a run killed half-way) never sees a half-written file; on failure the temporary file is removed.
 """
@@ -11,9 +12,8 @@ import tempfile
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
 
 
 def _umask() -> int:
@@ -58,14 +58,10 @@ def _json_default(o: Any) -> Any:
         return int(o)
     if isinstance(o, np.floating):
         return float(o)
-    if isinstance(o, torch.Tensor):
+    if hasattr(o, "tolist"):  # torch tensors, numpy arrays
         return o.tolist()
     return str(o)
 
 
 def atomic_write_json(path: str, obj: Any, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))

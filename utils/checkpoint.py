@@ -22,7 +22,7 @@ import torch
 
 from models.pretrained import CheckpointError
 
-from .atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .atomic import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
@@ -32,6 +32,11 @@ __all__ = [
 
 DELTA_FORMAT = "dtl-delta/1"
 RESUME_FORMAT = "dtl-resume/1"
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`utils.atomic.atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ----------------------------------------------------------------------------------------------- delta files

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 __all__ = [
-    "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "is_main_process", "barrier",
+    "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "barrier",
     "all_reduce_sum", "broadcast_object", "all_gather_object", "ShardSampler", "resolve_device",
 ]
 
@@ -72,10 +72,6 @@ def cleanup_distributed() -> None:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_main_process() -> bool:
-    return not is_distributed() or dist.get_rank() == 0
 
 
 def barrier() -> None:

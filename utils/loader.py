@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
+from data.transforms import normalize_uint8_batch
+
 from .distributed import DistInfo, ShardSampler
 
 __all__ = ["build_train_loader", "build_eval_loader", "set_epoch", "CudaPrefetcher", "epoch_seed",
@@ -140,8 +142,6 @@ class CudaPrefetcher:
         return self.loader.generator
 
     def _to_device(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        from data.transforms import normalize_uint8_batch
-
         x, y = batch
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)

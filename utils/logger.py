@@ -11,7 +11,9 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from .checkpoint import atomic_write_text
+from torch.utils.tensorboard import SummaryWriter
+
+from .atomic import atomic_write_text
 
 __all__ = ["setup_logging", "add_file_log", "close_file_logs", "SummaryTable", "TensorBoardLogger", "format_duration"]
 
@@ -94,16 +96,11 @@ def _fmt(v: Any) -> Any:
 
 
 class TensorBoardLogger:
-    """Scalars to TensorBoard event files in the run folder (a no-op when disabled or unavailable)."""
+    """Scalars to TensorBoard event files in the run folder (a no-op when disabled)."""
 
     def __init__(self, log_dir: Optional[str]) -> None:
         self.writer = None
         if log_dir is None:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # pragma: no cover - tensorboard is in requirements.txt
-            logging.getLogger(__name__).warning("tensorboard is not installed: no event files are written")
             return
         self.writer = SummaryWriter(log_dir=log_dir)
 

@@ -1,4 +1,5 @@
-"""Accuracy counting (exact across processes), running means, resource usage and version stamps."""
+"""Accuracy counting (exact across processes), resource usage (the one peak-memory helper of the project)
+and version stamps."""
 from __future__ import annotations
 
 import os
@@ -8,30 +9,16 @@ import subprocess
 import sys
 from typing import Dict, Optional
 
+import numpy
+import timm
 import torch
 
 from .distributed import all_reduce_sum
 
 __all__ = [
-    "AverageMeter", "TopKCounter", "peak_rss_mib", "peak_cuda_mib", "reset_peak_memory", "versions",
+    "TopKCounter", "peak_rss_mib", "peak_cuda_mib", "reset_peak_memory", "versions",
     "mean_std",
 ]
-
-
-class AverageMeter:
-    """Weighted running mean (``update(value, n)``)."""
-
-    def __init__(self) -> None:
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += float(value) * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.count, 1)
 
 
 class TopKCounter:
@@ -106,9 +93,6 @@ def _git_commit(repo: str) -> Optional[str]:
 
 def versions() -> Dict[str, Optional[str]]:
     """Versions of what produced a result: Python, torch, timm, numpy, CUDA/cuDNN, GPU name, git commit."""
-    import numpy
-    import timm
-
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     v: Dict[str, Optional[str]] = {
         "python": platform.python_version(),

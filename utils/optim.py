@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule, loss functions and EMA of the original recipe (SPEC §2)."""
+"""Optimiser, learning-rate schedule, loss functions and EMA of the original recipe (docs/method.md)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import CosineLRScheduler
 
 __all__ = [
     "param_groups", "create_optimizer", "create_scheduler", "total_epochs", "create_losses", "create_mixup",
@@ -45,8 +48,6 @@ def create_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace)
     """timm ``CosineLRScheduler(t_initial=epochs, lr_min, warmup_t=warmup_epochs, warmup_lr_init,
     cycle_decay=0.5)``; call ``step(epoch + 1)`` after epoch ``epoch`` (0-based), so epoch ``e`` runs at the
     schedule's value at ``t = e``."""
-    from timm.scheduler import CosineLRScheduler
-
     return CosineLRScheduler(
         optimizer,
         t_initial=max(args.epochs, 1),
@@ -62,16 +63,12 @@ def create_mixup(args: argparse.Namespace, num_classes: int):
     """timm ``Mixup`` when ``--mixup``/``--cutmix`` are on (label smoothing folded in), else ``None``."""
     if args.mixup <= 0 and args.cutmix <= 0:
         return None
-    from timm.data import Mixup
-
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                  label_smoothing=args.smoothing, num_classes=num_classes)
 
 
 def create_losses(args: argparse.Namespace, mixup_active: bool) -> Tuple[nn.Module, nn.Module]:
     """(train loss, eval loss): soft-target CE with mixup, label-smoothing CE with ``--smoothing``, else CE."""
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if mixup_active:
         train = SoftTargetCrossEntropy()
     elif args.smoothing > 0:

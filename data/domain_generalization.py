@@ -1,6 +1,6 @@
-"""Domain generalisation (NOAH protocol; SPEC §3.3): train on 16-shot ImageNet, test on five targets.
+"""Domain generalisation (NOAH protocol; docs/method.md, section 3): train on 16-shot ImageNet, test on five targets.
 
-Layout (``seed-README.md``, CoOp image folders + NOAH annotations)::
+Layout (CoOp image folders + NOAH annotations)::
 
     <data_dir>/imagenet/annotations/train_meta.list.num_shot_16.seed_<s>   source, paths relative to
                                                                         <data_dir>/imagenet/images/train/
@@ -9,7 +9,7 @@ Layout (``seed-README.md``, CoOp image folders + NOAH annotations)::
     <data_dir>/<target>/annotations/val_meta.list                       other targets, paths relative to
                                                                         <data_dir>/<target>/
 
-Path base of the ``imagenet`` target: SPEC §3.3 puts its images under ``imagenet/images/val/`` (the mirror of
+Path base of the ``imagenet`` target: the original layout puts its images under ``imagenet/images/val/`` (the mirror of
 the source under ``imagenet/images/train/``), so list paths are taken relative to that folder. A list whose
 paths already start with ``images/val/`` (i.e. relative to ``<data_dir>/imagenet/``, like the other targets)
 is recognised too: the base is chosen by looking up the first listed file under ``images/val/`` first and then

@@ -1,6 +1,6 @@
-"""Few-shot fine-grained classification (FGFS, NOAH protocol; SPEC §3.2).
+"""Few-shot fine-grained classification (FGFS, NOAH protocol; docs/method.md, section 3).
 
-Layout (``seed-README.md``)::
+Layout::
 
     <data_dir>/few-shot_split/<dataset>/annotations/train_meta.list.num_shot_<k>.seed_<s>
     <data_dir>/few-shot_split/<dataset>/annotations/val_meta.list

@@ -1,4 +1,4 @@
-"""Image transforms of the original recipes (SPEC §1.3, §3.1-3.3), built from timm's own implementations.
+"""Image transforms of the original recipes (docs/method.md, sections 2-3), built from timm's own implementations.
 
 * ``vtab`` (train = test, no augmentation): Resize((s, s), bicubic) -> CenterCrop(s) -> ToTensor -> Normalize.
 * ``few_shot`` / ``domain_generalization``:

@@ -1,4 +1,4 @@
-"""VTAB-1k: the 19 tasks, their folders, class counts and groups (SPEC §3.1), and the list-file datasets.
+"""VTAB-1k: the 19 tasks, their folders, class counts and groups (docs/method.md, section 3), and the list-file datasets.
 
 Layout: ``<data_dir>/<folder>/{train800,val200,train800val200,test}.txt`` with image paths relative to
 ``<data_dir>/<folder>/`` (the layout of the widely shared VTAB-1k extraction used by SSF, NOAH and DTL).
@@ -57,10 +57,10 @@ _TASKS: List[VTABTask] = [
     VTABTask("smallnorb_ele", "smallnorb_ele", 9, "structured"),
 ]
 
-#: The 19 tasks in SPEC order (Natural, Specialized, Structured), keyed by canonical name.
+#: The 19 tasks in the benchmark's order (Natural, Specialized, Structured), keyed by canonical name.
 VTAB_TASKS: Dict[str, VTABTask] = {t.name: t for t in _TASKS}
 
-#: Group name -> task names, in SPEC order.
+#: Group name -> task names, in the benchmark's order.
 VTAB_GROUPS: Dict[str, Tuple[str, ...]] = {
     g: tuple(t.name for t in _TASKS if t.group == g) for g in ("natural", "specialized", "structured")
 }

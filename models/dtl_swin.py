@@ -4,7 +4,7 @@
 keep timm's names and timm's loaders and checkpoint filter work) and runs its own loop over the stages and
 blocks, with one :class:`~models.side_network.CompactSideNetwork` per stage.
 
-What differs from ViT (SPEC §1.2):
+What differs from ViT (docs/method.md, section 1.2):
 
 - blocks are numbered globally across stages (Swin-B, depths 2-2-18-2: stage 2 = blocks 4-21);
 - the side sum ``s`` restarts at 0 at every stage (stages have different widths), so a stage gets a side

@@ -1,4 +1,4 @@
-"""Compare this implementation with outputs of the original DTL code (``shared/fixtures/reference/*``).
+"""Compare this implementation with outputs of the original DTL code (the reference fixtures).
 
 A fixture folder holds ``meta.json`` (architecture + DTL settings in neutral terms), the original model's
 ``reference_state_dict.pt`` (original key layout) and ``io.pt`` (input, labels, logits, logits with the side
@@ -27,7 +27,7 @@ from .trainable import count_parameters
 __all__ = ["FixtureResult", "model_from_fixture_config", "vit_from_fixture_config", "swin_from_fixture_config",
            "check_fixture", "LOGIT_TOL", "GRAD_RTOL"]
 
-LOGIT_TOL = 1e-5  # absolute, on logits and loss (fixtures README)
+LOGIT_TOL = 1e-5  # absolute, on logits and loss (docs/method.md, section 6)
 GRAD_RTOL = 1e-4  # relative to the largest reference gradient entry of each tensor
 
 

@@ -75,7 +75,7 @@ def test_vtab_means_by_hand(tmp_path, capsys):
     assert cell["**Natural**"] == f"{nat:.2f}" and cell["**Specialized**"] == "83.00" and cell["**Structured**"] == "53.50"
     assert cell["**Mean (groups)**"] == f"{groups:.2f}" and cell["**Mean (19 tasks)**"] == f"{all19:.2f}"
     assert cell["Tasks"] == "19/19"
-    assert header[2:9] == list(VTAB_GROUPS["natural"])  # SPEC order, grouped
+    assert header[2:9] == list(VTAB_GROUPS["natural"])  # the benchmark's order, grouped
     assert "mean of the three group means" in md and "plain mean over the 19 tasks" in md
     plus = dict(zip(header, _md_row(md, BB, "dtl+")))
     assert plus["dtd"] == "60.00" and plus["cifar_100"] == "–" and plus["**Natural**"] == "60.00†"

@@ -141,7 +141,7 @@ def test_vtab_task_table_matches_spec():
                     patch_camelyon=2, eurosat=10, resisc45=45, diabetic_retinopathy=5, clevr_count=8, clevr_dist=6,
                     dmlab=6, kitti=4, dsprites_loc=16, dsprites_ori=16, smallnorb_azi=18, smallnorb_ele=9)
     assert {k: t.num_classes for k, t in VTAB_TASKS.items()} == expected
-    assert list(VTAB_TASKS) == list(expected)  # SPEC order
+    assert list(VTAB_TASKS) == list(expected)  # the benchmark's order
     folders = {t.name: t.folder for t in VTAB_TASKS.values() if t.folder != t.name}
     assert folders == {"cifar_100": "cifar", "pets": "oxford_iiit_pet", "flowers102": "oxford_flowers102"}
 

@@ -280,5 +280,5 @@ def test_rank_defaults_to_the_backbones():
     vit = DTLVisionTransformer(tiny_vit(), 3, DTLConfig(fusion_size=3))
     swin = DTLSwinTransformer(SwinTransformer(img_size=32, patch_size=2, window_size=2, embed_dim=8, depths=(1, 1, 2, 1),
                                               num_heads=(1, 1, 2, 2), num_classes=0), 3, DTLConfig(fusion_size=5))
-    assert vit.dtl_cfg.r == 2 and swin.dtl_cfg.r == 4  # SPEC: ViT r = 2, Swin r = 4
+    assert vit.dtl_cfg.r == 2 and swin.dtl_cfg.r == 4  # the paper: ViT r = 2, Swin r = 4
     assert DTLVisionTransformer(tiny_vit(), 3, DTLConfig(r=5)).dtl_cfg.r == 5

@@ -112,7 +112,7 @@ def test_paper_numbers_in_vit_vtab_dtl_launchers():
             text = (REPO / make_launchers.launcher_path(row)).read_text()
             number = make_launchers.PAPER_DTL_VIT_VTAB[row["dataset"]]
             assert f"{number:.1f} top-1" in text
-    assert make_launchers.PAPER_DTL_VIT_VTAB["cifar_100"] == 69.6  # SPEC §5
+    assert make_launchers.PAPER_DTL_VIT_VTAB["cifar_100"] == 69.6  # the paper (docs/method.md)
     assert make_launchers.PAPER_DTL_VIT_VTAB["smallnorb_ele"] == 47.1
 
 

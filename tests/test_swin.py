@@ -51,7 +51,7 @@ def same_pad_dwconv(x_nhwc, weight):
 
 
 def manual_forward(model, x, csn, add, beta=100.0):
-    """SPEC §1.2 written out in the original's order: patch merging at the *end* of a stage, global block
+    """The Swin rule (docs/method.md, section 1.2) written out in the original's order: patch merging at the *end* of a stage, global block
     numbers, the side sum restarting at every stage. Taps the model did not create get random tensors here:
     if one of them mattered, the outputs would differ."""
     bb = model.backbone

@@ -1,7 +1,7 @@
 """Swin through train.py (issue 5): a tiny Swin trains end to end on a generated VTAB root through the Swin
 DTL+ launcher (run by bash), its trainable counts match the side network's layout, ``--eval_only`` on the delta
 reproduces the accuracy; without ``--r``/block flags a backbone gets its own defaults (Swin r=4 and the stage
-rule of SPEC §1.2, ViT r=2, taps 0-11, add-back 6-11); lean mode and the prefix cache train Swin like the
+rule of docs/method.md, section 1.2, ViT r=2, taps 0-11, add-back 6-11); lean mode and the prefix cache train Swin like the
 default path."""
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def test_weight_decay_follows_the_name_rule_only():
     groups = param_groups(m, 0.05)
     by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert by_id[id(m.lin.weight)] == 0.05
-    assert by_id[id(m.norm.weight)] == 0.05  # 1-D but not named *.bias: decayed, as SPEC says
+    assert by_id[id(m.norm.weight)] == 0.05  # 1-D but not named *.bias: decayed, as the original
     assert by_id[id(m.lin.bias)] == 0.0 and by_id[id(m.norm.bias)] == 0.0
     assert id(m.frozen.weight) not in by_id
 

@@ -1,6 +1,6 @@
 """Configurations beyond the shipped fixtures, against a direct transcription of the original forward pass.
 
-The oracle below is SPEC §1.1/§1.2 written out literally (one running sum, ``s = 0`` at the start and at every
+The oracle below is the rule of docs/method.md (sections 1.1/1.2) written out literally (one running sum, ``s = 0`` at the start and at every
 Swin stage, taps on block inputs, ``x + phi(swish(s))`` after add-back blocks, PyTorch ``padding='same'``
 depthwise convolution) using the model's own tensors. It shares no code with ``models/side_network.py``, so
 it checks the wrappers' loops, the tap bookkeeping and the fusion reshapes on widths, depths, ranks, block

@@ -6,7 +6,7 @@
     python tools/aggregate.py output/ --format csv          # print the CSV tables instead
 
 Tables (one row per backbone + method):
-* VTAB-1k: the 19 tasks in SPEC order grouped Natural / Specialized / Structured, each group's mean, the mean of
+* VTAB-1k: the 19 tasks in the benchmark's order grouped Natural / Specialized / Structured, each group's mean, the mean of
   the three group means ("Mean (groups)", the paper's number) and the plain 19-task mean ("Mean (19 tasks)").
   A mean over an incomplete group is marked ``†`` (partial: mean of the tasks present); ``-`` = missing.
 * Few-shot: dataset x shots (1, 2, 4, 8, 16).

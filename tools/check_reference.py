@@ -4,7 +4,7 @@
     python tools/check_reference.py ../shared/fixtures/reference/vit_* [more folders]
 
 One line per fixture with the measured differences (logits, side-off logits, loss, relative gradient error,
-trainable count). Exit status 1 when any fixture fails (tolerances: fixtures README) or cannot be run.
+trainable count). Exit status 1 when any fixture fails (tolerances: docs/method.md, section 6) or cannot be run.
 """
 import argparse
 import os

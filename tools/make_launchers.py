@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Generate (or ``--check``) the 136 launchers under ``train_scripts/`` from ``train_scripts/hparams.tsv``.
 
-The table holds every per-dataset setting of the original launchers (a copy of the project's
-``shared/hparams.tsv``). Layout written:
+The table holds every per-dataset setting of the original launchers (docs/method.md, section 4). Layout written:
 
     train_scripts/vit/vtab/<task>/train_dtl.sh, train_dtl+.sh                     (38)
     train_scripts/swin/vtab/<task>/train_dtl.sh, train_dtl+.sh                    (38)
@@ -31,7 +30,7 @@ from data.benchmarks import get_benchmark  # noqa: E402
 SCRIPTS = os.path.join(REPO, "train_scripts")
 TABLE = os.path.join(SCRIPTS, "hparams.tsv")
 
-# DTL, ViT-B/16, VTAB-1k top-1 of the paper (SPEC §5).
+# DTL, ViT-B/16, VTAB-1k top-1 of the paper (docs/method.md, section 5).
 PAPER_DTL_VIT_VTAB = {
     "cifar_100": 69.6, "caltech101": 94.8, "dtd": 71.3, "flowers102": 99.3, "pets": 91.3, "svhn": 83.3,
     "sun397": 56.2, "patch_camelyon": 87.1, "eurosat": 96.2, "resisc45": 86.1, "diabetic_retinopathy": 75.0,

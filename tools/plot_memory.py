@@ -31,7 +31,7 @@ from utils.atomic import atomic_write  # noqa: E402
 
 # Published VTAB-1k accuracies for ViT-B/16 (ImageNet-21k), mean of the three group means (Natural, Specialized,
 # Structured), as printed in the comparison tables of the PEFT literature.  Sources, and how sure we are:
-# - dtl 76.7, dtl+ 77.7: the DTL paper (Fu et al. AAAI 2024), as given in SPEC.md section 5 (for DTL, recomputed
+# - dtl 76.7, dtl+ 77.7: the DTL paper (Fu et al. AAAI 2024), as given in docs/method.md, section 5 (for DTL, recomputed
 #   from its per-task numbers there: group means 80.83 / 86.10 / 63.35 -> 76.76).
 # - full 68.9 (75.88 / 83.36 / 47.64), linear 57.6 (68.93 / 77.16 / 26.84), vpt 72.0 (VPT-deep: 78.48 / 82.43 /
 #   54.98), bitfit 65.2 (the "Bias" row: 73.30 / 78.25 / 44.09): the VPT paper (Jia et al. ECCV 2022), Table 1.

@@ -7,7 +7,8 @@ import importlib
 
 _EXPORTS = {
     "DataError": "errors", "parse_list_file": "listfile", "ListFileDataset": "datasets",
-    "BENCHMARKS": "benchmarks", "canonical_benchmark": "benchmarks",
+    "BENCHMARKS": "benchmarks", "canonical_benchmark": "benchmarks", "get_benchmark": "benchmarks",
+    "Benchmark": "benchmark",
     "VTABTask": "vtab", "VTAB_TASKS": "vtab", "VTAB_GROUPS": "vtab", "get_vtab_task": "vtab",
     "build_vtab_dataset": "vtab",
     "FGFS_DATASETS": "few_shot", "canonical_fgfs_name": "few_shot", "build_fgfs_dataset": "few_shot",

@@ -47,8 +47,6 @@ __all__ = [
     "baseline_settings", "baseline_class",
 ]
 
-BASELINE_METHODS = ("full", "linear", "bitfit", "lora", "adapter", "adaptformer", "vpt", "ssf")
-SWIN_METHODS = ("full", "linear", "bitfit", "lora", "adapter", "adaptformer", "ssf")
 _CONFIG_KEYS = ("arch", "method", "num_classes")
 
 
@@ -571,6 +569,9 @@ _CLASSES: Dict[str, Type[BaselineModel]] = {
     "full": FullFineTune, "linear": LinearProbe, "bitfit": BitFit, "lora": LoRA, "adapter": Adapter,
     "adaptformer": AdaptFormer, "vpt": VPTDeep, "ssf": SSF,
 }
+#: ``--method`` names of the baselines, and those implemented for Swin.
+BASELINE_METHODS = tuple(_CLASSES)
+SWIN_METHODS = tuple(m for m, c in _CLASSES.items() if "swin" in c.supported_archs())
 
 
 def baseline_class(method: str) -> Type[BaselineModel]:

@@ -34,8 +34,6 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import matplotlib
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.domain_generalization import DG_TARGETS  # noqa: E402
@@ -43,9 +41,6 @@ from data.few_shot import FGFS_DATASETS, FGFS_SHOTS  # noqa: E402
 from data.benchmarks import canonical_benchmark, get_benchmark  # noqa: E402
 from data.vtab import VTAB_GROUPS  # noqa: E402
 from utils.atomic import atomic_write_bytes  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 METHOD_ORDER = ("dtl", "dtl+")
 GROUP_LABELS = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
@@ -462,6 +457,11 @@ def plot_few_shot(col: Collection, path: str) -> Optional[str]:
     keys = [k for k in col.cells if k[0] == "few_shot"]
     if not keys:
         return None
+    import matplotlib  # here, not at the top: importing pyplot takes a second, and most calls draw nothing
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     datasets = [d for d in FGFS_DATASETS if any(k[3] == d for k in keys)]
     rows = _rows(col, "few_shot")
     multi_backbone = len({b for b, _ in rows}) > 1

@@ -69,13 +69,22 @@ def _load(path: str, what: str) -> Any:
         raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
 
 
+def _load_format(path: str, fmt: str) -> Dict[str, Any]:
+    """Read ``path`` and check that it is a checkpoint of format ``fmt`` (naming the other kind when it is)."""
+    delta = fmt == DELTA_FORMAT
+    ckpt = _load(path, "delta checkpoint" if delta else "resume checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        other = isinstance(ckpt, dict) and ckpt.get("format") == (RESUME_FORMAT if delta else DELTA_FORMAT)
+        hint = ((" (this is a resume checkpoint; pass it to --resume)" if delta else
+                 " (this is a delta checkpoint; use --eval_only --checkpoint)") if other else "")
+        kind = "a delta checkpoint" if delta else "a resume checkpoint (last.pth)"
+        raise CheckpointError(f"{path} is not {kind} written by train.py{hint}")
+    return ckpt
+
+
 def read_delta_checkpoint(path: str) -> Dict[str, Any]:
     """Read and validate a delta checkpoint; :class:`CheckpointError` naming ``path`` otherwise."""
-    ckpt = _load(path, "delta checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != DELTA_FORMAT:
-        hint = " (this is a resume checkpoint; pass it to --resume)" if isinstance(ckpt, dict) and ckpt.get(
-            "format") == RESUME_FORMAT else ""
-        raise CheckpointError(f"{path} is not a delta checkpoint written by train.py{hint}")
+    ckpt = _load_format(path, DELTA_FORMAT)
     for key in ("delta", "model_config", "method", "backbone"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: delta checkpoint lacks {key!r}")
@@ -86,12 +95,7 @@ def read_delta_checkpoint(path: str) -> Dict[str, Any]:
 
 def read_resume_checkpoint(path: str) -> Dict[str, Any]:
     """Read and validate a ``last.pth`` resume checkpoint."""
-    ckpt = _load(path, "resume checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != RESUME_FORMAT:
-        hint = " (this is a delta checkpoint; use --eval_only --checkpoint)" if isinstance(ckpt, dict) and ckpt.get(
-            "format") == DELTA_FORMAT else ""
-        raise CheckpointError(f"{path} is not a resume checkpoint (last.pth) written by train.py{hint}")
-    return ckpt
+    return _load_format(path, RESUME_FORMAT)
 
 
 # ------------------------------------------------------------------------------------------------ RNG states

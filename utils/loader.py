@@ -34,6 +34,16 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def _train_sampler(dataset: Dataset, dist_info: DistInfo, seed: int) -> Tuple[DistributedSampler, torch.Generator]:
+    """The shuffling sampler of the training data (the same for images and the prefix cache) and the loader's
+    generator, seeded for epoch 0."""
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
+                                 seed=seed, drop_last=False)
+    generator = torch.Generator()
+    generator.manual_seed(epoch_seed(seed, dist_info.rank, 0))
+    return sampler, generator
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -43,11 +53,7 @@ def build_train_loader(
     pin_memory: bool = False,
 ) -> DataLoader:
     """Shuffled, ``drop_last`` training loader; ``batch_size`` is per process."""
-    sampler = DistributedSampler(
-        dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed, drop_last=False
-    )
-    generator = torch.Generator()
-    generator.manual_seed(epoch_seed(seed, dist_info.rank, 0))
+    sampler, generator = _train_sampler(dataset, dist_info, seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -86,12 +92,7 @@ class CacheBatchLoader:
 
 def build_cache_train_loader(cache, batch_size: int, dist_info: DistInfo, seed: int) -> CacheBatchLoader:
     """The cache counterpart of :func:`build_train_loader` (same sampler settings, so the same batches)."""
-    sampler = DistributedSampler(
-        cache.dataset(), num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed,
-        drop_last=False,
-    )
-    generator = torch.Generator()
-    generator.manual_seed(epoch_seed(seed, dist_info.rank, 0))
+    sampler, generator = _train_sampler(cache.dataset(), dist_info, seed)
     return CacheBatchLoader(cache, sampler, batch_size, generator)
 
 

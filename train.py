@@ -40,7 +40,7 @@ from timm.utils import AverageMeter, random_seed
 
 from data.benchmark import DataPlan, SeedPlan
 from data.benchmarks import get_benchmark
-from data.errors import DataError
+from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
 from engine.run_folder import ResumeState, RunFolder, SeedProgress, flag_value
 from engine.setup import (
@@ -63,7 +63,7 @@ _logger = logging.getLogger("train")
 
 # Errors in what the user gave (flags, data, checkpoints, model settings): exit status 2, a message, no traceback.
 # Anything else is a bug and keeps its traceback.
-USER_ERRORS = (UsageError, DataError, CheckpointError, ModelSettingsError)
+USER_ERRORS = (UsageError, DataError, UnknownNameError, CheckpointError, ModelSettingsError)
 
 
 @dataclass

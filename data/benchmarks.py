@@ -9,6 +9,7 @@ from typing import Dict, List, Tuple
 
 from . import domain_generalization, few_shot, vtab
 from .benchmark import Benchmark
+from .errors import UnknownNameError
 
 __all__ = ["BENCHMARKS", "REGISTRY", "get_benchmark", "canonical_benchmark", "benchmarks_of_dataset"]
 
@@ -28,7 +29,7 @@ def canonical_benchmark(name: str) -> str:
     """``vtab`` | ``few_shot`` | ``domain_generalization`` (accepts e.g. ``few-shot``, ``fgfs``, ``dg``)."""
     key = name.strip().lower().replace("-", "_")
     if key not in _ALIASES:
-        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+        raise UnknownNameError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     return _ALIASES[key]
 
 

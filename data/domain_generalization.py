@@ -24,7 +24,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
-from .errors import DataError
+from .errors import DataError, UnknownNameError
 from .listcheck import CheckReport, check_list, first_path, select_names
 from .listfile import parse_list_file
 
@@ -58,7 +58,7 @@ def canonical_dg_target(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key not in DG_TARGETS:
-        raise ValueError(f"unknown domain-generalisation target {name!r}; valid: {', '.join(DG_TARGETS)}")
+        raise UnknownNameError(f"unknown domain-generalisation target {name!r}; valid: {', '.join(DG_TARGETS)}")
     return key
 
 

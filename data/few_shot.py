@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
-from .errors import DataError
+from .errors import DataError, UnknownNameError
 from .listcheck import CheckReport, check_list, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -50,7 +50,7 @@ def canonical_fgfs_name(name: str) -> str:
         key = key[:-3]
     key = _ALIASES.get(key, key)
     if key not in FGFS_DATASETS:
-        raise ValueError(f"unknown few-shot dataset {name!r}; valid: {', '.join(FGFS_DATASETS)} "
+        raise UnknownNameError(f"unknown few-shot dataset {name!r}; valid: {', '.join(FGFS_DATASETS)} "
                          f"(the launchers' '-FS' suffix is accepted, e.g. 'food101-FS')")
     return key
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
-from .errors import DataError
+from .errors import DataError, UnknownNameError
 from .listcheck import CheckReport, check_list, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -104,7 +104,7 @@ def get_vtab_task(name: str) -> VTABTask:
         key = key[len("vtab_"):]
     if key in _ALIASES:
         return VTAB_TASKS[_ALIASES[key]]
-    raise ValueError(f"unknown VTAB-1k task {name!r}; valid names: {', '.join(VTAB_TASKS)} "
+    raise UnknownNameError(f"unknown VTAB-1k task {name!r}; valid names: {', '.join(VTAB_TASKS)} "
                      f"(folder names {', '.join(t.folder for t in _TASKS if t.folder != t.name)} are accepted too)")
 
 

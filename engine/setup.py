@@ -18,7 +18,7 @@ from data.benchmark import DataPlan, DataRequest, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError
 from data.transforms import DTL_MEAN, DTL_STD, build_transform, normalize_uint8_batch
-from models import DTLConfig, create_tuned_model
+from models import DTLConfig, ModelSettingsError, create_tuned_model
 from models.backbones import backbone_arch, default_rank
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from utils.args import UsageError
@@ -37,7 +37,8 @@ def build_data(args: argparse.Namespace, normalize: bool) -> DataPlan:
 
     Missing folders / list files, malformed lines, out-of-range labels and missing image files raise
     :class:`DataError` naming the file and line; with ``--skip_bad_images`` every image is decoded once and the
-    unreadable ones are dropped and counted. Unknown dataset/target names raise :class:`UsageError`.
+    unreadable ones are dropped and counted. Unknown dataset/target names raise
+    :class:`~data.errors.UnknownNameError`.
     """
     bench = get_benchmark(args.benchmark)
     request = DataRequest(
@@ -45,12 +46,7 @@ def build_data(args: argparse.Namespace, normalize: bool) -> DataPlan:
         train_transform=build_transform(bench.name, True, img_size=args.img_size, normalize=normalize),
         test_transform=build_transform(bench.name, False, img_size=args.img_size, normalize=normalize),
         need_train=not args.eval_only, dataset_kwargs={"skip_bad_images": args.skip_bad_images})
-    try:
-        plan = bench.build(request)
-    except DataError:
-        raise
-    except ValueError as e:  # unknown task / dataset / target names
-        raise UsageError(str(e)) from e
+    plan = bench.build(request)  # unknown names: data.errors.UnknownNameError, a user error
     if args.skip_bad_images:
         plan.info["skipped_images"] = _verify_all(plan.seeds)
     elif args.check_images:
@@ -117,7 +113,7 @@ def dtl_config(args: argparse.Namespace, model_name: str) -> DTLConfig:
     ``add_back_blocks``); ``--r`` and the block flags left out (None) mean the backbone's defaults."""
     try:
         arch = backbone_arch(model_name)
-    except ValueError as e:
+    except ModelSettingsError as e:
         raise UsageError(f"--model: {e}") from None
     r = args.r if args.r is not None else default_rank(arch)
     return DTLConfig(r=r, beta=args.beta, fusion_size=args.fusion_size, csn_blocks=args.lora_before_blocks,
@@ -168,12 +164,11 @@ def build_model(
             _logger.info("%s are DTL settings: --method %s ignores them and uses its own configuration",
                          ", ".join(dtl_flags), method)
     try:
-        backbone_arch(model_name)
-    except ValueError as e:
-        raise UsageError(f"--model: {e}") from None
-    return create_tuned_model(method, model_name, num_classes, dtl=dtl if method == "dtl" else None,
-                              load_path=load_path or None, pretrained=pretrained, lean=lean,
-                              **(kwargs if kwargs is not None else model_kwargs(args)))
+        return create_tuned_model(method, model_name, num_classes, dtl=dtl if method == "dtl" else None,
+                                  load_path=load_path or None, pretrained=pretrained, lean=lean,
+                                  **(kwargs if kwargs is not None else model_kwargs(args)))
+    except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
+        raise UsageError(f"cannot build --model {model_name} --method {method}: {e}") from e
 
 
 def check_memory_flags(args: argparse.Namespace, num_classes: int) -> None:

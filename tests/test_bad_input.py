@@ -194,3 +194,17 @@ def test_output_dir_of_another_run_is_refused(trained_delta, vtab, tmp_path, cap
     _fails(["--data_dir", vtab, "--dataset", "cifar_100", "--eval_only", "--checkpoint", trained_delta,
             "--output_dir", run_dir], caplog, "already holds a run")
     assert sorted(os.listdir(run_dir)) == before
+
+
+def test_only_user_errors_exit_2(vtab, tmp_path, caplog, monkeypatch):
+    """A setting the model cannot take is bad input (exit 2, the flag named); an error inside the program is a
+    bug and keeps its exception and traceback instead of looking like a bad flag."""
+    _fails(_argv(vtab, tmp_path / "a", "--lora_before_blocks", "0-30"), caplog, "cannot build --model", "30")
+    import engine.setup
+
+    def buggy(*a, **k):
+        raise RuntimeError("a bug in a model")
+
+    monkeypatch.setattr(engine.setup, "create_tuned_model", buggy)
+    with pytest.raises(RuntimeError, match="a bug in a model"):
+        run_train(_argv(vtab, tmp_path / "b"))

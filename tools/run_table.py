@@ -244,6 +244,24 @@ def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
             continue
 
 
+def stop_from_handler(pid: int, grace_s: float = 20.0) -> None:
+    """:func:`stop` for a signal handler that interrupted ``Popen.wait`` (whose lock it cannot take): SIGTERM
+    to the process group, reap the launcher directly, SIGKILL after ``grace_s``."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.1)
+
+
 def job_env(gpus_per_job: int) -> Dict[str, str]:
     """NPROC for the launcher; torchrun --standalone (a free port) for several processes unless the user set
     TORCHRUN_ARGS."""
@@ -453,7 +471,7 @@ class SlurmRun:
         import submitit
 
         if self._proc is not None:
-            stop(self._proc, grace_s=20.0)
+            stop_from_handler(self._proc.pid)
         return submitit.helpers.DelayedSubmission(SlurmRun(), spec)
 
 
@@ -490,7 +508,11 @@ def make_slurm_executor(root: str, args: argparse.Namespace, passthrough: Dict[s
 
     if not args.slurm_partition:
         raise TableError("--executor slurm needs --slurm_partition")
-    ex = submitit.SlurmExecutor(folder=os.path.join(root, ".submitit", "%j"), max_num_timeout=args.slurm_max_timeouts)
+    try:
+        ex = submitit.SlurmExecutor(folder=os.path.join(root, ".submitit", "%j"),
+                                    max_num_timeout=args.slurm_max_timeouts)
+    except RuntimeError as e:  # no srun on PATH
+        raise TableError(f"--executor slurm: {e}") from None
     params: Dict[str, Any] = dict(partition=args.slurm_partition, time=parse_slurm_time(args.slurm_time),
                                   nodes=1, ntasks_per_node=1, job_name=args.slurm_job_name,
                                   array_parallelism=args.slurm_array_parallelism)
@@ -722,7 +744,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"run_table: {len(specs)} run(s) under {root}", file=sys.stderr)
         if args.executor == "local":
             outcomes, interrupted = run_local(specs, args.slots, args.gpus_per_job,
-                                              args.gpus.split(",") if args.gpus else None, poll_s=args.poll or 0.5)
+                                              [g for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None, poll_s=args.poll or 0.5)
             rc = finish(outcomes, root)
             return 130 if interrupted else rc
         jobs, todo = submit_slurm(specs, root, args, passthrough)
@@ -731,7 +753,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         collect_cmd = f"python {os.path.relpath(__file__)} --output_root {shlex.quote(root)} --collect"
         if jobs:
             array_id = str(jobs[0].job_id).split("_")[0]
-            print(f"run_table: submitted array {array_id} ({len(jobs)} task(s); "
+            print(f"run_table: submitted {'array' if len(jobs) > 1 else 'job'} {array_id} ({len(jobs)} task(s); "
                   f"{len(specs) - len(todo)} finished before): "
                   + " ".join(str(j.job_id) for j in jobs))
         else:

@@ -143,7 +143,8 @@ def dry_run(launcher: str, extra: Sequence[str], env: Dict[str, str]) -> List[st
 
 def describe(launcher: str, extra: Sequence[str], env: Dict[str, str]) -> Dict[str, Any]:
     """benchmark, dataset, method, shot, model, data_dir, load_path of a launcher (train.py's own parser)."""
-    sys.path.insert(0, REPO)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
     from utils.args import parse_args, resolved_method
 
     argv = dry_run(launcher, extra, env)
@@ -165,18 +166,23 @@ def run_name(d: Dict[str, Any]) -> str:
 
 
 def plan_runs(launchers: Sequence[str], root: str, extra: Sequence[str], env: Dict[str, str],
-              check_paths: bool = True) -> List[RunSpec]:
-    """Dry-run every launcher; refuse placeholders, missing data, and two launchers sharing a folder."""
+              check_paths: bool = True, check_placeholders: bool = True) -> List[RunSpec]:
+    """Dry-run every launcher; refuse placeholders, missing data (``check_paths``: paths seen from this
+    machine), and two launchers sharing a folder."""
     specs: List[RunSpec] = []
     by_name: Dict[str, str] = {}
     for launcher in launchers:
         d = describe(launcher, extra, env)
         for var, key in (("DATA_DIR", "data_dir"), ("LOAD_PATH", "load_path")):
-            if str(d[key]).startswith(PLACEHOLDER):
+            if check_placeholders and str(d[key]).startswith(PLACEHOLDER):
                 raise TableError(f"{launcher}: {var} is the launcher's placeholder {d[key]}; set {var} in the "
                                  f"environment (or edit the launcher)")
-        if check_paths and not os.path.isdir(d["data_dir"]):
-            raise TableError(f"{launcher}: DATA_DIR {d['data_dir']} is not a folder")
+        if not os.path.isdir(d["data_dir"]):
+            if check_paths:
+                raise TableError(f"{launcher}: DATA_DIR {d['data_dir']} is not a folder")
+            if check_placeholders:
+                print(f"run_table: warning: DATA_DIR {d['data_dir']} is not a folder on this machine "
+                      f"({os.path.basename(launcher)}); the jobs must see it", file=sys.stderr)
         if check_paths and d["load_path"] and d["load_path"] != "timm" and not os.path.exists(d["load_path"]):
             raise TableError(f"{launcher}: LOAD_PATH {d['load_path']} not found")
         name = run_name(d)
@@ -654,9 +660,10 @@ def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                usage="%(prog)s LAUNCHER [LAUNCHER ...] --output_root DIR [options] [-- train.py flags]",
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False, epilog=__doc__.split("\n\n", 1)[1],
+        usage="%(prog)s LAUNCHER [LAUNCHER ...] --output_root DIR [options] [-- train.py flags]",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("launchers", nargs="*", help="launcher scripts (shell globs allowed)")
     p.add_argument("--set", action="append", default=[], choices=sorted(SETS),
                    help="a named set of launchers (repeatable): " + "; ".join(f"{k} = {v}" for k, v in SETS.items()))
@@ -723,7 +730,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             manifest_path = os.path.join(root, MANIFEST)
             job_ids: Dict[str, str] = {}
             if args.launchers or args.set:
-                specs = plan_runs(expand_launchers(args.launchers, args.set), root, extra, {}, check_paths=False)
+                specs = plan_runs(expand_launchers(args.launchers, args.set), root, extra, {}, check_paths=False,
+                                  check_placeholders=False)
             elif os.path.isfile(manifest_path):
                 with open(manifest_path, encoding="utf-8") as f:
                     man = json.load(f)
@@ -743,8 +751,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_manifest(root, manifest)
         print(f"run_table: {len(specs)} run(s) under {root}", file=sys.stderr)
         if args.executor == "local":
-            outcomes, interrupted = run_local(specs, args.slots, args.gpus_per_job,
-                                              [g for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None, poll_s=args.poll or 0.5)
+            gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus is not None else None
+            outcomes, interrupted = run_local(specs, args.slots, args.gpus_per_job, gpus, poll_s=args.poll or 0.5)
             rc = finish(outcomes, root)
             return 130 if interrupted else rc
         jobs, todo = submit_slurm(specs, root, args, passthrough)

@@ -16,6 +16,9 @@ Per-seed values come from ``per_seed`` (else ``top1`` with ``seed``); a seed fou
 the same cell counts once (the newest file wins, noted on stderr). Results of unknown benchmarks or datasets
 are listed in an "Other results" table, never dropped silently.
 
+``--paper`` puts the published number and our difference beside each VTAB-1k cell that has one (ViT-B/16
+ImageNet-21k rows only, the paper's backbone): ``70.1 (69.6, +0.5)``; they also go to ``<base>_paper.csv``.
+
 Files (written atomically): ``<base>.md``, ``<base>_vtab.csv`` / ``_few_shot.csv`` / ``_dg.csv`` (cell means)
 and ``<base>_long.csv`` (one row per cell: n, mean, std, seeds, files), where ``<base>`` is ``--out`` without
 its extension, or ``OUTPUT_ROOT/aggregate``. The few-shot curves (accuracy against shots, one subplot per
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
 from data.domain_generalization import DG_TARGETS  # noqa: E402
 from data.few_shot import FGFS_DATASETS, FGFS_SHOTS  # noqa: E402
@@ -48,6 +52,27 @@ DG_LABELS = {"imagenet": "ImageNet (source)", "imagenetv2": "-V2", "imagenet-ske
              "imagenet-adversarial": "-A", "imagenet-rendition": "-R"}
 DASH = "–"
 PARTIAL = "†"  # marks a mean over an incomplete set (no Markdown meaning, unlike *)
+
+
+# --------------------------------------------------------------------------------------- published numbers
+# The paper's numbers live where the repository already keeps them: the per-task DTL numbers in
+# tools/make_launchers.py (written into the launchers' "Paper (...)" header lines) and the VTAB-1k means of the
+# group means in tools/plot_memory.py (DTL, DTL+ and the baselines, with their sources). They are for the paper's
+# backbone only.
+PAPER_BACKBONE = "vit_base_patch16_224_in21k"
+
+
+def paper_vtab_numbers() -> Dict[Tuple[str, str], Tuple[float, str]]:
+    """(method, column) -> (published top-1, source); column = a VTAB task or ``mean_of_group_means``."""
+    from make_launchers import PAPER_DTL_VIT_VTAB
+    from plot_memory import PUBLISHED_VTAB_GROUP_MEAN
+
+    out: Dict[Tuple[str, str], Tuple[float, str]] = {}
+    for task, v in PAPER_DTL_VIT_VTAB.items():
+        out[("dtl", task)] = (float(v), "DTL paper")
+    for method, (v, src) in PUBLISHED_VTAB_GROUP_MEAN.items():
+        out[(method, "mean_of_group_means")] = (float(v), src)
+    return out
 
 
 class ResultsError(ValueError):
@@ -257,14 +282,18 @@ class Value:
     std: Optional[float] = None
     n: int = 0
     partial: bool = False
+    paper: Optional[float] = None  # the published number for this cell (``--paper``)
 
     def fmt(self, decimals: int) -> str:
         if self.mean is None:
-            return DASH
+            return DASH + (f" ({self.paper:.1f})" if self.paper is not None else "")
         s = f"{self.mean:.{decimals}f}"
         if self.std is not None:
             s += f" ± {self.std:.{decimals}f}"
-        return s + (PARTIAL if self.partial else "")
+        s += PARTIAL if self.partial else ""
+        if self.paper is not None:
+            s += f" ({self.paper:.1f}, {self.mean - self.paper:+.{decimals}f})"
+        return s
 
 
 @dataclass
@@ -310,9 +339,16 @@ def _cell_value(cell: Optional[Cell]) -> Value:
     return Value(cell.mean, cell.std, cell.n)
 
 
-def vtab_tables(col: Collection) -> List[Table]:
-    """The full VTAB-1k table and a summary table (group means and both overall means)."""
+def vtab_tables(col: Collection, paper: bool = False) -> List[Table]:
+    """The full VTAB-1k table and a summary table (group means and both overall means); ``paper``: the
+    published numbers beside the cells that have one."""
     rows = _rows(col, "vtab")
+    published = paper_vtab_numbers() if paper else {}
+
+    def pub(backbone: str, method: str, column: str) -> Optional[float]:
+        hit = published.get((method, column)) if backbone == PAPER_BACKBONE else None
+        return hit[0] if hit else None
+
     if not rows:
         return []
     header = ["Backbone", "Method"]
@@ -333,6 +369,7 @@ def vtab_tables(col: Collection) -> List[Table]:
             means = []
             for t in tasks:
                 v = _cell_value(col.cells.get(("vtab", backbone, method, t, None)))
+                v.paper = pub(backbone, method, t)
                 line.append(v)
                 if v.mean is not None:
                     means.append(v.mean)
@@ -345,7 +382,8 @@ def vtab_tables(col: Collection) -> List[Table]:
                 group_means.append(gv.mean)
             all_means += means
         any_partial |= not complete
-        mg = Value(_mean(group_means), partial=not complete and bool(group_means))
+        mg = Value(_mean(group_means), partial=not complete and bool(group_means),
+                   paper=pub(backbone, method, "mean_of_group_means"))
         m19 = Value(_mean(all_means), partial=not complete and bool(all_means))
         n_tasks = f"{len(all_means)}/19"
         line += [mg, m19, n_tasks]
@@ -357,6 +395,10 @@ def vtab_tables(col: Collection) -> List[Table]:
     if any_partial:
         notes.append(f"{PARTIAL} partial: mean over the tasks present only (not comparable with published means); "
                      f"{DASH} = no result.")
+    if any(isinstance(c, Value) and c.paper is not None for r in full for c in r):
+        notes.append(f"x (p, d): ours x, the published number p and the difference d = x - p, for {PAPER_BACKBONE} "
+                     "rows only: per-task DTL numbers from the DTL paper; means of the group means of DTL, DTL+ "
+                     "and the baselines as listed (with sources) in tools/plot_memory.py.")
     s_header = ["Backbone", "Method", "Natural", "Specialized", "Structured", "Mean (groups)", "Mean (19 tasks)",
                 "Tasks"]
     return [Table("VTAB-1k (top-1 %)", header, full, notes, csv_header),
@@ -498,9 +540,23 @@ def plot_few_shot(col: Collection, path: str) -> Optional[str]:
     return path
 
 
-def build_tables(col: Collection) -> Dict[str, Table]:
+def paper_rows(tables: Dict[str, Table]) -> List[List[Any]]:
+    """``<base>_paper.csv``: one row per cell with a published number (ours may be empty)."""
+    rows = [["table", "backbone", "method", "column", "ours", "paper", "difference"]]
+    for name, t in tables.items():
+        header = t.csv_header or t.header
+        for r in t.rows:
+            for i, c in enumerate(r):
+                if isinstance(c, Value) and c.paper is not None:
+                    ours = "" if c.mean is None else round(c.mean, 4)
+                    diff = "" if c.mean is None else round(c.mean - c.paper, 4)
+                    rows.append([name, r[0], r[1], header[i], ours, c.paper, diff])
+    return rows
+
+
+def build_tables(col: Collection, paper: bool = False) -> Dict[str, Table]:
     out: Dict[str, Table] = OrderedDict()
-    vt = vtab_tables(col)
+    vt = vtab_tables(col, paper=paper)
     if vt:
         out["vtab"], out["vtab_summary"] = vt
     for name, t in (("few_shot", few_shot_table(col)), ("dg", dg_table(col)), ("other", other_table(col))):
@@ -527,6 +583,8 @@ def main(argv=None) -> int:
                                                    "(default: OUTPUT_ROOT/aggregate.md)")
     parser.add_argument("--fig_dir", default="figs", help="folder of the few-shot plot (default: figs)")
     parser.add_argument("--decimals", type=int, default=1, help="decimals in the Markdown tables (default: 1)")
+    parser.add_argument("--paper", action="store_true", help="the published number and our difference beside each "
+                                                               "VTAB-1k cell that has one (+ <base>_paper.csv)")
     parser.add_argument("--skip_bad", action="store_true", help="skip unreadable results.json files (noted on "
                                                                 "stderr) instead of failing")
     args = parser.parse_args(argv)
@@ -537,7 +595,7 @@ def main(argv=None) -> int:
         return 2
     for n in col.notes:
         print(f"note: {n}", file=sys.stderr)
-    tables = build_tables(col)
+    tables = build_tables(col, paper=args.paper)
     md = render_markdown(tables, args.decimals, col, args.output_root)
     base = os.path.splitext(args.out)[0] if args.out else os.path.join(args.output_root, "aggregate")
     written = []
@@ -552,6 +610,10 @@ def main(argv=None) -> int:
         atomic_write_bytes(path, text.encode("utf-8"))
         written.append(path)
         csv_texts.append(f"# {t.title}\n{text}")
+    if args.paper:
+        paper_path = f"{base}_paper.csv"
+        _atomic_write(paper_path, _csv_text(paper_rows(tables)).encode("utf-8"))
+        written.append(paper_path)
     long_path = f"{base}_long.csv"
     atomic_write_bytes(long_path, _csv_text(long_rows(col)).encode("utf-8"))
     written.append(long_path)

@@ -42,28 +42,37 @@ from data.benchmark import DataPlan, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
-from engine.run_folder import ResumeState, RunFolder, SeedProgress, flag_value
+from engine.run_folder import ResumeState, RunFolder, SeedProgress, data_fingerprint, flag_value, run_is_complete
 from engine.setup import (
-    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_memory_flags, model_kwargs,
+    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_memory_flags, check_model_flags,
+    model_kwargs,
 )
-from engine.trainer import Trainer
+from engine.trainer import NonFiniteError, Trainer
 from models import DTLConfig, ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
 from models.baselines import baseline_settings
+from models.config import format_blocks
+from models.pretrained import check_backbone_match, check_weights_file, weights_record
 from utils.args import UsageError, parse_args, resolved_method
+from utils.atomic import WriteError
 from utils.checkpoint import (
     CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,
 )
-from utils.distributed import DistInfo, cleanup_distributed, init_distributed
+from utils.distributed import DeviceError, DistInfo, cleanup_distributed, init_distributed
 from utils.loader import set_epoch
-from utils.logger import close_file_logs, format_duration, setup_logging
+from utils.logger import close_file_logs, format_duration, log_to_files, setup_logging
+from utils.runlock import RunLockedError
 from utils.metrics import reset_peak_memory
 from utils.optim import total_epochs
 
 _logger = logging.getLogger("train")
 
-# Errors in what the user gave (flags, data, checkpoints, model settings): exit status 2, a message, no traceback.
-# Anything else is a bug and keeps its traceback.
-USER_ERRORS = (UsageError, DataError, UnknownNameError, CheckpointError, ModelSettingsError)
+# Errors in what the user gave (flags, data, checkpoints, model settings, a busy run folder, a missing device):
+# exit status 2 and one "error:" line (also in log.txt). Failures of the environment or of training (a write that
+# failed, non-finite numbers): exit status 1, the same kind of line. Anything else is a bug: its traceback goes
+# to log.txt too, and the exception propagates (exit status 1 with the traceback on the console).
+USER_ERRORS = (UsageError, DataError, UnknownNameError, CheckpointError, ModelSettingsError, RunLockedError,
+               DeviceError)
+RUN_ERRORS = (WriteError, FloatingPointError)
 
 
 @dataclass
@@ -78,34 +87,50 @@ class Context:
 
 
 # ------------------------------------------------------------------------------------------------- training
-def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState]) -> Dict[str, Any]:
-    """Train every seed of ``data`` (continuing ``resume``), return results.json's body."""
+def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState],
+              first_model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Train every seed of ``data`` (continuing ``resume``), return results.json's body. ``first_model``: the
+    model of the first seed to train, built (by :func:`build_first_model`) before the run folder existed."""
     args = ctx.args
     state = resume if resume is not None else ResumeState()
     start_seed, epochs = state.seed_index, total_epochs(args)
-    if resume is not None:
+    if resume is not None and start_seed >= len(data.seeds):
+        _logger.info("resuming from %s: every seed is trained; writing the results", args.resume)
+    elif resume is not None:
         _logger.info("resuming from %s: seed %d/%d, %d/%d epochs done", args.resume, start_seed + 1,
                      len(data.seeds), state.epoch, epochs)
     reset_peak_memory(ctx.dist.device)
     epoch_times = AverageMeter()
     for plan in data.seeds[start_seed:]:
         resuming = resume is not None and plan.index == start_seed and state.trainer is not None
-        train_seed(ctx, data, plan, state, resuming, plan.index == start_seed, epoch_times)
+        model = first_model if plan.index == start_seed else None
+        train_seed(ctx, data, plan, state, resuming, plan.index == start_seed, epoch_times, model)
     return run_results(args, method=ctx.method, backbone=backbone_label(args.model, args.model_kwargs),
                        per_seed=state.completed, epochs=epochs, counts=state.counts,
                        train_time=state.train_time_s, train_images=state.train_images, cache_info=state.cache_info,
                        info=data.info, device=ctx.dist.device)
 
 
+def build_first_model(args: argparse.Namespace, data: DataPlan, start_seed: int) -> Optional[torch.nn.Module]:
+    """The model of the first seed to train, built before the run folder exists (so that bad backbone weights
+    leave no folder behind), exactly as :func:`train_seed` would build it."""
+    if start_seed >= len(data.seeds):
+        return None
+    random_seed(args.seed + data.seeds[start_seed].data_seed)
+    return build_model(args, data.num_classes, lean=args.lean)
+
+
 def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState, resuming: bool, first: bool,
-               epoch_times: AverageMeter) -> None:
-    """One seed: a fresh model, every epoch (validation, final evaluation, last.pth), the staged delta.
-    ``resuming``: continue ``state``'s trainer; ``first``: the first seed of this invocation."""
+               epoch_times: AverageMeter, model: Optional[torch.nn.Module] = None) -> None:
+    """One seed: a fresh model (``model``: already built), every epoch (validation, final evaluation,
+    last.pth), the staged delta. ``resuming``: continue ``state``'s trainer; ``first``: the first seed of this
+    invocation."""
     args, dist = ctx.args, ctx.dist
     epochs, n_seeds = total_epochs(args), len(data.seeds)
     rng_seed = args.seed + plan.data_seed
-    random_seed(rng_seed)  # the same model initialisation on every rank
-    model = build_model(args, data.num_classes, lean=args.lean)
+    if model is None:
+        random_seed(rng_seed)  # the same model initialisation on every rank
+        model = build_model(args, data.num_classes, lean=args.lean)
     if first:
         state.counts = parameter_counts(count_parameters(model))
         _logger.info("model %s, method %s:\n%s", args.model, ctx.method, trainable_report(model))
@@ -169,7 +194,8 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
         delta = progress.best_delta if progress.best_delta is not None else trainer.delta()
         ctx.folder.stage_delta(plan.data_seed, make_delta_checkpoint(
             delta, trainer.model.model_config(), ctx.method, args.model, model_kwargs(args),
-            benchmark=args.benchmark, dataset=args.dataset, shot=args.shot, seed=plan.data_seed, top1=result["top1"]))
+            benchmark=args.benchmark, dataset=args.dataset, shot=args.shot, seed=plan.data_seed, top1=result["top1"],
+            backbone_weights=weights_record(trainer.model)))
     state.seed_index, state.epoch, state.trainer, state.progress = plan.index + 1, 0, None, None
     ctx.folder.save_resume(state)
     if cache is not None:
@@ -188,25 +214,46 @@ def final_evaluation(trainer: Trainer, loaders: Dict[str, Any], progress: SeedPr
 
 # ---------------------------------------------------------------------------------------------- eval only
 def read_eval_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
-    """--eval_only: the delta checkpoint (read before any data work); its image size wins over --img_size."""
+    """--eval_only: the delta checkpoint (read before any data work); its image size wins over --img_size, and
+    its model (method, fusion size, DTL settings, backbone) replaces the launcher's in the recorded flags."""
     ckpt = read_delta_checkpoint(args.checkpoint)
     saved_img = ckpt.get("model_kwargs", {}).get("img_size")
     if saved_img is not None and saved_img != args.img_size:
         _logger.info("--img_size %d from the checkpoint (was %d)", saved_img, args.img_size)
         args.img_size = int(saved_img)
+    dtl = ckpt.get("model_config", {}).get("dtl") if ckpt["method"] in ("dtl", "dtl+") else None
+    args.method = "dtl" if ckpt["method"] in ("dtl", "dtl+") else ckpt["method"]
+    if ckpt["backbone"] != args.model:
+        _logger.info("--model %s from the checkpoint (was %s)", ckpt["backbone"], args.model)
+    args.model = ckpt["backbone"]
+    if isinstance(dtl, dict):
+        args.fusion_size = int(dtl.get("fusion_size") or 0)
+        args.r, args.beta = dtl.get("r", args.r), float(dtl.get("beta", args.beta))
+        for flag, key in (("lora_before_blocks", "csn_blocks"), ("add_after_blocks", "add_back_blocks")):
+            if dtl.get(key) is not None:
+                setattr(args, flag, format_blocks(dtl[key]))
+    else:
+        args.fusion_size = 0
+        args.r = args.lora_before_blocks = args.add_after_blocks = None
     return ckpt
 
 
-def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any]) -> Dict[str, Any]:
-    """--eval_only: rebuild the checkpoint's model, load its delta, evaluate the test split(s)."""
-    args = ctx.args
+@dataclass
+class EvalModel:
+    """--eval_only: the checkpoint's model with its delta loaded (built before the run folder exists)."""
+
+    model: torch.nn.Module
+    kwargs: Dict[str, Any]
+
+
+def build_eval_model(args: argparse.Namespace, data: DataPlan, ck: Dict[str, Any]) -> EvalModel:
+    """--eval_only: rebuild the checkpoint's model on the given backbone weights (refusing other weights than the
+    delta was trained on unless --allow_backbone_mismatch) and load its delta."""
     cfg = ck["model_config"]
     if cfg.get("num_classes") != data.num_classes:
         raise CheckpointError(f"{args.checkpoint}: the checkpoint's head has {cfg.get('num_classes')} classes, but "
                               f"--dataset {args.dataset} has {data.num_classes}")
     method = "dtl" if ck["method"] in ("dtl", "dtl+") else ck["method"]
-    if ck["backbone"] != args.model:
-        _logger.info("--model %s from the checkpoint (was %s)", ck["backbone"], args.model)
     dtl = DTLConfig.from_dict(cfg["dtl"]) if method == "dtl" and "dtl" in cfg else None
     kwargs = dict(ck.get("model_kwargs", {}))
     if method != "dtl" and baseline_settings(cfg):  # a baseline's own settings (e.g. LoRA's rank)
@@ -216,12 +263,19 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any]) -> Dic
     if flag_value(model.model_config()) != flag_value(cfg):
         raise CheckpointError(f"{args.checkpoint}: stored model configuration {cfg} does not match the rebuilt "
                               f"model {model.model_config()}")
+    check_backbone_match(ck.get("backbone_weights"), weights_record(model), args.checkpoint,
+                         args.allow_backbone_mismatch)
     try:
         load_delta_state_dict(model, ck["delta"], source=args.checkpoint)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    return EvalModel(model, kwargs)
+
+
+def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any], built: EvalModel) -> Dict[str, Any]:
+    """--eval_only: evaluate the rebuilt model on the test split(s)."""
+    args, model, kwargs = ctx.args, built.model, built.kwargs
     _logger.info("model %s, method %s:\n%s", ck["backbone"], ck["method"], trainable_report(model))
-    args.model = ck["backbone"]
     trainer = Trainer(args, model, data.num_classes, ctx.dist)
     final = {k: trainer.evaluate(ctx.loaders.eval(v)) for k, v in data.seeds[0].tests.items()}
     for k, v in final.items():
@@ -237,28 +291,48 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any]) -> Dic
 
 # ---------------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> None:
-    """Parse -> plan -> train (or evaluate) -> results; every check that can fail does so before long work."""
+    """Parse -> plan -> train (or evaluate) -> results; every check that can fail does so before long work, and
+    before the run folder exists."""
     prefetch = bool(args.prefetcher) and dist_info.device.type == "cuda"
     if args.prefetcher and not prefetch:
         _logger.info("--prefetcher is for CUDA devices; loading normally on %s", dist_info.device)
+    if args.load_path and args.load_path != "timm":
+        check_weights_file(args.load_path)
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(args.resume)) if args.resume else None
     eval_ckpt = read_eval_checkpoint(args) if args.eval_only else None
     data = build_data(args, normalize=not prefetch)
     args.dataset = data.dataset
+    fingerprint = data_fingerprint(data) if not args.eval_only else None
     if resume is not None:
         resume.check_matches(args, dist_info.world_size, args.resume)
+        resume.check_data(fingerprint, args.resume)
+        folder_of_run = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.resume)))
+        if run_is_complete(folder_of_run, resume, len(data.seeds)):
+            _logger.info("the run in %s is complete (every seed trained, results.json written): nothing to do; "
+                         "start a new run to train again", folder_of_run)
+            return
+    check_model_flags(args, data.num_classes)
     check_memory_flags(args, data.num_classes)
     method = eval_ckpt["method"] if eval_ckpt is not None else resolved_method(args)
     folder = RunFolder(args, dist_info)
-    folder.open(get_benchmark(args.benchmark).run_name(method, args.shot, args.eval_only), argv,
-                resume.summary_rows if resume is not None else None)
-    ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method)
+    folder.precheck()
     if eval_ckpt is not None:
-        folder.write_results(evaluate_checkpoint(ctx, data, eval_ckpt))
-        return
-    results = train_all(ctx, data, resume)
-    folder.publish_deltas([plan.data_seed for plan in data.seeds])
-    folder.write_results(results)
+        built = build_eval_model(args, data, eval_ckpt)
+    else:
+        first_model = build_first_model(args, data, resume.seed_index if resume is not None else 0)
+    try:
+        folder.data_fingerprint = fingerprint
+        folder.open(get_benchmark(args.benchmark).run_name(method, args.shot, args.eval_only), argv,
+                    resume.summary_rows if resume is not None else None)
+        ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method)
+        if eval_ckpt is not None:
+            folder.write_results(evaluate_checkpoint(ctx, data, eval_ckpt, built))
+            return
+        results = train_all(ctx, data, resume, first_model)
+        folder.publish_deltas([plan.data_seed for plan in data.seeds])
+        folder.write_results(results)
+    finally:
+        folder.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -274,9 +348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as e:
         _logger.error("error: %s", e)
         return 2
-    except FloatingPointError as e:
+    except RUN_ERRORS as e:
         _logger.error("error: %s", e)
         return 1
+    except Exception as e:
+        log_to_files(f"error: internal error (a bug; please report it with this traceback): {type(e).__name__}: {e}")
+        raise
     finally:
         close_file_logs()
         cleanup_distributed()

@@ -3,12 +3,15 @@
 Folder: ``log.txt`` (appended), ``config.yaml`` (the resolved flags), ``summary.csv`` (one row per epoch),
 TensorBoard events, ``last.pth`` (:class:`ResumeState`, rewritten after every epoch), ``partial/`` (the deltas
 of finished seeds) and -- only when the whole run succeeds -- ``delta.pth`` / ``delta_seed<k>.pth`` and
-``results.json``. Only rank 0 writes; every file is written atomically.
+``results.json``. Only rank 0 writes; every file is written atomically (a failed write: ``could not write
+<file>: <reason>``). While a run uses the folder it holds its lock (``.lock``, :mod:`utils.runlock`): a second
+run or resume in the same folder is refused, naming the holder.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -21,14 +24,17 @@ import yaml
 
 from data.benchmarks import get_benchmark
 from utils.args import UsageError
+from utils.atomic import write_error
 from utils.checkpoint import (
-    RESUME_FORMAT, CheckpointError, atomic_torch_save, atomic_write_json, atomic_write_text, capture_rng_state,
+    RESUME_FORMAT, CheckpointError, atomic_write_json, atomic_write_text, capture_rng_state, save_checkpoint,
 )
 from utils.distributed import DistInfo, all_gather_object, barrier, broadcast_object
 from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, format_duration
 from utils.metrics import versions
+from utils.runlock import RunLock, RunLockedError
 
-__all__ = ["RunFolder", "ResumeState", "SeedProgress", "RESUME_MUST_MATCH", "flag_value"]
+__all__ = ["RunFolder", "ResumeState", "SeedProgress", "RESUME_MUST_MATCH", "flag_value", "data_fingerprint",
+           "run_is_complete"]
 
 _logger = logging.getLogger("train")
 
@@ -52,6 +58,42 @@ def flag_value(v: Any) -> Any:
 
 def flag_values(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: flag_value(v) for k, v in vars(args).items()}
+
+
+def _file_sha256(path: str) -> Optional[str]:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return "sha256:" + h.hexdigest()
+
+
+def data_fingerprint(plan) -> Dict[str, Dict[str, Any]]:
+    """A fingerprint of every split of a :class:`data.benchmark.DataPlan`: ``{"seed <k> <split>": {"list": list
+    file, "sha256": hash of its content, "images": images used, "classes": class count}}`` (``last.pth`` keeps it,
+    a resume compares it)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    hashes: Dict[str, Optional[str]] = {}
+    for seed in plan.seeds:
+        splits = [("train", seed.train), ("val", seed.val), *[(f"test:{k}", v) for k, v in seed.tests.items()]]
+        for name, ds in splits:
+            if ds is None:
+                continue
+            lp = getattr(ds, "list_path", None)
+            if lp is not None and lp not in hashes:
+                hashes[lp] = _file_sha256(lp)
+            out[f"seed {seed.data_seed} {name}"] = {
+                "list": lp, "sha256": hashes.get(lp) if lp else None, "images": len(ds),
+                "classes": int(getattr(ds, "num_classes", plan.num_classes))}
+    return out
+
+
+def run_is_complete(folder: str, state: "ResumeState", n_seeds: int) -> bool:
+    """Whether the run of ``last.pth`` (``state``) in ``folder`` has finished: every seed done, results written."""
+    return state.seed_index >= n_seeds and os.path.isfile(os.path.join(folder, "results.json"))
 
 
 @dataclass
@@ -94,6 +136,7 @@ class ResumeState:
     cache_info: Dict[str, Any] = field(default_factory=lambda: {"build_s": 0.0, "mib": None, "storage": None,
                                                                 "approximate": None})
     rng_states: List[Dict[str, Any]] = field(default_factory=list)
+    data_fingerprint: Optional[Dict[str, Dict[str, Any]]] = None
 
     def to_checkpoint(self) -> Dict[str, Any]:
         ck = {"format": RESUME_FORMAT}
@@ -128,6 +171,32 @@ class ResumeState:
             _logger.warning("resuming a %d-process run with %d processes: the random stream differs from an "
                             "uninterrupted run", self.world_size, world_size)
 
+    def check_data(self, current: Dict[str, Dict[str, Any]], path: str) -> None:
+        """A resumed run must train and evaluate on the data of the interrupted one (:func:`data_fingerprint`)."""
+        saved = self.data_fingerprint
+        if saved is None:
+            _logger.info("note: %s does not record the data it was trained on (written by an older version): the "
+                         "data are not checked", path)
+            return
+        diffs = []
+        for split in sorted(set(saved) | set(current)):
+            a, b = saved.get(split), current.get(split)
+            if a is None or b is None:
+                diffs.append(f"{split}: {'not in the interrupted run' if a is None else 'missing now'}")
+                continue
+            what = []
+            if a.get("sha256") != b.get("sha256"):
+                what.append(f"list file content differs ({a.get('list')} then, {b.get('list')} now)")
+            for key, label in (("images", "images"), ("classes", "classes")):
+                if a.get(key) != b.get(key):
+                    what.append(f"{label} {a.get(key)} then, {b.get(key)} now")
+            if what:
+                diffs.append(f"{split}: " + "; ".join(what))
+        if diffs:
+            raise CheckpointError(f"{path} was trained on other data than the current --data_dir gives: "
+                                  + " | ".join(diffs) + " (resume with the data of the interrupted run, or start a "
+                                  "new run)")
+
 
 class RunFolder:
     """The folder of one invocation of train.py (see the module docstring); rank 0 writes, all ranks call."""
@@ -138,6 +207,8 @@ class RunFolder:
         self.out_dir = ""
         self.tb = TensorBoardLogger(None)
         self.summary = SummaryTable(None)
+        self.lock: Optional[RunLock] = None
+        self.data_fingerprint: Optional[Dict[str, Dict[str, Any]]] = None
 
     def open(self, run_name: str, argv: Sequence[str], summary_rows: Optional[List[Dict[str, Any]]] = None) -> None:
         """Choose and create the folder (``--output_dir``, the resumed run's, or
@@ -151,8 +222,14 @@ class RunFolder:
             raise UsageError(error)
         self.out_dir = out
         if self.dist.is_main:
-            add_file_log(self.path("log.txt"))
-            self.tb = TensorBoardLogger(self.out_dir if args.tensorboard else None)
+            try:
+                add_file_log(self.path("log.txt"))
+            except OSError as e:
+                raise write_error(self.path("log.txt"), e) from e
+            try:
+                self.tb = TensorBoardLogger(self.out_dir if args.tensorboard else None)
+            except OSError as e:
+                raise write_error(os.path.join(self.out_dir, "events.out.tfevents.*"), e) from e
             if not (args.resume and os.path.exists(self.path("config.yaml"))):
                 cfg = {k: v for k, v in vars(args).items() if k != "config"}
                 atomic_write_text(self.path("config.yaml"), "# resolved train.py flags (usable as --config)\n"
@@ -160,6 +237,25 @@ class RunFolder:
             self.summary = SummaryTable(self.path("summary.csv"), summary_rows)
         _logger.info("run folder: %s", self.out_dir)
         _logger.info("command: %s", " ".join([os.path.basename(sys.argv[0])] + list(argv)))
+
+    def precheck(self) -> None:
+        """Before anything is built: refuse a named folder (``--output_dir``, a resumed run's) that holds another
+        run or that a live process is using (rank 0 checks; creates nothing)."""
+        args = self.args
+        error = None
+        if self.dist.is_main and (args.output_dir or args.resume):
+            out = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.resume)))
+            try:
+                RunLock(out).check_free()
+            except RunLockedError as e:
+                error = str(e)
+            taken = [n for n in ("results.json", "last.pth", "summary.csv") if os.path.exists(os.path.join(out, n))]
+            if error is None and taken and not args.resume:
+                error = (f"--output_dir {out} already holds a run ({', '.join(taken)}); choose another folder, or "
+                         f"continue that run with --resume {os.path.join(out, 'last.pth')}")
+        error = broadcast_object(error)
+        if error:
+            raise UsageError(error)
 
     def _choose(self, run_name: str):
         args = self.args
@@ -174,12 +270,28 @@ class RunFolder:
             while os.path.exists(out):
                 out, k = f"{base}-{k}", k + 1
         out = os.path.abspath(out)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            return out, str(write_error(out, e))
+        lock = RunLock(out)
+        try:
+            lock.acquire()
+        except (RunLockedError, OSError) as e:
+            return out, str(e)
+        self.lock = lock
         taken = [n for n in ("results.json", "last.pth", "summary.csv") if os.path.exists(os.path.join(out, n))]
         if taken and not args.resume:
+            self.close()
             return out, (f"--output_dir {out} already holds a run ({', '.join(taken)}); choose another folder, or "
                          f"continue that run with --resume {os.path.join(out, 'last.pth')}")
-        os.makedirs(out, exist_ok=True)
         return out, None
+
+    def close(self) -> None:
+        """Release the folder's lock (every exit path of a run calls this)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
@@ -198,7 +310,9 @@ class RunFolder:
         state.args = flag_values(self.args)
         state.world_size = self.dist.world_size
         state.summary_rows = self.summary.rows
-        atomic_torch_save(state.to_checkpoint(), self.path("last.pth"))
+        if self.data_fingerprint is not None:
+            state.data_fingerprint = self.data_fingerprint
+        save_checkpoint(state.to_checkpoint(), self.path("last.pth"))
 
     def _staged(self, data_seed: int) -> str:
         return self.path(os.path.join("partial", f"delta_seed{data_seed}.pth"))
@@ -206,7 +320,7 @@ class RunFolder:
     def stage_delta(self, data_seed: int, checkpoint: Dict[str, Any]) -> None:
         """Keep a finished seed's delta checkpoint in ``partial/`` until the run succeeds (rank 0)."""
         if self.dist.is_main:
-            atomic_torch_save(checkpoint, self._staged(data_seed))
+            save_checkpoint(checkpoint, self._staged(data_seed))
 
     def publish_deltas(self, data_seeds: Sequence[int]) -> None:
         """Move the staged deltas into place: ``delta.pth`` for one seed, ``delta_seed<k>.pth`` for several."""
@@ -216,7 +330,10 @@ class RunFolder:
         for s in data_seeds:
             final = self.path("delta.pth" if len(data_seeds) == 1 else f"delta_seed{s}.pth")
             if os.path.exists(self._staged(s)):
-                os.replace(self._staged(s), final)
+                try:
+                    os.replace(self._staged(s), final)
+                except OSError as e:
+                    raise write_error(final, e) from e
             elif not os.path.exists(final):
                 raise CheckpointError(f"{self._staged(s)}: the delta of seed {s} is missing from the run folder")
         shutil.rmtree(self.path("partial"), ignore_errors=True)

@@ -25,7 +25,8 @@ from utils.args import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
 
-__all__ = ["build_data", "dtl_config", "model_kwargs", "backbone_label", "build_model", "check_memory_flags",
+__all__ = ["build_data", "dtl_config", "model_kwargs", "backbone_label", "build_model", "check_model_flags",
+           "check_memory_flags",
            "build_prefix_cache", "Loaders"]
 
 _logger = logging.getLogger("train")
@@ -169,6 +170,24 @@ def build_model(
                                   **(kwargs if kwargs is not None else model_kwargs(args)))
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
         raise UsageError(f"cannot build --model {model_name} --method {method}: {e}") from e
+
+
+def check_model_flags(args: argparse.Namespace, num_classes: int) -> None:
+    """DTL's block selection, checked on the model's structure (meta device: no memory, no weights) before the
+    run folder exists: a selection in which no tap (``--lora_before_blocks``) reaches an add-back block
+    (``--add_after_blocks``; Swin: of the same stage) would train the head alone, a linear probe recorded as DTL."""
+    if args.eval_only or args.method != "dtl":
+        return
+    with torch.device("meta"):
+        model = build_model(args, num_classes, weights=False)
+    taps = [n for n, _ in model.named_parameters() if ".taps." in f".{n}" and n.endswith("lora_A")]
+    if not taps:
+        cfg = model.model_config().get("dtl", {})
+        raise UsageError(
+            f"--lora_before_blocks {args.lora_before_blocks or cfg.get('csn_blocks')} and --add_after_blocks "
+            f"{args.add_after_blocks or cfg.get('add_back_blocks')}: no tapped block comes at or before an add-back "
+            f"block (of its stage, for Swin), so the side network would add nothing and only the head would train; "
+            f"tap earlier blocks or add back after later ones")
 
 
 def check_memory_flags(args: argparse.Namespace, num_classes: int) -> None:

@@ -21,9 +21,13 @@ from utils.loader import CudaPrefetcher
 from utils.metrics import TopKCounter
 from utils.optim import TrainableEMA, create_losses, create_mixup, create_optimizer, create_scheduler
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "NonFiniteError"]
 
 _logger = logging.getLogger("train")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf where a number was expected (training loss, evaluation logits): no result is written."""
 
 
 class Trainer:
@@ -109,22 +113,30 @@ class Trainer:
         total_n = int(totals[1].item())
         loss = totals[0].item() / max(total_n, 1)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training diverged: the mean training loss of the epoch is {loss} "
+            raise NonFiniteError(f"training diverged: the mean training loss of the epoch is {loss} "
                                      f"(lower --lr, or check the data)")
         self.scheduler.step(epoch + 1)
         return {"loss": loss, "images": total_n, "seconds": seconds}
 
     @torch.no_grad()
     def evaluate(self, loader) -> Dict[str, float]:
-        """Top-1/top-5 (%) and mean loss over the whole split, every image counted once across ranks."""
+        """Top-1/top-5 (%) and mean loss over the whole split, every image counted once across ranks.
+        Non-finite logits (counted on the device, checked once at the end) raise :class:`NonFiniteError`."""
         self.model.eval()
         counter = TopKCounter(self.device)
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
         with self._ema_weights():
             for images, targets in self._batches(loader):
                 with self.autocast():
                     out = self.model(images)
                 out = out.float()
+                bad += (~torch.isfinite(out)).any(dim=-1).sum()
                 counter.update(out, targets, self.eval_loss_fn(out, targets))
+        n_bad = int(all_reduce_sum(bad).item())
+        if n_bad:
+            raise NonFiniteError(f"non-finite logits (NaN or inf) for {n_bad} image(s) during evaluation: the model "
+                                 f"(its weights, or --amp float16 overflow) gives no usable prediction; no result is "
+                                 f"written")
         return counter.reduce()
 
     @contextlib.contextmanager

@@ -18,6 +18,7 @@ import torch.nn as nn
 from timm.models import SwinTransformer, VisionTransformer
 
 from .config import ModelSettingsError
+from .pretrained import weights_fingerprint
 
 __all__ = ["ORIGINAL_VIT_NAMES", "ORIGINAL_SWIN_NAMES", "VIT_DEFAULT_RANK", "SWIN_DEFAULT_RANK", "backbone_arch",
            "default_rank", "create_vit_backbone", "create_swin_backbone", "create_backbone"]
@@ -127,4 +128,8 @@ def create_swin_backbone(
 def create_backbone(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """The bare backbone of ``model_name`` (ViT or Swin, see :func:`backbone_arch`)."""
     create = create_swin_backbone if backbone_arch(model_name) == "swin" else create_vit_backbone
-    return create(model_name, pretrained=pretrained, **kwargs)
+    model = create(model_name, pretrained=pretrained, **kwargs)
+    if pretrained:  # timm's published weights: recorded like a --load_path file (see models.pretrained)
+        model.weights_record = {"file": f"timm:{model_name}",
+                                "fingerprint": weights_fingerprint(dict(model.named_parameters()))}
+    return model

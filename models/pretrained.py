@@ -9,27 +9,84 @@ Formats:
 
 Every backbone parameter is first filled with NaN; a parameter still NaN after loading was not in the file,
 and that is an error naming the file and the keys. Classifier heads in the file are ignored.
+
+After loading, the backbone carries ``weights_record`` = ``{"file": <file name>, "fingerprint": "sha256:..."}``
+(:func:`weights_fingerprint` of the loaded tensors, whatever the file format): delta checkpoints store it, so a
+delta is not evaluated on other backbone weights by mistake (:func:`check_backbone_match`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import math
 import os
 import zipfile
-from typing import Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file as load_safetensors
 
-__all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError"]
+__all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError", "weights_fingerprint", "weights_record",
+           "check_backbone_match", "BackboneMismatchError", "check_weights_file"]
 
 _logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file."""
+
+
+class BackboneMismatchError(CheckpointError):
+    """A delta trained on other backbone weights than the ones given (``--allow_backbone_mismatch`` overrides)."""
+
+
+def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """``sha256:<hex>`` of the tensors (names, dtypes, shapes, bytes; in name order), the same for the same
+    weights read from a ``.npz``, a ``.pth`` or a ``.safetensors`` file."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + h.hexdigest()
+
+
+def weights_record(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The ``weights_record`` of the backbone inside ``model`` (None: random initialisation)."""
+    for m in model.modules():
+        rec = getattr(m, "weights_record", None)
+        if rec is not None:
+            return dict(rec)
+    return None
+
+
+def check_backbone_match(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[str, Any]], source: str,
+                         allow: bool, log=None) -> None:
+    """Refuse a delta (``saved``: its ``backbone_weights``) on backbone weights (``current``) other than the ones
+    it was trained on; with ``allow`` (``--allow_backbone_mismatch``) only log it. ``log(msg)``: where notes go."""
+    log = log or _logger.warning
+    if saved is None:
+        log(f"note: {source} does not record the backbone weights it was trained on (written by an older version): "
+            f"the backbone is not checked")
+        return
+    saved_fp, cur_fp = saved.get("fingerprint"), (current or {}).get("fingerprint")
+    if saved_fp is None and cur_fp is None:
+        log(f"note: {source} was trained on a randomly initialised backbone and is evaluated on one: the backbone "
+            f"cannot be checked")
+        return
+    if saved_fp == cur_fp:
+        return
+    desc = lambda r: ("a randomly initialised backbone" if not r or r.get("fingerprint") is None else  # noqa: E731
+                      f"{r.get('file')} ({r.get('fingerprint')[:19]}...)")
+    msg = (f"{source} was trained on backbone weights {desc(saved)}, but the backbone given is {desc(current)}")
+    if not allow:
+        raise BackboneMismatchError(msg + "; give the weights it was trained on (--load_path), or pass "
+                                          "--allow_backbone_mismatch to use it anyway")
+    log("--allow_backbone_mismatch: " + msg)
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -56,6 +113,39 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
                 k = k[len(p):]
         out[k] = v
     return out
+
+
+def check_weights_file(path: str) -> None:
+    """A cheap look at a ``--load_path`` file before anything is created: it exists, is a file, is not empty, and
+    its container is whole (a ``.npz``/``.pth`` zip archive with its directory, a ``.safetensors`` header, or a
+    legacy pickle). The tensors themselves are checked when they are loaded."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"--load_path {path}: is a directory, not a weights file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"pretrained weights not found: {path} (check --load_path)")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"corrupt or truncated: {path} (an empty file; check --load_path)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"--load_path {path}: cannot read it: {e.strerror}") from None
+    if path.endswith(".safetensors"):
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"corrupt or truncated: {path} (not a whole .safetensors file)")
+        return
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"corrupt or truncated: {path} ({e})") from None
+        return
+    if path.endswith(".npz") or not head.startswith(b"\x80"):  # neither a zip archive nor a legacy pickle
+        raise CheckpointError(f"corrupt or truncated: {path} (not a {'.npz' if path.endswith('.npz') else 'PyTorch'} "
+                              f"archive: incomplete, or another kind of file)")
 
 
 def _filter_fn(backbone: nn.Module):
@@ -111,5 +201,6 @@ def load_backbone_weights(model: nn.Module, path: str) -> int:
     if missing:
         shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
         raise CheckpointError(f"{path} leaves backbone tensors uninitialised: {shown}")
+    backbone.weights_record = {"file": os.path.basename(path), "fingerprint": weights_fingerprint(params)}
     _logger.info("loaded %d backbone tensors from %s", len(params), path)
     return len(params)

@@ -9,6 +9,7 @@ import torch
 
 from helpers_train import single_thread  # noqa: F401 - autouse fixture
 from helpers_train import TINY, copy_root, fgfs_root, read_results, result_files, run_train, vtab_root
+from utils.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +165,7 @@ def test_checkpoint_whose_config_does_not_match_its_tensors(trained_delta, vtab,
     ck = torch.load(trained_delta, weights_only=True)
     ck["model_config"]["dtl"]["fusion_size"] = 3  # claims DTL+, but holds no convolution
     bad = tmp_path / "bad_delta.pth"
-    torch.save(ck, bad)
+    save_checkpoint(ck, bad)  # a consistent file (its checksum rewritten) whose configuration lies
     out = tmp_path / "ev"
     _fails(["--data_dir", vtab, "--dataset", "cifar_100", "--num_workers", "0", "--eval_only", "--checkpoint", bad,
             "--output_dir", out], caplog, str(bad), "missing keys", "side.fusion.conv.weight")

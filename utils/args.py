@@ -6,6 +6,7 @@ the defaults; anything given on the command line wins. Unknown keys are an error
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (default output/<benchmark>/<dataset>/<method>[_shot_k]/<timestamp>)")
     g.add_argument("--resume", default="", metavar="LAST_PTH", help="continue the run of this last.pth")
     g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint on the test split, no training")
+    g.add_argument("--allow_backbone_mismatch", action="store_true",
+                   help="use a delta with backbone weights other than the ones it was trained on (otherwise refused; "
+                        "the mismatch is logged)")
     g.add_argument("--checkpoint", default="", metavar="DELTA", help="delta checkpoint for --eval_only")
     g.add_argument("--eval_interval", type=_positive_int, default=None,
                    help="few-shot: validate every N epochs (default 10) and keep the best weights")
@@ -317,6 +321,18 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError(f"--batch_size {args.batch_size} (global) is not divisible by the {world_size} processes")
     if (args.mixup > 0 or args.cutmix > 0) and (args.batch_size // world_size) % 2:
         raise UsageError("mixup/cutmix need an even batch per process (--batch_size)")
+    for flag in ("lr", "weight_decay", "min_lr", "warmup_lr", "beta", "drop_path", "mixup", "cutmix", "mixup_prob",
+                 "smoothing", "ema_decay"):
+        v = getattr(args, flag)
+        if not math.isfinite(v):
+            raise UsageError(f"--{flag} must be a finite number, got {v}")
+    for flag in ("lr", "weight_decay", "min_lr", "warmup_lr", "mixup", "cutmix"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not 0.0 <= args.mixup_prob <= 1.0:
+        raise UsageError(f"--mixup_prob must lie in [0, 1], got {args.mixup_prob}")
+    if args.beta <= 0:
+        raise UsageError(f"--beta (the swish gate's slope) must be > 0, got {args.beta}")
     if not 0.0 <= args.smoothing < 1.0:
         raise UsageError(f"--smoothing must lie in [0, 1), got {args.smoothing}")
     if not 0.0 < args.ema_decay < 1.0:

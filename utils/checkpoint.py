@@ -5,14 +5,24 @@ Delta checkpoint (``delta.pth`` / ``delta_seed<k>.pth``), a plain dict:
     ``format`` (``"dtl-delta/1"``), ``delta`` (the trainable tensors only, see :mod:`models.trainable`),
     ``model_config`` (``model.model_config()``), ``method`` (``dtl``/``dtl+``/baseline name), ``backbone``
     (``--model``), ``model_kwargs`` (everything else the model was built with, e.g. ``img_size``), ``dataset``,
-    ``benchmark``, ``seed``, ``top1`` (when known).
+    ``benchmark``, ``seed``, ``top1`` (when known), ``backbone_weights`` (``file``: the ``--load_path`` file name,
+    ``timm`` or None for a random backbone; ``fingerprint``: :func:`models.pretrained.weights_fingerprint` of the
+    backbone tensors the delta was trained on), ``checksum``.
 
 Resume checkpoint (``last.pth``): ``format`` (``"dtl-resume/1"``), ``args``, ``seed_index``, ``epoch`` (epochs of
 that seed completed), the model delta, optimizer / scheduler / scaler / EMA states, RNG states of every
-rank, the per-seed bookkeeping (best validation delta, summary rows) and the results of completed seeds.
+rank, the per-seed bookkeeping (best validation delta, summary rows), the results of completed seeds, the
+fingerprints of the data splits (``data_fingerprint``) and ``checksum``.
+
+``checksum`` (``sha256:<hex>``, :func:`content_checksum`) covers every tensor (names, dtypes, shapes, bytes) and
+every other value of the file; it is written by :func:`save_checkpoint` and verified by the readers, which refuse
+a mismatch, a truncated, empty or unreadable file as ``corrupt or truncated: <file> (<what>)``. Files written
+before checksums existed load with a note.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 from typing import Any, Dict, List, Mapping, Optional
@@ -22,21 +32,108 @@ import torch
 
 from models.pretrained import CheckpointError
 
-from .atomic import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .atomic import ErrorRecordingFile, WriteError, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
+    "WriteError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
     "DELTA_FORMAT", "RESUME_FORMAT", "make_delta_checkpoint", "read_delta_checkpoint", "read_resume_checkpoint",
-    "capture_rng_state", "restore_rng_state", "CheckpointError",
+    "capture_rng_state", "restore_rng_state", "CheckpointError", "save_checkpoint", "content_checksum",
+    "verify_checksum", "non_finite_tensors", "load_torch_file",
 ]
+
+_logger = logging.getLogger("train")
+CHECKSUM_KEY = "checksum"
 
 DELTA_FORMAT = "dtl-delta/1"
 RESUME_FORMAT = "dtl-resume/1"
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` through :func:`utils.atomic.atomic_write`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` through :func:`utils.atomic.atomic_write` (flushed to disk before it replaces ``path``); a
+    failed write raises :class:`utils.atomic.WriteError` with the operating system's reason."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            rec = ErrorRecordingFile(f)
+            try:
+                torch.save(obj, rec)
+            except RuntimeError as e:  # torch hides the OSError of the failed write behind its own message
+                raise write_error(path, rec.error or e) from e
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+# -------------------------------------------------------------------------------------------------- checksum
+def _feed(h: "hashlib._Hash", obj: Any, where: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        h.update(f"T{where}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, Mapping):
+        h.update(f"D{where}|{len(obj)}\n".encode())
+        for k, v in obj.items():
+            _feed(h, v, f"{where}/{k!r}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{where}|{len(obj)}\n".encode())
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{where}/{i}")
+    else:
+        h.update(f"V{where}|{type(obj).__name__}|{obj!r}\n".encode())
+
+
+def content_checksum(ck: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of everything in ``ck`` except its ``checksum`` entry: every tensor's name, dtype, shape
+    and bytes, and every other value."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in ck.items() if k != CHECKSUM_KEY}, "")
+    return "sha256:" + h.hexdigest()
+
+
+def save_checkpoint(ck: Dict[str, Any], path: str) -> None:
+    """Write a delta / resume checkpoint atomically with its :func:`content_checksum`."""
+    atomic_torch_save({**ck, CHECKSUM_KEY: content_checksum(ck)}, path)
+
+
+def verify_checksum(ck: Mapping[str, Any], path: str, what: str = "checkpoint") -> bool:
+    """Check the stored checksum; ``False`` (and a note) for a file written without one; a mismatch raises
+    :class:`CheckpointError` ``corrupt or truncated: <path> (...)``."""
+    stored = ck.get(CHECKSUM_KEY)
+    if stored is None:
+        _logger.info("note: %s %s has no checksum (written by an older version): its tensors are not verified",
+                     what, path)
+        return False
+    if content_checksum(ck) != stored:
+        raise CheckpointError(f"corrupt or truncated: {path} (its content does not match the checksum stored in "
+                              f"it: the file was changed or damaged after it was written)")
+    return True
+
+
+def non_finite_tensors(tensors: Mapping[str, Any]) -> List[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold NaN or +-inf."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_torch_file(path: str, what: str) -> Any:
+    """``torch.load`` of a file we or the user wrote; a missing file, a folder, or a file that cannot be
+    unpickled (empty, truncated, garbage) raises :class:`CheckpointError` naming it."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"corrupt or truncated: {path} (an empty file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
+        raise CheckpointError(f"corrupt or truncated: {path} (cannot read it as a {what}: {type(e).__name__}: "
+                              f"{e})") from e
 
 
 # ----------------------------------------------------------------------------------------------- delta files
@@ -60,25 +157,18 @@ def make_delta_checkpoint(
     }
 
 
-def _load(path: str, what: str) -> Any:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
-        raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
-
-
 def _load_format(path: str, fmt: str) -> Dict[str, Any]:
     """Read ``path`` and check that it is a checkpoint of format ``fmt`` (naming the other kind when it is)."""
     delta = fmt == DELTA_FORMAT
-    ckpt = _load(path, "delta checkpoint" if delta else "resume checkpoint")
+    what = "delta checkpoint" if delta else "resume checkpoint"
+    ckpt = load_torch_file(path, what)
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         other = isinstance(ckpt, dict) and ckpt.get("format") == (RESUME_FORMAT if delta else DELTA_FORMAT)
         hint = ((" (this is a resume checkpoint; pass it to --resume)" if delta else
                  " (this is a delta checkpoint; use --eval_only --checkpoint)") if other else "")
         kind = "a delta checkpoint" if delta else "a resume checkpoint (last.pth)"
         raise CheckpointError(f"{path} is not {kind} written by train.py{hint}")
+    verify_checksum(ckpt, path, what)
     return ckpt
 
 
@@ -88,14 +178,24 @@ def read_delta_checkpoint(path: str) -> Dict[str, Any]:
     for key in ("delta", "model_config", "method", "backbone"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: delta checkpoint lacks {key!r}")
-    if not all(isinstance(v, torch.Tensor) for v in ckpt["delta"].values()):
+    if not isinstance(ckpt["delta"], Mapping) or not all(isinstance(v, torch.Tensor) for v in ckpt["delta"].values()):
         raise CheckpointError(f"{path}: 'delta' must map names to tensors")
+    bad = non_finite_tensors(ckpt["delta"])
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values (NaN or inf) in the delta's tensors {bad}; a model with "
+                              f"them cannot give a meaningful result")
     return ckpt
 
 
 def read_resume_checkpoint(path: str) -> Dict[str, Any]:
     """Read and validate a ``last.pth`` resume checkpoint."""
-    return _load_format(path, RESUME_FORMAT)
+    ckpt = _load_format(path, RESUME_FORMAT)
+    trainer = ckpt.get("trainer")
+    if isinstance(trainer, Mapping) and isinstance(trainer.get("model_delta"), Mapping):
+        bad = non_finite_tensors(trainer["model_delta"])
+        if bad:
+            raise CheckpointError(f"{path}: non-finite values (NaN or inf) in the trained tensors {bad}")
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------------------ RNG states

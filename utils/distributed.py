@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 __all__ = [
-    "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "barrier",
+    "DeviceError", "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "barrier",
     "all_reduce_sum", "broadcast_object", "all_gather_object", "ShardSampler", "resolve_device",
 ]
 
@@ -38,17 +38,26 @@ class DistInfo:
         return self.rank == 0
 
 
+class DeviceError(RuntimeError):
+    """``--device`` names a device this machine does not have."""
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``--device``: ``auto`` (the process's CUDA device when there is one, else the CPU), ``cpu``, ``cuda``,
     ``cuda:N``."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {spec}: not a device name (use auto, cpu, cuda or cuda:N): {e}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+            raise DeviceError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     return device
 

@@ -15,7 +15,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .atomic import atomic_write_text
 
-__all__ = ["setup_logging", "add_file_log", "close_file_logs", "SummaryTable", "TensorBoardLogger", "format_duration"]
+__all__ = ["setup_logging", "add_file_log", "close_file_logs", "log_to_files", "SummaryTable", "TensorBoardLogger",
+           "format_duration"]
 
 _FMT = "%(asctime)s %(levelname).1s %(message)s"
 _DATEFMT = "%Y-%m-%d %H:%M:%S"
@@ -34,16 +35,54 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     handler._dtl_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else logging.WARNING)
+    if rank == 0:
+        early = _EarlyRecords()
+        early._dtl_handler = True  # type: ignore[attr-defined]
+        root.addHandler(early)
+
+
+class _EarlyRecords(logging.Handler):
+    """Keeps the records logged before ``log.txt`` exists (checks, model building), so that the file starts with
+    them (at most ``capacity``)."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__(logging.INFO)
+        self.capacity = capacity
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.capacity:
+            self.records.append(record)
+
+
+def _early() -> Optional[_EarlyRecords]:
+    return next((h for h in logging.getLogger().handlers if isinstance(h, _EarlyRecords)), None)
 
 
 def add_file_log(path: str) -> logging.Handler:
-    """Append the log to ``path`` as well (never truncated: a resumed run continues the same file)."""
+    """Append the log to ``path`` as well (never truncated: a resumed run continues the same file), starting
+    with what was logged since :func:`setup_logging`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FMT, _DATEFMT))
     handler._dtl_handler = True  # type: ignore[attr-defined]
+    early = _early()
+    if early is not None:
+        logging.getLogger().removeHandler(early)
+        for record in early.records:
+            handler.handle(record)
     logging.getLogger().addHandler(handler)
     return handler
+
+
+def log_to_files(message: str, exc_info: bool = True) -> None:
+    """Write an ERROR record (with the current exception's traceback) to the ``log.txt`` handlers only (the
+    console gets Python's own traceback)."""
+    record = logging.getLogger("train").makeRecord("train", logging.ERROR, __file__, 0, message, (),
+                                                   sys.exc_info() if exc_info else None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 def format_duration(seconds: float) -> str:
@@ -122,6 +161,6 @@ def close_file_logs() -> None:
     """Close the ``log.txt`` handlers (at the end of a run; the console handler stays)."""
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, "_dtl_handler", False) and isinstance(h, logging.FileHandler):
+        if getattr(h, "_dtl_handler", False) and isinstance(h, (logging.FileHandler, _EarlyRecords)):
             root.removeHandler(h)
             h.close()

@@ -21,7 +21,9 @@ Delta files (``--deltas``), each one of:
   add-back blocks cannot be, so ``--add_back_blocks`` is required (and ``--beta`` if it was not 100).
 
 All deltas must be DTL/DTL+ on the same ViT or Swin backbone name and image size (the backbone weights come from
-``--load_path``).  Output (``--output``, ``.csv`` or ``.json``): per image and task the predicted class and its
+``--load_path``). A ``train.py`` delta's checksum is verified, and a delta recording other backbone weights than
+``--load_path``'s is refused (``--allow_backbone_mismatch`` uses it anyway, with a note); non-finite tensors in a
+delta or non-finite logits are an error (exit status 1 or 2, nothing written).  Output (``--output``, ``.csv`` or ``.json``): per image and task the predicted class and its
 softmax probability.
 
 Example::
@@ -55,9 +57,13 @@ from models.backbones import backbone_arch, create_backbone  # noqa: E402
 from models.config import DTLConfig, parse_blocks  # noqa: E402
 from models.dtl_swin import DTLSwinTransformer  # noqa: E402
 from models.dtl_vit import DTLVisionTransformer  # noqa: E402
-from models.pretrained import CheckpointError, load_backbone_weights  # noqa: E402
+from models.pretrained import (  # noqa: E402
+    CheckpointError, check_backbone_match, load_backbone_weights, weights_record,
+)
 from models.trainable import load_delta_state_dict  # noqa: E402
-from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.checkpoint import (  # noqa: E402
+    DELTA_FORMAT, WriteError, atomic_write_text, load_torch_file, non_finite_tensors, verify_checksum,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -75,6 +81,8 @@ class TaskDelta:
     img_size: Optional[int] = None
     extra_kwargs: Optional[Dict[str, Any]] = None
     arch: Optional[str] = None  # 'vit' | 'swin' (None: not known from the file)
+    backbone_weights: Optional[Dict[str, Any]] = None  # train.py's record of the weights it was trained on
+    from_train: bool = False  # a train.py delta checkpoint (not a plain tensor dict)
 
 
 # ViT: side.taps.<block>.lora_A; Swin: side.<stage>.taps.<block>.lora_A (and side[.<stage>].fusion.conv.weight)
@@ -107,21 +115,20 @@ def _infer_plain_delta(path: str, sd: Mapping[str, torch.Tensor], add_back: Opti
 
 def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100.0) -> TaskDelta:
     """Read one delta file (see the module docstring); :class:`CheckpointError` naming the file otherwise."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"delta file not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any read failure is a bad file for the user
-        raise CheckpointError(f"cannot read delta {path}: {type(e).__name__}: {e}") from e
+    ck = load_torch_file(path, "delta")
     if not isinstance(ck, Mapping):
         raise CheckpointError(f"{path} does not hold a dict")
     name = os.path.splitext(os.path.basename(path))[0]
     if all(isinstance(v, torch.Tensor) for v in ck.values()):
+        _check_finite(path, ck)
         num_classes, cfg, arch = _infer_plain_delta(path, ck, add_back, beta)
         return TaskDelta(name, path, num_classes, cfg, dict(ck), arch=arch)
+    if ck.get("format") == DELTA_FORMAT:
+        verify_checksum(ck, path, "delta checkpoint")
     tensors = ck.get("delta", ck.get("state_dict"))
     if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointError(f"{path}: expected the trainable tensors under 'delta' (train.py) or 'state_dict'")
+    _check_finite(path, tensors)
     mc = ck.get("model_config")
     if not isinstance(mc, Mapping) or "dtl" not in mc or "num_classes" not in mc:
         raise CheckpointError(f"{path}: 'model_config' with 'dtl' and 'num_classes' is required "
@@ -140,7 +147,13 @@ def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100
         name = str(ck["dataset"])
     return TaskDelta(name, path, int(mc["num_classes"]), DTLConfig.from_dict(dict(mc["dtl"])), dict(tensors),
                      backbone=ck.get("backbone"), img_size=int(img_size) if img_size else None, extra_kwargs=kwargs,
-                     arch=arch)
+                     arch=arch, backbone_weights=ck.get("backbone_weights"), from_train=ck.get("format") == DELTA_FORMAT)
+
+
+def _check_finite(path: str, tensors: Mapping[str, Any]) -> None:
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values (NaN or inf) in the delta's tensors {bad}")
 
 
 class SharedPrefixDTL(nn.Module):
@@ -185,8 +198,10 @@ class SharedPrefixDTL(nn.Module):
 
 def build_shared_model(
     deltas: Sequence[TaskDelta], model_name: Optional[str], load_path: Optional[str], img_size: Optional[int],
+    allow_backbone_mismatch: bool = False,
 ) -> Tuple[SharedPrefixDTL, str, int]:
-    """Check that the deltas fit one backbone, build it, load its weights and every delta."""
+    """Check that the deltas fit one backbone, build it, load its weights and every delta (a train.py delta
+    trained on other backbone weights is refused unless ``allow_backbone_mismatch``)."""
     names = {d.backbone for d in deltas if d.backbone}
     if model_name is None:
         if len(names) > 1:
@@ -219,6 +234,11 @@ def build_shared_model(
     shared = SharedPrefixDTL(backbone, [(d.name, d.num_classes, d.dtl) for d in deltas], arch)
     if load_path:
         load_backbone_weights(shared.tasks[0], load_path)
+    current = weights_record(backbone)
+    note = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    for d in deltas:
+        if d.from_train:
+            check_backbone_match(d.backbone_weights, current, d.path, allow_backbone_mismatch, log=note)
     for d, model in zip(deltas, shared.tasks):
         try:
             load_delta_state_dict(model, d.tensors, source=d.path)
@@ -341,6 +361,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--add_back_blocks", default=None, help="for plain tensor-dict deltas: their add-back blocks")
     p.add_argument("--beta", type=float, default=100.0, help="for plain tensor-dict deltas: their swish beta")
+    p.add_argument("--allow_backbone_mismatch", action="store_true",
+                   help="use deltas with backbone weights other than the ones they were trained on (otherwise "
+                        "refused; the mismatch is reported)")
     p.add_argument("--compare", action="store_true",
                    help="also run the tasks one after another: report images/s of both and check identical predictions")
     p.add_argument("--repeats", type=int, default=3, help="--compare: timed runs of each way (the best counts)")
@@ -357,7 +380,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         deltas = [read_task_delta(d, args.add_back_blocks, args.beta) for d in args.deltas]
         paths = collect_images(args.images)
-        shared, model_name, img_size = build_shared_model(deltas, args.model, args.load_path, args.img_size)
+        shared, model_name, img_size = build_shared_model(deltas, args.model, args.load_path, args.img_size,
+                                                          args.allow_backbone_mismatch)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -366,14 +390,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = unique_names([d.name for d in deltas])
     print(f"{len(names)} tasks on {model_name} ({img_size} px): {', '.join(names)}; shared prefix: blocks "
           f"0-{shared.resume - 1} (inputs of blocks {shared.record} computed once)", file=sys.stderr)
-    images = load_images(paths, img_size, args.benchmark)
+    try:
+        images = load_images(paths, img_size, args.benchmark)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logits, dt = run_all(shared, images, args.batch_size, device)
+    bad = {nm: int((~torch.isfinite(lg)).any(dim=-1).sum()) for nm, lg in zip(names, logits)}
+    bad = {nm: k for nm, k in bad.items() if k}
+    if bad:
+        print(f"error: non-finite logits (NaN or inf) for some images: {bad} (images per task); the delta or the "
+              f"backbone weights give no usable prediction; nothing written", file=sys.stderr)
+        return 1
     n = len(paths)
     print(f"shared prefix: {n} images x {len(names)} tasks in {dt:.3f}s ({n / dt:.1f} images/s)", file=sys.stderr)
     fmt = "json" if args.output and args.output.endswith(".json") else "csv"
     text = format_output(fmt, paths, names, logits, args.deltas)
     if args.output:
-        atomic_write_text(args.output, text)
+        try:
+            atomic_write_text(args.output, text)
+        except WriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

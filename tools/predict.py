@@ -53,8 +53,7 @@ from PIL import Image  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
 from models.backbones import backbone_arch, create_backbone  # noqa: E402
 from models.config import DTLConfig, parse_blocks  # noqa: E402
-from models.dtl_swin import DTLSwinTransformer  # noqa: E402
-from models.dtl_vit import DTLVisionTransformer  # noqa: E402
+from models.factory import DTL_WRAPPERS  # noqa: E402
 from models.pretrained import CheckpointError, load_backbone_weights  # noqa: E402
 from models.trainable import load_delta_state_dict  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
@@ -156,7 +155,7 @@ class SharedPrefixDTL(nn.Module):
         super().__init__()
         if not tasks:
             raise ValueError("no tasks")
-        wrapper = DTLSwinTransformer if arch == "swin" else DTLVisionTransformer
+        wrapper = DTL_WRAPPERS[arch]
         self.names = [t[0] for t in tasks]
         self.tasks = nn.ModuleList(wrapper(backbone, nc, cfg).eval() for _, nc, cfg in tasks)
         self.backbone = backbone

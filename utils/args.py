@@ -1,7 +1,8 @@
 """Command line of ``train.py``: the original's flag names, grouped; an optional YAML config; validation.
 
 ``--config FILE.yaml`` holds ``flag: value`` pairs (flag names without dashes, e.g. ``lr: 0.001``) that become
-the defaults; anything given on the command line wins. Unknown keys are an error naming the file.
+the defaults; anything given on the command line wins. Unknown keys are an error naming the file; a boolean
+flag takes a YAML boolean or true/false, yes/no, on/off, 1/0 (also quoted), anything else is an error naming the key.
 """
 from __future__ import annotations
 
@@ -222,6 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _config_bool(path: str, key: Any, v: Any) -> bool:
+    """A boolean flag's value in ``--config``: a YAML boolean, 0/1, or (quoted) true/false, yes/no, on/off, 1/0 in
+    any case. Anything else (``"maybe"``, ``2``, an empty value) is refused: a string such as ``"no"`` must not
+    count as True just because it is not empty."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise UsageError(f"--config {path}: {key!r} is a boolean flag: use true or false (also yes/no, on/off, 1/0), "
+                     f"got {v!r}")
+
+
 def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     import yaml
 
@@ -241,6 +261,9 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         if key not in dests or key in ("help", "config"):
             raise UsageError(f"--config {path}: unknown key {k!r} (keys are train.py flag names, e.g. lr, epochs)")
         action = next(a for a in parser._actions if a.dest == key)
+        if isinstance(action, _BOOL_ACTIONS):
+            out[key] = _config_bool(path, k, v)
+            continue
         if v is not None and action.type is not None and not isinstance(v, bool):
             try:
                 if isinstance(v, dict):

@@ -100,3 +100,52 @@ def test_16_bit_images_through_the_dataset_and_the_data_check(tmp_path):
         ds[len(ds) - 1]
     rep = check_data_root(root, check_images=True)
     assert not rep.ok and any("f32.tiff: unsupported image: 32-bit float" in e for e in rep.all_errors)
+
+
+# ------------------------------------------------------------------------------------ tools/aggregate.py
+def _results(root, rel, top1, per_seed=None):
+    import json
+
+    d = os.path.join(str(root), rel)
+    os.makedirs(d, exist_ok=True)
+    res = dict(benchmark="vtab", dataset="dtd", backbone="vit_tiny", method="dtl", top1=top1)
+    if per_seed is not None:
+        res["per_seed"] = [{"seed": s, "top1": v} for s, v in per_seed]
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump(res, f)
+    return os.path.join(d, "results.json")
+
+
+@pytest.mark.parametrize("top1, per_seed, needle", [
+    (250.0, None, "top1 = 250.0 is not a top-1 accuracy in percent (outside [0, 100])"),
+    (-0.5, None, "top1 = -0.5 is not a top-1 accuracy"),
+    ("71.3", None, "top1 must be a finite number, got '71.3'"),
+    (None, [(0, 70.0), (1, 170.0)], "per_seed top1 = 170.0 is not a top-1 accuracy"),
+    (60.0, [(0, 60.0), (1, "n/a")], "per_seed top1 must be a finite number, got 'n/a'"),
+])
+def test_aggregate_refuses_values_outside_0_100(tmp_path, capsys, top1, per_seed, needle):
+    from tools.aggregate import collect, main
+
+    good = _results(tmp_path, "good", 40.0, [(5, 40.0)])
+    bad = _results(tmp_path, "bad", top1, per_seed)
+    rc = main([str(tmp_path), "--fig_dir", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert rc == 2 and bad in err and needle in err and "--skip_bad" in err
+    assert not os.path.exists(tmp_path / "aggregate.md")
+
+    rc = main([str(tmp_path), "--skip_bad", "--fig_dir", str(tmp_path / "f")])
+    cap = capsys.readouterr()
+    assert rc == 0 and f"note: skipped: {bad}" in cap.err and needle in cap.err
+    # nothing of the skipped file reaches the table, not even its valid per-seed values
+    assert "| 40.0 |" in cap.out and "70.0" not in cap.out and "55.0" not in cap.out
+    col = collect(str(tmp_path), skip_bad=True)
+    assert [c.files for c in col.cells.values()] == [[good]] and col.n_files == 1
+
+
+def test_aggregate_accepts_the_bounds(tmp_path, capsys):
+    from tools.aggregate import main
+
+    _results(tmp_path, "zero", 0.0, [(0, 0.0)])
+    _results(tmp_path, "hundred", 100, [(1, 100)])
+    assert main([str(tmp_path), "--fig_dir", str(tmp_path / "f")]) == 0
+    assert "50.0 ± 70.7" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .benchmarks import canonical_benchmark
-from .errors import DataError
+from .errors import DataError, require_root
 from .listfile import inspect_image, iter_list_file
 from .domain_generalization import (
     DG_NUM_CLASSES, DG_SEEDS, DG_SHOT, DG_SOURCE, DG_TARGETS, canonical_dg_target, dg_source_image_root,
@@ -112,8 +112,7 @@ class CheckReport:
 
 def detect_benchmark(root: str) -> str:
     """``vtab`` / ``few_shot`` / ``domain_generalization`` from the folder layout, or :class:`DataError`."""
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: data root not found")
+    require_root(root, "data root")
     if os.path.isdir(os.path.join(root, SPLIT_DIR)):
         return "few_shot"
     if any(os.path.isdir(os.path.join(root, t, "annotations")) for t in DG_TARGETS):
@@ -316,8 +315,10 @@ def check_data_root(
     else:
         bench = canonical_benchmark(benchmark)
     rep = CheckReport(root, bench, detected)
-    if not os.path.isdir(root):
-        rep.errors.append(f"{root}: data root not found")
+    try:
+        require_root(root, "data root")
+    except DataError as e:
+        rep.errors.append(str(e))
         return rep
     if bench == "vtab":
         _check_vtab(root, tasks, rep)

@@ -149,3 +149,126 @@ def test_aggregate_accepts_the_bounds(tmp_path, capsys):
     _results(tmp_path, "hundred", 100, [(1, 100)])
     assert main([str(tmp_path), "--fig_dir", str(tmp_path / "f")]) == 0
     assert "50.0 ± 70.7" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ messages of small mistakes
+def _train_fails(argv, caplog, *needles):
+    from helpers_train import run_train
+
+    caplog.clear()
+    assert run_train(argv) == 2
+    for n in needles:
+        assert n in caplog.text, (n, caplog.text[-2000:])
+    return caplog.text
+
+
+def test_empty_data_dir_is_named(tmp_path, caplog, monkeypatch):
+    """An unset DATA_DIR (``--data_dir ''``) says so, for each benchmark (it used to print ``error: : ...``)."""
+    from data.datasets import DataError
+    from data.domain_generalization import build_dg_source
+    from data.few_shot import build_fgfs_dataset
+    from helpers_train import TINY
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    text = _train_fails(["--data_dir", "", "--dataset", "dtd", *TINY, "--output_dir", out], caplog,
+                        "no VTAB data root given: --data_dir is empty (the launchers' DATA_DIR")
+    assert "error: : " not in text and not out.exists()
+    with pytest.raises(DataError, match="no few-shot data root given: --data_dir is empty"):
+        build_fgfs_dataset("", "food101", "train", shot=1, seed=0)
+    with pytest.raises(DataError, match="no domain-generalisation data root given: --data_dir is empty"):
+        build_dg_source("", seed=0)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(DataError, match="VTAB data root is a file, not a folder"):
+        from data.vtab import build_vtab_dataset
+        build_vtab_dataset(str(not_a_dir), "dtd", "test")
+
+
+def test_folder_given_as_load_path_resume_or_checkpoint(tmp_path, caplog):
+    from helpers_train import TINY
+
+    out = tmp_path / "out"
+    base = ["--data_dir", str(tmp_path), "--dataset", "dtd", *TINY, "--output_dir", out]
+    _train_fails([*base, "--load_path", tmp_path], caplog,
+                 f"--load_path {tmp_path}: is a directory, not a file; give the weights file itself")
+    _train_fails([*base, "--resume", tmp_path], caplog, f"--resume {tmp_path}: is a directory, not a file")
+    _train_fails([*base, "--eval_only", "--checkpoint", tmp_path], caplog,
+                 f"--checkpoint {tmp_path}: is a directory, not a file")
+    assert not out.exists() and "not found" not in caplog.text
+
+
+def test_unknown_dataset_lists_the_valid_names(tmp_path, caplog):
+    out = tmp_path / "out"
+    _train_fails(["--data_dir", str(tmp_path), "--dataset", "cifar_1000", "--output_dir", out], caplog,
+                 "neither a VTAB-1k task, a few-shot dataset nor a DG target",
+                 "cifar_100, caltech101, dtd", "food101", "imagenet-sketch")
+    _train_fails(["--data_dir", str(tmp_path), "--benchmark", "few_shot", "--dataset", "food", "--shot", "1",
+                  "--output_dir", out], caplog, "unknown few-shot dataset 'food'; valid: fgvc-aircraft, food101")
+    _train_fails(["--data_dir", str(tmp_path), "--benchmark", "domain_generalization", "--dataset", "sketch",
+                  "--output_dir", out], caplog, "unknown domain-generalisation target 'sketch'; valid: imagenet")
+    assert not out.exists()
+
+
+def test_run_demo_help_installs_nothing(tmp_path):
+    """``bash run_demo.sh --help`` prints the demo's options and never runs the setup script (a stand-in here that
+    leaves a mark); without --help the setup runs first."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "demo").mkdir()
+    shutil.copy(REPO / "run_demo.sh", repo / "run_demo.sh")
+    shutil.copy(REPO / "demo" / "run_demo.py", repo / "demo" / "run_demo.py")
+    mark = tmp_path / "setup_ran"
+    (repo / "scripts" / "setup_env.sh").write_text(f'touch "{mark}"\n')
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(sys.executable, bindir / "python3")
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    for flag in ("--help", "-h"):
+        p = subprocess.run(["bash", str(repo / "run_demo.sh"), "--workdir", "x", flag], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert "usage: bash run_demo.sh" in p.stdout and "--workdir" in p.stdout
+        assert not mark.exists()
+    p = subprocess.run(["bash", str(repo / "run_demo.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert mark.exists()  # the stand-in setup ran (the demo itself then fails: no .venv in this copy)
+
+
+def test_demo_refuses_to_delete_a_foreign_workdir(tmp_path):
+    from demo.run_demo import main
+
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "thesis.tex").write_text("precious")
+    with pytest.raises(SystemExit) as e:
+        main(["--workdir", str(work)])
+    assert e.value.code == 2 and (work / "thesis.tex").read_text() == "precious"
+
+
+def test_written_files_have_the_usual_permissions(tmp_path):
+    """.npz backbones, aggregate tables and checkpoints are 0666 & ~umask (0644 under umask 022), not mkstemp's
+    0600."""
+    import timm
+
+    from models.npz import save_vit_npz
+    from tools.aggregate import main as aggregate
+    from utils.checkpoint import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, depth=1)
+        save_vit_npz(vit, str(tmp_path / "b.npz"))
+        atomic_write_bytes(str(tmp_path / "c.bin"), b"x")
+        _results(tmp_path / "runs", "a", 50.0)
+        assert aggregate([str(tmp_path / "runs"), "--fig_dir", str(tmp_path / "f")]) == 0
+        for name in ("b.npz", "c.bin", "runs/aggregate.md", "runs/aggregate_long.csv"):
+            assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o644, name
+        os.umask(0o077)
+        save_vit_npz(vit, str(tmp_path / "private.npz"))
+        assert (os.stat(tmp_path / "private.npz").st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)

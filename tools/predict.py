@@ -356,6 +356,9 @@ def write_text_atomic(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_predict_")
     with os.fdopen(fd, "w", newline="") as f:
         f.write(text)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
     os.replace(tmp, path)
 
 

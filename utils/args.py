@@ -278,35 +278,36 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return out
 
 
+def _dataset_check(benchmark: str, dataset: str) -> Optional[str]:
+    """Why ``dataset`` is not a dataset of ``benchmark`` (the data module's message, listing the valid names), or
+    ``None`` when it is one."""
+    try:
+        if benchmark == "vtab":
+            from data.vtab import get_vtab_task
+
+            get_vtab_task(dataset)
+        elif benchmark == "few_shot":
+            from data.few_shot import canonical_fgfs_name
+
+            canonical_fgfs_name(dataset)
+        else:
+            from data.domain_generalization import canonical_dg_target
+
+            canonical_dg_target(dataset)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def infer_benchmark(dataset: str) -> str:
     """The benchmark a dataset name belongs to; :class:`UsageError` when unknown or ambiguous."""
-    found = []
-    try:
-        from data.vtab import get_vtab_task
-
-        get_vtab_task(dataset)
-        found.append("vtab")
-    except ValueError:
-        pass
-    try:
-        from data.few_shot import canonical_fgfs_name
-
-        canonical_fgfs_name(dataset)
-        found.append("few_shot")
-    except (ValueError, ImportError):
-        pass
-    try:
-        from data.domain_generalization import canonical_dg_target
-
-        canonical_dg_target(dataset)
-        found.append("domain_generalization")
-    except (ValueError, ImportError):
-        pass
+    checks = {b: _dataset_check(b, dataset) for b in BENCHMARKS}
+    found = [b for b, err in checks.items() if err is None]
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UsageError(f"--dataset {dataset!r}: unknown dataset; it is neither a VTAB-1k task, a few-shot dataset "
-                         f"nor a DG target (see --help; valid names are listed by each benchmark's error)")
+        raise UsageError(f"--dataset {dataset!r}: unknown dataset, neither a VTAB-1k task, a few-shot dataset nor a "
+                         f"DG target:\n  " + "\n  ".join(checks.values()))
     raise UsageError(f"--dataset {dataset!r} exists in several benchmarks ({', '.join(found)}): pass --benchmark")
 
 
@@ -333,6 +334,16 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
     if args.benchmark is None:
         args.benchmark = infer_benchmark(args.dataset)
+    else:
+        err = _dataset_check(args.benchmark, args.dataset)
+        if err is not None:
+            raise UsageError(f"--dataset {args.dataset!r} (--benchmark {args.benchmark}): {err}")
+    for flag, value, want in (("--load_path", args.load_path, "the weights file itself (e.g. .../ViT-B_16.npz), "
+                               "'timm', or empty for random initialisation (the launchers' LOAD_PATH)"),
+                              ("--resume", args.resume, "the run's last.pth"),
+                              ("--checkpoint", args.checkpoint, "a delta file (delta.pth / delta_seed<k>.pth)")):
+        if value and not (flag == "--load_path" and value == "timm") and os.path.isdir(value):
+            raise UsageError(f"{flag} {value}: is a directory, not a file; give {want}")
     if args.eval_only and not args.checkpoint:
         raise UsageError("--eval_only needs --checkpoint DELTA (a delta checkpoint written by a training run)")
     if args.checkpoint and not args.eval_only:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .benchmarks import canonical_benchmark
-from .errors import DataError
-from .listfile import image_error, iter_list_file
+from .errors import DataError, require_root
+from .listfile import inspect_image, iter_list_file
 from .domain_generalization import (
     DG_NUM_CLASSES, DG_SEEDS, DG_SHOT, DG_SOURCE, DG_TARGETS, canonical_dg_target, dg_source_image_root,
     dg_source_list_path, dg_target_list_path, resolve_dg_target_image_root,
@@ -112,8 +112,7 @@ class CheckReport:
 
 def detect_benchmark(root: str) -> str:
     """``vtab`` / ``few_shot`` / ``domain_generalization`` from the folder layout, or :class:`DataError`."""
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: data root not found")
+    require_root(root, "data root")
     if os.path.isdir(os.path.join(root, SPLIT_DIR)):
         return "few_shot"
     if any(os.path.isdir(os.path.join(root, t, "annotations")) for t in DG_TARGETS):
@@ -271,14 +270,19 @@ def _decode_all(report: CheckReport, workers: Optional[int]) -> None:
     n = workers or min(8, os.cpu_count() or 1)
     if n > 1 and len(paths) > 64:
         with ThreadPoolExecutor(n) as ex:
-            errs = list(ex.map(image_error, paths, chunksize=32))
+            found = list(ex.map(inspect_image, paths, chunksize=32))
     else:
-        errs = [image_error(p) for p in paths]
-    bad = {p: e for p, e in zip(paths, errs) if e is not None}
+        found = [inspect_image(p) for p in paths]
+    bad = {p: e for p, (e, _) in zip(paths, found) if e is not None}
+    noted = {p: note for p, (_, note) in zip(paths, found) if note is not None}
     if bad:
         for r in report.lists:
             r.errors += _cap([f"{p}: {bad[p]} (listed at {where})" for p, where in r.files if p in bad],
                              "unreadable images")
+    if noted:
+        for r in report.lists:
+            r.warnings += _cap([f"{p}: {noted[p]} (listed at {where})" for p, where in r.files if p in noted],
+                               "16-bit images")
     report.images_decoded = len(paths)
 
 
@@ -311,8 +315,10 @@ def check_data_root(
     else:
         bench = canonical_benchmark(benchmark)
     rep = CheckReport(root, bench, detected)
-    if not os.path.isdir(root):
-        rep.errors.append(f"{root}: data root not found")
+    try:
+        require_root(root, "data root")
+    except DataError as e:
+        rep.errors.append(str(e))
         return rep
     if bench == "vtab":
         _check_vtab(root, tasks, rep)

@@ -22,7 +22,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
-from .errors import DataError
+from .errors import DataError, require_root
 from .listfile import parse_list_file
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -110,7 +110,7 @@ def build_dg_source(
 
     ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
     """
-    _require_dir(data_dir, "domain-generalisation data root")
+    require_root(data_dir, "domain-generalisation data root")
     _require_dir(os.path.join(data_dir, DG_SOURCE), "ImageNet source folder")
     list_path = dg_source_list_path(data_dir, seed, shot)
     if not os.path.isfile(list_path):
@@ -134,7 +134,7 @@ def build_dg_target(
     ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
     """
     t = canonical_dg_target(target)
-    _require_dir(data_dir, "domain-generalisation data root")
+    require_root(data_dir, "domain-generalisation data root")
     _require_dir(os.path.join(data_dir, t), f"folder of DG target {t!r}")
     list_path = dg_target_list_path(data_dir, t)
     if not os.path.isfile(list_path):

@@ -63,6 +63,9 @@ def save_vit_npz(backbone: nn.Module, path: str, head: Optional[nn.Linear] = Non
     os.close(fd)
     try:
         np.savez(tmp, **arrays)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -191,6 +191,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
     os.replace(tmp, path)
 
 

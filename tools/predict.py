@@ -287,6 +287,7 @@ def collect_images(items: Sequence[str]) -> List[str]:
 
 def load_images(paths: Sequence[str], img_size: int, benchmark: str) -> torch.Tensor:
     """The evaluation transform of ``benchmark`` (data.transforms) applied to every image, stacked."""
+    from data.listfile import to_rgb
     from data.transforms import build_transform
     from PIL import Image
 
@@ -295,7 +296,7 @@ def load_images(paths: Sequence[str], img_size: int, benchmark: str) -> torch.Te
     for p in paths:
         try:
             with Image.open(p) as im:
-                out.append(tf(im.convert("RGB")))
+                out.append(tf(to_rgb(im, p)))  # 16-bit images scaled to 8 bits as in training
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
     return torch.stack(out)
@@ -355,6 +356,9 @@ def write_text_atomic(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_predict_")
     with os.fdopen(fd, "w", newline="") as f:
         f.write(text)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
     os.replace(tmp, path)
 
 

@@ -1,7 +1,8 @@
 """Command line of ``train.py``: the original's flag names, grouped; an optional YAML config; validation.
 
 ``--config FILE.yaml`` holds ``flag: value`` pairs (flag names without dashes, e.g. ``lr: 0.001``) that become
-the defaults; anything given on the command line wins. Unknown keys are an error naming the file.
+the defaults; anything given on the command line wins. Unknown keys are an error naming the file; a boolean
+flag takes a YAML boolean or true/false, yes/no, on/off, 1/0 (also quoted), anything else is an error naming the key.
 """
 from __future__ import annotations
 
@@ -222,6 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _config_bool(path: str, key: Any, v: Any) -> bool:
+    """A boolean flag's value in ``--config``: a YAML boolean, 0/1, or (quoted) true/false, yes/no, on/off, 1/0 in
+    any case. Anything else (``"maybe"``, ``2``, an empty value) is refused: a string such as ``"no"`` must not
+    count as True just because it is not empty."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise UsageError(f"--config {path}: {key!r} is a boolean flag: use true or false (also yes/no, on/off, 1/0), "
+                     f"got {v!r}")
+
+
 def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     import yaml
 
@@ -241,6 +261,9 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         if key not in dests or key in ("help", "config"):
             raise UsageError(f"--config {path}: unknown key {k!r} (keys are train.py flag names, e.g. lr, epochs)")
         action = next(a for a in parser._actions if a.dest == key)
+        if isinstance(action, _BOOL_ACTIONS):
+            out[key] = _config_bool(path, k, v)
+            continue
         if v is not None and action.type is not None and not isinstance(v, bool):
             try:
                 if isinstance(v, dict):
@@ -255,35 +278,36 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return out
 
 
+def _dataset_check(benchmark: str, dataset: str) -> Optional[str]:
+    """Why ``dataset`` is not a dataset of ``benchmark`` (the data module's message, listing the valid names), or
+    ``None`` when it is one."""
+    try:
+        if benchmark == "vtab":
+            from data.vtab import get_vtab_task
+
+            get_vtab_task(dataset)
+        elif benchmark == "few_shot":
+            from data.few_shot import canonical_fgfs_name
+
+            canonical_fgfs_name(dataset)
+        else:
+            from data.domain_generalization import canonical_dg_target
+
+            canonical_dg_target(dataset)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def infer_benchmark(dataset: str) -> str:
     """The benchmark a dataset name belongs to; :class:`UsageError` when unknown or ambiguous."""
-    found = []
-    try:
-        from data.vtab import get_vtab_task
-
-        get_vtab_task(dataset)
-        found.append("vtab")
-    except ValueError:
-        pass
-    try:
-        from data.few_shot import canonical_fgfs_name
-
-        canonical_fgfs_name(dataset)
-        found.append("few_shot")
-    except (ValueError, ImportError):
-        pass
-    try:
-        from data.domain_generalization import canonical_dg_target
-
-        canonical_dg_target(dataset)
-        found.append("domain_generalization")
-    except (ValueError, ImportError):
-        pass
+    checks = {b: _dataset_check(b, dataset) for b in BENCHMARKS}
+    found = [b for b, err in checks.items() if err is None]
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UsageError(f"--dataset {dataset!r}: unknown dataset; it is neither a VTAB-1k task, a few-shot dataset "
-                         f"nor a DG target (see --help; valid names are listed by each benchmark's error)")
+        raise UsageError(f"--dataset {dataset!r}: unknown dataset, neither a VTAB-1k task, a few-shot dataset nor a "
+                         f"DG target:\n  " + "\n  ".join(checks.values()))
     raise UsageError(f"--dataset {dataset!r} exists in several benchmarks ({', '.join(found)}): pass --benchmark")
 
 
@@ -310,6 +334,16 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
     if args.benchmark is None:
         args.benchmark = infer_benchmark(args.dataset)
+    else:
+        err = _dataset_check(args.benchmark, args.dataset)
+        if err is not None:
+            raise UsageError(f"--dataset {args.dataset!r} (--benchmark {args.benchmark}): {err}")
+    for flag, value, want in (("--load_path", args.load_path, "the weights file itself (e.g. .../ViT-B_16.npz), "
+                               "'timm', or empty for random initialisation (the launchers' LOAD_PATH)"),
+                              ("--resume", args.resume, "the run's last.pth"),
+                              ("--checkpoint", args.checkpoint, "a delta file (delta.pth / delta_seed<k>.pth)")):
+        if value and not (flag == "--load_path" and value == "timm") and os.path.isdir(value):
+            raise UsageError(f"{flag} {value}: is a directory, not a file; give {want}")
     if args.eval_only and not args.checkpoint:
         raise UsageError("--eval_only needs --checkpoint DELTA (a delta checkpoint written by a training run)")
     if args.checkpoint and not args.eval_only:

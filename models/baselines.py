@@ -101,15 +101,13 @@ class BaselineModel(ClassifierMixin, nn.Module):
 
     # ---- head ------------------------------------------------------------------------------------------------
     def reset_head(self) -> None:
-        """ViT: zeros (timm 0.5.4's ViT); Swin: trunc-normal std .02 and zero bias (timm 0.5.4's Swin)."""
+        """Trunc-normal std .02 and zero bias, as timm 0.5.4 (the original's) initialised a fresh ViT or Swin
+        classifier (its ViT applies the generic Linear init to the head as well, see ``DTLVisionTransformer``)."""
         if not isinstance(self.head, nn.Linear):
             return
-        if self.arch == "vit":
-            nn.init.zeros_(self.head.weight)
-        else:
-            from timm.layers import trunc_normal_
+        from timm.layers import trunc_normal_
 
-            trunc_normal_(self.head.weight, std=0.02)
+        trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     # ---- forward ---------------------------------------------------------------------------------------------

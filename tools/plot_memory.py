@@ -203,7 +203,8 @@ def plot(points: List[dict], bench: List[dict], metric: str, out: str, model_lab
     ax.set_ylim(min(ys) - 1.5, max(ys) + 1.5)
     _place_labels(fig, ax, points)
     fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False,
-               title="hollow = published accuracy (sources: tools/plot_memory.py); memory measured here",
+               title="hollow = published accuracy or computed from published per-task numbers (sources: tools/plot_memory.py); "
+                     "memory measured here",
                title_fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -236,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         raise SystemExit("plot_memory: nothing to plot (no method has both memory and accuracy)")
     plot(points, bench, metric, args.out, args.model_label)
     for pt in points:
-        print(f"{pt['method']:<12} {pt['memory']:>10.1f} MiB  {pt['accuracy']:5.1f}%  ({pt['source']})")
+        print(f"{pt['method']:<12} {pt['memory']:>10.1f} MiB  {pt['accuracy']:6.2f}%  ({pt['source']})")
     print(f"wrote {args.out}")
     return points
 

@@ -65,6 +65,7 @@ RESUME_MUST_MATCH = (
     "lora_before_blocks", "add_after_blocks", "drop_path", "img_size", "model_kwargs", "lr", "weight_decay", "epochs",
     "warmup_epochs", "min_lr", "warmup_lr", "batch_size", "mixup", "cutmix", "mixup_prob", "smoothing", "ema",
     "ema_decay", "seed", "eval_interval", "lean", "cache_prefix", "cache_prefix_approx", "cache_dtype",
+    "initial_checkpoint",
 )
 
 
@@ -438,6 +439,7 @@ class Run:
             _logger.info("--prefetcher is for CUDA devices; loading normally on %s", self.device)
         self.resume_ckpt: Optional[Dict[str, Any]] = None
         self.delta_ckpt: Optional[Dict[str, Any]] = None
+        self.initial = None  # --initial_checkpoint (models.initial.InitialCheckpoint)
         self.out_dir = ""
         self.summary: Optional[SummaryTable] = None
         self.tb = TensorBoardLogger(None)
@@ -450,6 +452,10 @@ class Run:
         args = self.args
         if args.resume:
             self.resume_ckpt = read_resume_checkpoint(args.resume)
+        if args.initial_checkpoint:
+            from models.initial import read_initial_checkpoint
+
+            self.initial = read_initial_checkpoint(args.initial_checkpoint)
         if args.eval_only:
             ckpt = read_delta_checkpoint(args.checkpoint)
             saved_img = ckpt.get("model_kwargs", {}).get("img_size")
@@ -486,6 +492,10 @@ class Run:
             if used:
                 _logger.info("%s only change training; --eval_only ignores them", " and ".join(used))
             return
+        if self.initial is not None:
+            from models.initial import check_initial_checkpoint
+
+            check_initial_checkpoint(self.initial, lambda: build_model(args, num_classes, weights=False))
         if not (args.lean or args.cache_prefix):
             return
         with torch.device("meta"):
@@ -572,6 +582,12 @@ class Run:
             rng_seed = args.seed + plan.data_seed
             _seed_everything(rng_seed)  # same model initialisation on every rank
             model = build_model(args, data.num_classes, lean=args.lean)
+            if self.initial is not None:  # every seed starts from the file's trainable tensors
+                from models.initial import load_initial_checkpoint
+
+                n = load_initial_checkpoint(model, self.initial)
+                _logger.info("trainable tensors from --initial_checkpoint %s (%s): %d loaded, %d frozen ignored",
+                             self.initial.path, self.initial.kind, n["loaded"], n["ignored_frozen"])
             if plan.index == start_seed:
                 c = count_parameters(model)
                 counts = {"n_params": c.total, "n_trainable": c.trainable, "n_trainable_excl_head": c.trainable_excl_head}
@@ -773,6 +789,7 @@ class Run:
             "per_seed": completed,
             "n_test_images": completed[-1]["n_test_images"] if completed else None,
             **self._memory_flags(),
+            "initial_checkpoint": self.initial.record() if self.initial is not None else None,
             **data.info,
         }
         if any("targets" in c for c in completed):

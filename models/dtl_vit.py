@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models import VisionTransformer
 from timm.models import register_model
 
@@ -89,9 +90,13 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
         return self
 
     def reset_head(self) -> None:
-        """Zero-initialise the head, as timm 0.5.4's ViT (the original's) did for a fresh classifier."""
+        """Initialise the head as the original's ViT did: trunc-normal std .02, bias 0.
+
+        (The original builds timm 0.5.4's ViT with ``init_weights('')``, which applies its weight init without
+        module names, so the zero-init branch for ``head`` never runs and the head gets the generic Linear init.)
+        """
         if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
+            trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
     def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:

@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="",
                    help="run folder (default output/<benchmark>/<dataset>/<method>[_shot_k]/<timestamp>)")
     g.add_argument("--resume", default="", metavar="LAST_PTH", help="continue the run of this last.pth")
+    g.add_argument("--initial_checkpoint", default="", metavar="PATH",
+                   help="start the trainable tensors from this file: a delta, a last.pth (its trainable tensors "
+                        "only) or a state dict (this project's or the original code's key layout)")
     g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint on the test split, no training")
     g.add_argument("--checkpoint", default="", metavar="DELTA", help="delta checkpoint for --eval_only")
     g.add_argument("--eval_interval", type=_positive_int, default=None,
@@ -348,6 +351,8 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError("--eval_only needs --checkpoint DELTA (a delta checkpoint written by a training run)")
     if args.checkpoint and not args.eval_only:
         raise UsageError("--checkpoint is only used with --eval_only (to continue training use --resume LAST_PTH)")
+    if args.eval_only and args.initial_checkpoint:
+        raise UsageError("--initial_checkpoint starts training; --eval_only evaluates --checkpoint")
     if args.eval_only and args.resume:
         raise UsageError("--eval_only and --resume exclude each other")
     if not args.eval_only and args.epochs + args.warmup_epochs < 1:

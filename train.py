@@ -44,11 +44,12 @@ from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
 from engine.run_folder import ResumeState, RunFolder, SeedProgress, flag_value
 from engine.setup import (
-    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_memory_flags, model_kwargs,
+    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, model_kwargs,
 )
 from engine.trainer import Trainer
 from models import DTLConfig, ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
 from models.baselines import baseline_settings
+from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from utils.args import UsageError, parse_args, resolved_method
 from utils.checkpoint import (
     CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,
@@ -75,6 +76,7 @@ class Context:
     folder: RunFolder
     loaders: Loaders
     method: str  # results.json's method: dtl, dtl+ or a baseline
+    initial: Optional[InitialCheckpoint] = None  # --initial_checkpoint: every seed starts from its tensors
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -94,7 +96,8 @@ def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState]) -> Di
     return run_results(args, method=ctx.method, backbone=backbone_label(args.model, args.model_kwargs),
                        per_seed=state.completed, epochs=epochs, counts=state.counts,
                        train_time=state.train_time_s, train_images=state.train_images, cache_info=state.cache_info,
-                       info=data.info, device=ctx.dist.device)
+                       info=data.info, device=ctx.dist.device,
+                       initial_checkpoint=ctx.initial.record() if ctx.initial is not None else None)
 
 
 def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState, resuming: bool, first: bool,
@@ -106,6 +109,10 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     rng_seed = args.seed + plan.data_seed
     random_seed(rng_seed)  # the same model initialisation on every rank
     model = build_model(args, data.num_classes, lean=args.lean)
+    if ctx.initial is not None:
+        n = load_initial_checkpoint(model, ctx.initial)
+        _logger.info("trainable tensors from --initial_checkpoint %s (%s): %d loaded, %d frozen ignored",
+                     ctx.initial.path, ctx.initial.kind, n["loaded"], n["ignored_frozen"])
     if first:
         state.counts = parameter_counts(count_parameters(model))
         _logger.info("model %s, method %s:\n%s", args.model, ctx.method, trainable_report(model))
@@ -242,17 +249,18 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
     if args.prefetcher and not prefetch:
         _logger.info("--prefetcher is for CUDA devices; loading normally on %s", dist_info.device)
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(args.resume)) if args.resume else None
+    initial = read_initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint else None
     eval_ckpt = read_eval_checkpoint(args) if args.eval_only else None
     data = build_data(args, normalize=not prefetch)
     args.dataset = data.dataset
     if resume is not None:
         resume.check_matches(args, dist_info.world_size, args.resume)
-    check_memory_flags(args, data.num_classes)
+    check_model_flags(args, data.num_classes, initial)
     method = eval_ckpt["method"] if eval_ckpt is not None else resolved_method(args)
     folder = RunFolder(args, dist_info)
     folder.open(get_benchmark(args.benchmark).run_name(method, args.shot, args.eval_only), argv,
                 resume.summary_rows if resume is not None else None)
-    ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method)
+    ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method, initial)
     if eval_ckpt is not None:
         folder.write_results(evaluate_checkpoint(ctx, data, eval_ckpt))
         return

@@ -44,13 +44,13 @@ from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
 from engine.run_folder import ResumeState, RunFolder, SeedProgress, data_fingerprint, flag_value, run_is_complete
 from engine.setup import (
-    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_memory_flags, check_model_flags,
-    model_kwargs,
+    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, model_kwargs,
 )
 from engine.trainer import NonFiniteError, Trainer
 from models import DTLConfig, ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
 from models.baselines import baseline_settings
 from models.config import format_blocks
+from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from models.pretrained import check_backbone_match, check_weights_file, weights_record
 from utils.args import UsageError, parse_args, resolved_method
 from utils.atomic import WriteError
@@ -84,6 +84,7 @@ class Context:
     folder: RunFolder
     loaders: Loaders
     method: str  # results.json's method: dtl, dtl+ or a baseline
+    initial: Optional[InitialCheckpoint] = None  # --initial_checkpoint: every seed starts from its tensors
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -108,7 +109,8 @@ def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState],
     return run_results(args, method=ctx.method, backbone=backbone_label(args.model, args.model_kwargs),
                        per_seed=state.completed, epochs=epochs, counts=state.counts,
                        train_time=state.train_time_s, train_images=state.train_images, cache_info=state.cache_info,
-                       info=data.info, device=ctx.dist.device)
+                       info=data.info, device=ctx.dist.device,
+                       initial_checkpoint=ctx.initial.record() if ctx.initial is not None else None)
 
 
 def build_first_model(args: argparse.Namespace, data: DataPlan, start_seed: int) -> Optional[torch.nn.Module]:
@@ -131,6 +133,10 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     if model is None:
         random_seed(rng_seed)  # the same model initialisation on every rank
         model = build_model(args, data.num_classes, lean=args.lean)
+    if ctx.initial is not None:
+        n = load_initial_checkpoint(model, ctx.initial)
+        _logger.info("trainable tensors from --initial_checkpoint %s (%s): %d loaded, %d frozen ignored",
+                     ctx.initial.path, ctx.initial.kind, n["loaded"], n["ignored_frozen"])
     if first:
         state.counts = parameter_counts(count_parameters(model))
         _logger.info("model %s, method %s:\n%s", args.model, ctx.method, trainable_report(model))
@@ -299,6 +305,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
     if args.load_path and args.load_path != "timm":
         check_weights_file(args.load_path)
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(args.resume)) if args.resume else None
+    initial = read_initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint else None
     eval_ckpt = read_eval_checkpoint(args) if args.eval_only else None
     data = build_data(args, normalize=not prefetch)
     args.dataset = data.dataset
@@ -311,8 +318,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
             _logger.info("the run in %s is complete (every seed trained, results.json written): nothing to do; "
                          "start a new run to train again", folder_of_run)
             return
-    check_model_flags(args, data.num_classes)
-    check_memory_flags(args, data.num_classes)
+    check_model_flags(args, data.num_classes, initial)
     method = eval_ckpt["method"] if eval_ckpt is not None else resolved_method(args)
     folder = RunFolder(args, dist_info)
     folder.precheck()
@@ -320,11 +326,14 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
         built = build_eval_model(args, data, eval_ckpt)
     else:
         first_model = build_first_model(args, data, resume.seed_index if resume is not None else 0)
+        if initial is not None and initial.kind == "delta" and first_model is not None:
+            check_backbone_match(initial.info.get("backbone_weights"), weights_record(first_model),
+                                 f"--initial_checkpoint {initial.path}", args.allow_backbone_mismatch)
     try:
         folder.data_fingerprint = fingerprint
         folder.open(get_benchmark(args.benchmark).run_name(method, args.shot, args.eval_only), argv,
                     resume.summary_rows if resume is not None else None)
-        ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method)
+        ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method, initial)
         if eval_ckpt is not None:
             folder.write_results(evaluate_checkpoint(ctx, data, eval_ckpt, built))
             return

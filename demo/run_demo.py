@@ -79,16 +79,27 @@ def export_npz(pre_dir: str, npz_path: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="DTL demo on generated data (CPU)", allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="bash run_demo.sh", allow_abbrev=False,
+        description="The DTL demo on generated data (CPU, about two minutes after setup): pre-train a small ViT, "
+                    "transfer it with DTL, DTL+ and a linear probe through the launchers, print the results table. "
+                    "run_demo.sh sets up .venv/ first when it is missing (python demo/run_demo.py skips that).")
     p.add_argument("--workdir", default=os.path.join(REPO, "demo_output"), help="where data and runs go")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or
                    min(2, os.cpu_count() or 1), help="CPU threads per training process")
     args = p.parse_args(argv)
     start = time.time()
     work = os.path.abspath(args.workdir)
+    marker = os.path.join(work, ".dtl_demo_workdir")
+    if os.path.exists(work) and not os.path.isdir(work):
+        p.error(f"--workdir {work}: exists and is not a folder")
+    if os.path.isdir(work) and os.listdir(work) and not os.path.isfile(marker):
+        p.error(f"--workdir {work}: not empty and not a folder an earlier demo made; the demo deletes its workdir "
+                f"before it starts, so give a new or empty folder")
     if os.path.exists(work):
         shutil.rmtree(work)
     os.makedirs(work)
+    open(marker, "w").close()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     py = sys.executable
     root = os.path.join(work, "data")

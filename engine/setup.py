@@ -1,5 +1,6 @@
 """Everything a run builds before and around training: the data of every seed (checked before any model
-exists), the tuned model, the ``--lean``/``--cache_prefix`` pre-checks, the frozen-prefix cache and the loaders."""
+exists), the tuned model, the ``--initial_checkpoint``/``--lean``/``--cache_prefix`` pre-checks, the
+frozen-prefix cache and the loaders."""
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,13 @@ from data.errors import DataError
 from data.transforms import DTL_MEAN, DTL_STD, build_transform, normalize_uint8_batch
 from models import DTLConfig, ModelSettingsError, create_tuned_model
 from models.backbones import backbone_arch, default_rank
+from models.initial import InitialCheckpoint, check_initial_checkpoint
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from utils.args import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
 
 __all__ = ["build_data", "dtl_config", "model_kwargs", "backbone_label", "build_model", "check_model_flags",
-           "check_memory_flags",
            "build_prefix_cache", "Loaders"]
 
 _logger = logging.getLogger("train")
@@ -172,36 +173,31 @@ def build_model(
         raise UsageError(f"cannot build --model {model_name} --method {method}: {e}") from e
 
 
-def check_model_flags(args: argparse.Namespace, num_classes: int) -> None:
-    """DTL's block selection, checked on the model's structure (meta device: no memory, no weights) before the
-    run folder exists: a selection in which no tap (``--lora_before_blocks``) reaches an add-back block
+def check_model_flags(args: argparse.Namespace, num_classes: int,
+                      initial: Optional[InitialCheckpoint] = None) -> None:
+    """DTL's block selection, --initial_checkpoint, --lean, --cache_prefix: check them on the model's structure
+    (built on the meta device: no memory, no weights) before the run folder, the data loaders or the real model
+    exist. A block selection in which no tap (``--lora_before_blocks``) reaches an add-back block
     (``--add_after_blocks``; Swin: of the same stage) would train the head alone, a linear probe recorded as DTL."""
-    if args.eval_only or args.method != "dtl":
+    if args.eval_only:
+        used = [f for f, on in (("--lean", args.lean), ("--cache_prefix", args.cache_prefix)) if on]
+        if used:
+            _logger.info("%s only change training; --eval_only ignores them", " and ".join(used))
+        return
+    if initial is not None:
+        check_initial_checkpoint(initial, lambda: build_model(args, num_classes, weights=False))
+    if args.method != "dtl" and not (args.lean or args.cache_prefix):
         return
     with torch.device("meta"):
-        model = build_model(args, num_classes, weights=False)
-    taps = [n for n, _ in model.named_parameters() if ".taps." in f".{n}" and n.endswith("lora_A")]
-    if not taps:
+        model = build_model(args, num_classes, lean=args.lean, weights=False)
+    if args.method == "dtl" and not any(n.endswith("lora_A") and ".taps." in f".{n}"
+                                        for n, _ in model.named_parameters()):
         cfg = model.model_config().get("dtl", {})
         raise UsageError(
             f"--lora_before_blocks {args.lora_before_blocks or cfg.get('csn_blocks')} and --add_after_blocks "
             f"{args.add_after_blocks or cfg.get('add_back_blocks')}: no tapped block comes at or before an add-back "
             f"block (of its stage, for Swin), so the side network would add nothing and only the head would train; "
             f"tap earlier blocks or add back after later ones")
-
-
-def check_memory_flags(args: argparse.Namespace, num_classes: int) -> None:
-    """--lean / --cache_prefix: check them on the model's structure (built on the meta device: no memory,
-    no weights) before the run folder, the data loaders or the real model exist."""
-    if args.eval_only:
-        used = [f for f, on in (("--lean", args.lean), ("--cache_prefix", args.cache_prefix)) if on]
-        if used:
-            _logger.info("%s only change training; --eval_only ignores them", " and ".join(used))
-        return
-    if not (args.lean or args.cache_prefix):
-        return
-    with torch.device("meta"):
-        model = build_model(args, num_classes, lean=args.lean, weights=False)
     if args.cache_prefix:
         deterministic = get_benchmark(args.benchmark).train_transform_is_deterministic()
         try:

@@ -221,6 +221,9 @@ def test_damaged_checkpoints_are_refused(ref, vtab, backbones, tmp_path, caplog,
         assert f"corrupt or truncated: {bad} (" in caplog.text, caplog.text
         assert "Traceback" not in caplog.text
         assert not os.path.exists(out)
+        caplog.clear()
+        assert run_train(_argv(vtab, out, backbones["A"]) + ["--initial_checkpoint", bad]) == 2
+        assert f"corrupt or truncated: {bad} (" in caplog.text and not os.path.exists(out)
 
 
 def test_old_delta_without_checksum_or_fingerprint_still_loads(ref, vtab, backbones, tmp_path, caplog):
@@ -303,6 +306,15 @@ def test_delta_on_another_backbone_is_refused(ref, vtab, backbones, tmp_path, ca
     # the same weights in another file format are the same backbone
     assert run_train(_eval_argv(vtab, tmp_path / "st", ref / "delta.pth", backbones["A_safetensors"])) == 0
     assert read_results(tmp_path / "st")["top1"] == read_results(ref)["top1"]
+
+    # --initial_checkpoint: a delta trained on A does not start a run on B (unless allowed)
+    caplog.clear()
+    assert run_train(_argv(vtab, tmp_path / "init", backbones["B"], "--initial_checkpoint", ref / "delta.pth")) == 2
+    assert "trained on backbone weights backbone_A.pth" in caplog.text and not os.path.exists(tmp_path / "init")
+    assert run_train(_argv(vtab, tmp_path / "init2", backbones["B"], "--initial_checkpoint", ref / "delta.pth",
+                           "--allow_backbone_mismatch")) == 0
+    assert "--allow_backbone_mismatch: " in (tmp_path / "init2" / "log.txt").read_text()
+    assert run_train(_argv(vtab, tmp_path / "init3", backbones["A"], "--initial_checkpoint", ref / "delta.pth")) == 0
 
     img = os.path.join(vtab, next(d for d in os.listdir(vtab) if os.path.isdir(os.path.join(vtab, d))))
     code, err = _predict(["--load_path", backbones["B"], "--deltas", ref / "delta.pth", "--images", img], capsys)

@@ -29,13 +29,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
-
-from data.synthetic import make_vtab_root  # noqa: E402
-from models.baselines import create_baseline_model  # noqa: E402
-from models.npz import save_vit_npz  # noqa: E402
-from models.trainable import load_delta_state_dict  # noqa: E402
-
 PRE_TASK, PRE_CLASSES = "pets", 37
 TASK, TASK_CLASSES = "eurosat", 10
 MODEL = ["--model", "vit_tiny_patch16_224", "--model_kwargs", "embed_dim=64,num_heads=2,patch_size=8",
@@ -64,13 +57,25 @@ def top1(run_dir: str) -> float:
         return json.load(f)["top1"]
 
 
+# The project's modules are imported inside the functions that use them: `run_demo.sh --help` runs this file
+# before the environment (torch, timm) is set up.
+
+
 def make_data(root: str) -> None:
+    from data.synthetic import make_vtab_root
+
     make_vtab_root(root, tasks=(PRE_TASK,), n_train=1600, n_val=400, n_test=300, img_size=32, seed=0)
     make_vtab_root(root, tasks=(TASK,), n_train=400, n_val=100, n_test=300, img_size=32, seed=1)
 
 
 def export_npz(pre_dir: str, npz_path: str) -> None:
     """The pre-trained backbone (from the full fine-tuning delta) as a Google-layout .npz."""
+    import torch
+
+    from models.baselines import create_baseline_model
+    from models.npz import save_vit_npz
+    from models.trainable import load_delta_state_dict
+
     ck = torch.load(os.path.join(pre_dir, "delta.pth"), map_location="cpu", weights_only=True)
     kwargs = dict(ck["model_kwargs"])
     model = create_baseline_model("full", ck["backbone"], ck["model_config"]["num_classes"], **kwargs)

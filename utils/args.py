@@ -292,7 +292,7 @@ def _dataset_check(benchmark: str, dataset: str) -> Optional[str]:
 
 def infer_benchmark(dataset: str) -> str:
     """The benchmark a dataset name belongs to; :class:`UsageError` when unknown or ambiguous."""
-    checks = {b: _dataset_check(b, dataset) for b in BENCHMARKS}
+    checks = {b: _dataset_check(b, dataset) for b in REGISTRY}
     found = [b for b, err in checks.items() if err is None]
     if len(found) == 1:
         return found[0]

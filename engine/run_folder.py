@@ -246,8 +246,11 @@ class RunFolder:
         error = None
         if self.dist.is_main and (args.output_dir or args.resume):
             out = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.resume)))
+            if os.path.exists(out) and not os.path.isdir(out):
+                error = f"could not write {out}: it exists and is not a folder (--output_dir)"
             try:
-                RunLock(out).check_free()
+                if error is None:
+                    RunLock(out).check_free()
             except RunLockedError as e:
                 error = str(e)
             taken = [n for n in ("results.json", "last.pth", "summary.csv") if os.path.exists(os.path.join(out, n))]

@@ -395,6 +395,18 @@ def test_a_bug_keeps_its_traceback_and_logs_it(vtab, backbones, tmp_path, monkey
     assert not os.path.exists(tmp_path / "run" / ".lock")
 
 
+def test_output_dir_that_is_a_file_is_one_error_line(vtab, backbones, tmp_path, caplog, monkeypatch):
+    import train
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built a model before the check"))
+    caplog.clear()
+    assert run_train(_argv(vtab, blocker, backbones["A"])) == 2
+    assert f"error: could not write {blocker}: it exists and is not a folder" in caplog.text
+    assert blocker.read_text() == "x"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_error_line(vtab, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, _argv(vtab, tmp_path / "r")),

@@ -11,10 +11,11 @@ What each benchmark trains on, evaluates and selects is its :class:`data.benchma
 * Domain generalisation: for each data seed, train on the ImageNet k-shot source, evaluate the target(s)
   after the last epoch (``--target_dataset all``: all five).
 
-The program: parse the flags -> read the checkpoints named on the command line -> build and check the data
-of every seed -> check the memory flags on a meta-device model -> open the run folder -> for each seed: build
-the model, train, select, evaluate, stage its delta -> results.json. One process, or several with ``torchrun``
-(DDP). The run folder (:mod:`engine.run_folder`) holds ``log.txt``, ``config.yaml``, ``summary.csv``,
+The program: parse and check the flags -> read (and verify) the checkpoints named on the command line -> build
+and check the data of every seed (on --resume: the same data, and a finished run ends here) -> check the model
+flags on a meta-device model -> build the first model (backbone weights, fingerprint checks) -> open and lock the
+run folder -> for each seed: build the model, train, select, evaluate, stage its delta -> results.json. Nothing
+is created before the last check. One process, or several with ``torchrun`` (DDP). The run folder (:mod:`engine.run_folder`) holds ``log.txt``, ``config.yaml``, ``summary.csv``,
 TensorBoard events, ``last.pth`` (resume), and -- only when the run succeeds -- the delta checkpoint(s) and
 ``results.json``. ``--resume RUN/last.pth`` continues an interrupted run; ``--eval_only --checkpoint
 RUN/delta.pth`` evaluates a saved delta.

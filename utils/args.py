@@ -360,6 +360,8 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError(f"--target_dataset applies to the {', '.join(with_targets)} benchmark only")
     if args.seeds is None:
         args.seeds = list(bench.default_seeds)
+    if not (0 <= args.seed and args.seed + max(args.seeds) + world_size < 2 ** 32):  # numpy seeds (timm random_seed)
+        raise UsageError(f"--seed must lie in [0, 2^32) with the data seeds and ranks added, got {args.seed}")
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds has repeated values: {args.seeds}")
     if args.batch_size % world_size:

@@ -42,7 +42,7 @@ from data.benchmark import DataPlan, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
-from engine.run_folder import ResumeState, RunFolder, SeedProgress, flag_value
+from engine.run_folder import CacheInfo, ResumeState, RunFolder, SeedProgress, flag_value
 from engine.setup import (
     Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, model_kwargs,
 )
@@ -238,7 +238,7 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any]) -> Dic
     return run_results(args, method=ck["method"], backbone=backbone_label(ck["backbone"], extra),
                        per_seed=[seed_result(ck.get("seed"), final, primary)], epochs=0,
                        counts=parameter_counts(count_parameters(model)), train_time=0.0, train_images=0,
-                       cache_info={}, info=data.info, device=ctx.dist.device,
+                       cache_info=CacheInfo(), info=data.info, device=ctx.dist.device,
                        checkpoint=os.path.abspath(args.checkpoint))
 
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from engine.run_folder import CacheInfo
 from utils.distributed import all_gather_object
 from utils.metrics import mean_std, peak_cuda_mib, peak_rss_mib
 
@@ -45,20 +46,20 @@ def resources(device: torch.device) -> Dict[str, Any]:
             "peak_rss_mib": round(max(p[1] for p in peaks), 1)}
 
 
-def memory_flags(args: argparse.Namespace, cache_info: Mapping[str, Any]) -> Dict[str, Any]:
+def memory_flags(args: argparse.Namespace, cache_info: CacheInfo) -> Dict[str, Any]:
     """``lean``/``cache_prefix`` and, with the cache, its build time (all seeds, not in ``train_time_s``),
     size (MiB, one seed's cache), storage and whether it was approximate."""
     on = bool(args.cache_prefix) and not args.eval_only
     return {"lean": bool(args.lean) and not args.eval_only, "cache_prefix": on,
-            "cache_build_s": round(float(cache_info["build_s"]), 3) if on else None,
-            "cache_mib": round(float(cache_info["mib"]), 3) if on and cache_info.get("mib") is not None else None,
-            "cache_storage": cache_info.get("storage") if on else None,
-            "cache_approximate": cache_info.get("approximate") if on else None}
+            "cache_build_s": round(float(cache_info.build_s), 3) if on else None,
+            "cache_mib": round(float(cache_info.mib), 3) if on and cache_info.mib is not None else None,
+            "cache_storage": cache_info.storage if on else None,
+            "cache_approximate": cache_info.approximate if on else None}
 
 
 def run_results(args: argparse.Namespace, *, method: str, backbone: str, per_seed: List[Dict[str, Any]],
                 epochs: int, counts: Mapping[str, int], train_time: float, train_images: int,
-                cache_info: Mapping[str, Any], info: Mapping[str, Any], device: torch.device,
+                cache_info: CacheInfo, info: Mapping[str, Any], device: torch.device,
                 **extra: Any) -> Dict[str, Any]:
     """The whole results.json body (see the module docstring); ``extra`` entries go before ``info``'s."""
     stats = mean_std([c["top1"] for c in per_seed])

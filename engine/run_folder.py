@@ -28,7 +28,7 @@ from utils.distributed import DistInfo, all_gather_object, barrier, broadcast_ob
 from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, format_duration
 from utils.metrics import versions
 
-__all__ = ["RunFolder", "ResumeState", "SeedProgress", "RESUME_MUST_MATCH", "flag_value"]
+__all__ = ["RunFolder", "ResumeState", "SeedProgress", "CacheInfo", "RESUME_MUST_MATCH", "flag_value"]
 
 _logger = logging.getLogger("train")
 
@@ -72,6 +72,17 @@ class SeedProgress:
 
 
 @dataclass
+class CacheInfo:
+    """What results.json reports of ``--cache_prefix``: build seconds over all seeds (not in the epoch times),
+    the largest seed's cache size (MiB), its storage and whether it was approximate."""
+
+    build_s: float = 0.0
+    mib: Optional[float] = None
+    storage: Optional[str] = None
+    approximate: Optional[bool] = None
+
+
+@dataclass
 class ResumeState:
     """Everything ``last.pth`` holds; the file is this dataclass as a dict (format ``dtl-resume/1``).
 
@@ -92,15 +103,14 @@ class ResumeState:
     train_time_s: float = 0.0
     train_images: int = 0
     counts: Optional[Dict[str, int]] = None
-    cache_info: Dict[str, Any] = field(default_factory=lambda: {"build_s": 0.0, "mib": None, "storage": None,
-                                                                "approximate": None})
+    cache_info: CacheInfo = field(default_factory=CacheInfo)
     rng_states: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_checkpoint(self) -> Dict[str, Any]:
         ck = {"format": RESUME_FORMAT}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            ck[f.name] = dataclasses.asdict(v) if isinstance(v, SeedProgress) else v
+            ck[f.name] = dataclasses.asdict(v) if isinstance(v, (SeedProgress, CacheInfo)) else v
         return ck
 
     @classmethod
@@ -109,6 +119,8 @@ class ResumeState:
         kw = {k: v for k, v in ck.items() if k in known and v is not None}
         if kw.get("progress") is not None:
             kw["progress"] = SeedProgress(**kw["progress"])
+        if kw.get("cache_info") is not None:
+            kw["cache_info"] = CacheInfo(**kw["cache_info"])
         kw["train_time_s"] = float(kw.get("train_time_s", 0.0))
         kw["train_images"] = int(kw.get("train_images", 0))
         kw["seed_index"], kw["epoch"] = int(kw.get("seed_index", 0)), int(kw.get("epoch", 0))

@@ -8,7 +8,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from models import DTLConfig, ModelSettingsError, create_tuned_model
 from models.backbones import backbone_arch, default_rank
 from models.initial import InitialCheckpoint, check_initial_checkpoint
 from engine.prefix_cache import PrefixCache, PrefixCacheError
+from engine.run_folder import CacheInfo
 from utils.args import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
@@ -200,18 +200,8 @@ def check_model_flags(args: argparse.Namespace, num_classes: int,
 
 
 # --------------------------------------------------------------------------------------------- prefix cache
-@dataclass
-class CacheInfo:
-    """What results.json reports of ``--cache_prefix``: build seconds over all seeds, the largest seed's size."""
-
-    build_s: float = 0.0
-    mib: Optional[float] = None
-    storage: Optional[str] = None
-    approximate: Optional[bool] = None
-
-
 def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, device: torch.device, prefetch: bool,
-                       autocast_dtype: Optional[torch.dtype], info: Dict[str, Any]) -> PrefixCache:
+                       autocast_dtype: Optional[torch.dtype], info: CacheInfo) -> PrefixCache:
     """--cache_prefix: the frozen prefix over a seed's training images, computed once (rebuilt on resume) and
     added to ``info`` (the resume state's ``cache_info``).
 
@@ -229,9 +219,9 @@ def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, devi
             )
         except PrefixCacheError as e:
             raise UsageError(f"--cache_prefix: {e}") from None
-    info["build_s"] = float(info.get("build_s") or 0.0) + cache.build_seconds
-    info["mib"] = max(float(info.get("mib") or 0.0), cache.nbytes / 2 ** 20)
-    info.update(storage=cache.storage, approximate=cache.approximate)
+    info.build_s += cache.build_seconds
+    info.mib = max(info.mib or 0.0, cache.nbytes / 2 ** 20)
+    info.storage, info.approximate = cache.storage, cache.approximate
     _logger.info("prefix cache ready: %d images, %.1f MiB in %s, %.1fs to build (not counted in the epoch times)",
                  len(cache), cache.nbytes / 2 ** 20, cache.storage, cache.build_seconds)
     return cache

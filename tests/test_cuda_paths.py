@@ -378,3 +378,47 @@ def test_deterministic_flag(vtab, tmp_path, monkeypatch, restore_backends):
     assert run_train(_argv(vtab, b)) == 0
     assert strip_timing(read_summary(a)) == strip_timing(read_summary(b))  # the CPU is deterministic anyway
     assert read_results(a)["args"]["deterministic"] is True
+
+
+# ------------------------------------------------------------------------------------------------ bench tools
+def test_bench_memory_empties_the_cuda_cache_between_in_process_methods(monkeypatch):
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_memory
+
+    released = []
+    with monkeypatch.context() as m:
+        m.setattr(bench_memory, "release_memory", released.append)
+        res = bench_memory.main(["--model", "vit_tiny_patch16_224", "--model_kwargs",
+                                 "embed_dim=32,depth=2,num_heads=2", "--img_size", "32", "--batch_size", "2",
+                                 "--num_classes", "4", "--steps", "1", "--in_process", "--methods", "dtl,lora"])
+    assert [r["method"] for r in res] == ["dtl", "lora"] and released == ["cpu", "cpu"]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, n=name: calls.append(n))
+    bench_memory.release_memory("cuda")
+    assert calls == ["synchronize", "empty_cache", "reset_peak_memory_stats"]
+
+
+def test_bench_train_loads_like_train_py(monkeypatch):
+    """bench_train's loader settings: train.py's worker count and pinned memory on CUDA (CUDA mocked), the cache
+    batches gathered lazily into pinned buffers, cudnn.benchmark set through train.py's helper."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_train
+
+    args = bench_train.parse_args(["--make_synthetic", "8", "--device", "cuda"])
+    assert args.num_workers is None  # resolved per device in the worker: 4 on CUDA, 0 on the CPU
+    seen = {}
+    monkeypatch.setattr(bench_train, "configure_backends", lambda det, dev: seen.setdefault("backends", (det, dev)))
+    monkeypatch.setattr(bench_train, "get_vtab_task", lambda name: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        bench_train.run_worker(args, "default")
+    assert seen["backends"] == (False, torch.device("cuda"))

@@ -422,3 +422,24 @@ def test_bench_train_loads_like_train_py(monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         bench_train.run_worker(args, "default")
     assert seen["backends"] == (False, torch.device("cuda"))
+
+
+def test_cuda_checks_script_on_the_cpu(vtab, tmp_path):
+    """tools/cuda_checks.py (run by gpu_check.sh on a GPU): on the CPU its device-independent checks pass, the
+    CUDA-only ones are skipped, and the --deterministic kill-and-resume harness finds the runs equal."""
+    import json
+    import subprocess
+    import sys
+
+    from data.synthetic import make_vtab_root
+    from tests.conftest import REPO
+
+    data = make_vtab_root(str(tmp_path / "data"), tasks=("eurosat",), n_train=16, n_val=8, n_test=8, img_size=32)
+    out = tmp_path / "checks.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "tools/cuda_checks.py", "--device", "cpu", "--data_dir", data,
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = {r["check"]: r["status"] for r in json.loads(out.read_text())}
+    assert status == {"normaliser": "PASS", "prefetcher": "SKIP", "peaks": "SKIP", "host_cache": "PASS",
+                      "scaler": "SKIP", "devices": "SKIP", "deterministic_resume": "PASS"}

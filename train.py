@@ -251,11 +251,11 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
     prefetch = bool(args.prefetcher) and dist_info.device.type == "cuda"
     if args.prefetcher and not prefetch:
         _logger.info("--prefetcher is for CUDA devices; loading normally on %s", dist_info.device)
+    precision = resolve_precision(args, dist_info.device)  # fp16 --amp on a CPU: fp32, said once, recorded
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(args.resume)) if args.resume else None
     eval_ckpt = read_eval_checkpoint(args) if args.eval_only else None
     data = build_data(args, normalize=not prefetch)
     args.dataset = data.dataset
-    precision = resolve_precision(args, dist_info.device)
     if resume is not None:
         resume.check_matches(args, dist_info.world_size, args.resume, precision)
     check_memory_flags(args, data.num_classes)

@@ -1,5 +1,5 @@
-"""Accuracy counting (exact across processes), resource usage (the one peak-memory helper of the project)
-and version stamps."""
+"""Accuracy counting (exact across processes), resource usage (peak RSS; the CUDA memory peaks per phase of a
+run, :class:`PeakMemory`) and version stamps."""
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +17,7 @@ import torch
 from .distributed import all_reduce_sum
 
 __all__ = [
-    "TopKCounter", "peak_rss_mib", "peak_cuda_mib", "reset_peak_memory", "versions",
-    "mean_std", "PeakMemory",
+    "TopKCounter", "peak_rss_mib", "versions", "mean_std", "PeakMemory",
 ]
 
 
@@ -53,18 +52,6 @@ def peak_rss_mib() -> float:
     """Peak resident memory of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024.0
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_cuda_mib(device: torch.device) -> Optional[float]:
-    """``torch.cuda.max_memory_allocated`` in MiB (what the paper reports), ``None`` off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / float(1 << 20)
 
 
 class PeakMemory:

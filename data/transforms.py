@@ -118,8 +118,8 @@ class Uint8Normalizer:
     def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise TypeError(f"normalize_uint8_batch expects a uint8 batch, got {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"the batch is on {x.device}, the normaliser's constants on {self.device}")
+        if x.device != self.scale.device:
+            raise ValueError(f"the batch is on {x.device}, the normaliser's constants on {self.scale.device}")
         out = x.to(torch.float32).div_(self.scale).sub_(self.mean).div_(self.std)
         return out if dtype == torch.float32 else out.to(dtype)
 

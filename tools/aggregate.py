@@ -612,7 +612,7 @@ def main(argv=None) -> int:
         csv_texts.append(f"# {t.title}\n{text}")
     if args.paper:
         paper_path = f"{base}_paper.csv"
-        _atomic_write(paper_path, _csv_text(paper_rows(tables)).encode("utf-8"))
+        atomic_write_bytes(paper_path, _csv_text(paper_rows(tables)).encode("utf-8"))
         written.append(paper_path)
     long_path = f"{base}_long.csv"
     atomic_write_bytes(long_path, _csv_text(long_rows(col)).encode("utf-8"))

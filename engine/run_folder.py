@@ -126,7 +126,8 @@ class ResumeState:
                  for k in RESUME_MUST_MATCH if k in saved and flag_value(saved.get(k)) != flag_value(getattr(args, k))]
         if precision is not None and self.precision is not None and precision != self.precision:
             diffs.append(f"precision: the checkpoint trained in {self.precision}, this run would train in "
-                         f"{precision} ({_precision_flags(self.precision)} on the device it ran on)")
+                         f"{precision} ({self.precision} = {_precision_flags(self.precision)}; resume with the "
+                         f"interrupted run's --amp/--amp_dtype on the same kind of device)")
         if diffs:
             raise CheckpointError(f"{path} was written by a run with other settings; resume with the "
                                   f"same flags (or start a new run): " + "; ".join(diffs))
@@ -139,7 +140,7 @@ class ResumeState:
 
 
 def _precision_flags(precision: str) -> str:
-    return {"fp32": "--no-amp (or --amp with float16 on a CPU)", "fp16": "--amp --amp_dtype float16 (on CUDA)",
+    return {"fp32": "--no-amp, or --amp with float16 on a CPU", "fp16": "--amp --amp_dtype float16 on CUDA",
             "bf16": "--amp --amp_dtype bfloat16"}.get(precision, precision)
 
 

@@ -6,5 +6,11 @@
 # (e.g. --workdir DIR; default demo_output/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+for arg in "$@"; do  # help first, before installing anything (demo/run_demo.py --help needs only the stdlib)
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    if [[ -x .venv/bin/python ]]; then exec .venv/bin/python demo/run_demo.py --help; fi
+    exec python3 demo/run_demo.py --help
+  fi
+done
 bash scripts/setup_env.sh requirements.txt
 exec .venv/bin/python demo/run_demo.py "$@"

@@ -43,11 +43,12 @@ from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
 from engine.run_folder import ResumeState, RunFolder, SeedProgress, flag_value
 from engine.setup import (
-    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_memory_flags, model_kwargs,
+    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, model_kwargs,
 )
 from engine.trainer import Trainer, resolve_precision
 from models import DTLConfig, ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
 from models.baselines import baseline_settings
+from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from utils.args import UsageError, parse_args, resolved_method
 from utils.checkpoint import (
     CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,
@@ -77,6 +78,7 @@ class Context:
     method: str  # results.json's method: dtl, dtl+ or a baseline
     precision: str  # what training actually runs in: fp32, fp16 or bf16
     peaks: PeakMemory  # CUDA memory peaks per phase (training / evaluation / cache build)
+    initial: Optional[InitialCheckpoint] = None  # --initial_checkpoint: every seed starts from its tensors
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -97,7 +99,8 @@ def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState]) -> Di
     return run_results(args, method=ctx.method, backbone=backbone_label(args.model, args.model_kwargs),
                        per_seed=state.completed, epochs=epochs, counts=state.counts,
                        train_time=state.train_time_s, train_images=state.train_images, cache_info=state.cache_info,
-                       info=data.info, peaks=ctx.peaks, precision=ctx.precision)
+                       info=data.info, peaks=ctx.peaks, precision=ctx.precision,
+                       initial_checkpoint=ctx.initial.record() if ctx.initial is not None else None)
 
 
 def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState, resuming: bool, first: bool,
@@ -109,6 +112,10 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     rng_seed = args.seed + plan.data_seed
     random_seed(rng_seed)  # the same model initialisation on every rank
     model = build_model(args, data.num_classes, lean=args.lean)
+    if ctx.initial is not None:
+        n = load_initial_checkpoint(model, ctx.initial)
+        _logger.info("trainable tensors from --initial_checkpoint %s (%s): %d loaded, %d frozen ignored",
+                     ctx.initial.path, ctx.initial.kind, n["loaded"], n["ignored_frozen"])
     if first:
         state.counts = parameter_counts(count_parameters(model))
         _logger.info("model %s, method %s:\n%s", args.model, ctx.method, trainable_report(model))
@@ -253,18 +260,19 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
         _logger.info("--prefetcher is for CUDA devices; loading normally on %s", dist_info.device)
     precision = resolve_precision(args, dist_info.device)  # fp16 --amp on a CPU: fp32, said once, recorded
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(args.resume)) if args.resume else None
+    initial = read_initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint else None
     eval_ckpt = read_eval_checkpoint(args) if args.eval_only else None
     data = build_data(args, normalize=not prefetch)
     args.dataset = data.dataset
     if resume is not None:
         resume.check_matches(args, dist_info.world_size, args.resume, precision)
-    check_memory_flags(args, data.num_classes)
+    check_model_flags(args, data.num_classes, initial)
     method = eval_ckpt["method"] if eval_ckpt is not None else resolved_method(args)
     folder = RunFolder(args, dist_info, precision)
     folder.open(get_benchmark(args.benchmark).run_name(method, args.shot, args.eval_only), argv,
                 resume.summary_rows if resume is not None else None)
     ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method, precision,
-                  PeakMemory(dist_info.device))
+                  PeakMemory(dist_info.device), initial)
     if eval_ckpt is not None:
         folder.write_results(evaluate_checkpoint(ctx, data, eval_ckpt))
         return

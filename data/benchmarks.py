@@ -5,13 +5,13 @@ Adding a benchmark: write ``data/<name>.py`` with its datasets and a ``BENCHMARK
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 from . import domain_generalization, few_shot, vtab
 from .benchmark import Benchmark
 from .errors import UnknownNameError
 
-__all__ = ["BENCHMARKS", "REGISTRY", "get_benchmark", "canonical_benchmark", "benchmarks_of_dataset"]
+__all__ = ["BENCHMARKS", "REGISTRY", "get_benchmark", "canonical_benchmark"]
 
 _MODULES = (vtab, few_shot, domain_generalization)
 
@@ -36,8 +36,3 @@ def canonical_benchmark(name: str) -> str:
 def get_benchmark(name: str) -> Benchmark:
     """The :class:`Benchmark` called ``name`` (or an alias); ``ValueError`` when unknown."""
     return REGISTRY[canonical_benchmark(name)]
-
-
-def benchmarks_of_dataset(dataset: str) -> List[str]:
-    """Names of the benchmarks that have a dataset called ``dataset``."""
-    return [b.name for b in REGISTRY.values() if b.knows(dataset)]

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Union
 
 from .benchmarks import REGISTRY, get_benchmark
-from .errors import DataError
+from .errors import DataError, require_root
 from .listcheck import CheckReport, ListReport, cap_list, check_list
-from .listfile import image_error
+from .listfile import inspect_image
 from .vtab import VTAB_SPLITS
 
 __all__ = ["ListReport", "CheckReport", "detect_benchmark", "check_list", "check_data_root",
@@ -28,8 +28,7 @@ AUTO_IMAGE_CHECK_LIMIT = 5000
 
 def detect_benchmark(root: str) -> str:
     """The benchmark whose layout ``root`` has (``Benchmark.detect``), or :class:`DataError`."""
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: data root not found")
+    require_root(root, "data root")
     for bench in REGISTRY.values():
         if bench.detect(root):
             return bench.name
@@ -47,14 +46,19 @@ def _decode_all(report: CheckReport, workers: Optional[int]) -> None:
     n = workers or min(8, os.cpu_count() or 1)
     if n > 1 and len(paths) > 64:
         with ThreadPoolExecutor(n) as ex:
-            errs = list(ex.map(image_error, paths, chunksize=32))
+            found = list(ex.map(inspect_image, paths, chunksize=32))
     else:
-        errs = [image_error(p) for p in paths]
-    bad = {p: e for p, e in zip(paths, errs) if e is not None}
+        found = [inspect_image(p) for p in paths]
+    bad = {p: e for p, (e, _) in zip(paths, found) if e is not None}
+    noted = {p: note for p, (_, note) in zip(paths, found) if note is not None}
     if bad:
         for r in report.lists:
             r.errors += cap_list([f"{p}: {bad[p]} (listed at {where})" for p, where in r.files if p in bad],
                              "unreadable images")
+    if noted:
+        for r in report.lists:
+            r.warnings += cap_list([f"{p}: {noted[p]} (listed at {where})" for p, where in r.files if p in noted],
+                               "16-bit images")
     report.images_decoded = len(paths)
 
 
@@ -87,8 +91,10 @@ def check_data_root(
     else:
         bench = get_benchmark(benchmark).name
     rep = CheckReport(root, bench, detected)
-    if not os.path.isdir(root):
-        rep.errors.append(f"{root}: data root not found")
+    try:
+        require_root(root, "data root")
+    except DataError as e:
+        rep.errors.append(str(e))
         return rep
     get_benchmark(bench).check_root(root, tasks, rep)
     n_files = len({p for r in rep.lists for p, _ in r.files})

@@ -15,7 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .listfile import ListEntry, image_error, iter_list_file, load_rgb, parse_list_entries, parse_list_file
+from .listfile import (ListEntry, UnsupportedImageError, image_error, iter_list_file, load_rgb, parse_list_entries,
+                       parse_list_file)
 
 __all__ = [
     "DataError", "ListEntry", "parse_list_file", "iter_list_file", "ListFileDataset", "load_rgb", "image_error",
@@ -102,6 +103,9 @@ class ListFileDataset(Dataset):
             hint = " (pass --skip_bad_images to drop unreadable images)" if not self.skip_bad_images else ""
             raise DataError(f"{path}: unreadable image (not a recognised image format), listed at "
                             f"{self.list_path}:{self._line_nos[index]}{hint}") from None
+        except UnsupportedImageError as e:
+            raise DataError(f"{path}: unsupported image: {e} (listed at {self.list_path}:{self._line_nos[index]})"
+                            ) from None
         except Exception as e:
             hint = " (pass --skip_bad_images to drop unreadable images)" if not self.skip_bad_images else ""
             raise DataError(f"{path}: unreadable image, listed at {self.list_path}:{self._line_nos[index]} "

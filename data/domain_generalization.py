@@ -24,7 +24,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
-from .errors import DataError, UnknownNameError
+from .errors import DataError, UnknownNameError, require_root
 from .listcheck import CheckReport, check_list, first_path, select_names
 from .listfile import parse_list_file
 
@@ -113,7 +113,7 @@ def build_dg_source(
 
     ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
     """
-    _require_dir(data_dir, "domain-generalisation data root")
+    require_root(data_dir, "domain-generalisation data root")
     _require_dir(os.path.join(data_dir, DG_SOURCE), "ImageNet source folder")
     list_path = dg_source_list_path(data_dir, seed, shot)
     if not os.path.isfile(list_path):
@@ -137,7 +137,7 @@ def build_dg_target(
     ``**kwargs`` go to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
     """
     t = canonical_dg_target(target)
-    _require_dir(data_dir, "domain-generalisation data root")
+    require_root(data_dir, "domain-generalisation data root")
     _require_dir(os.path.join(data_dir, t), f"folder of DG target {t!r}")
     list_path = dg_target_list_path(data_dir, t)
     if not os.path.isfile(list_path):

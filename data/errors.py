@@ -1,6 +1,8 @@
 """The exception types for bad data and unknown names (kept free of heavy imports)."""
 
-__all__ = ["DataError", "UnknownNameError"]
+import os
+
+__all__ = ["DataError", "UnknownNameError", "require_root"]
 
 
 class DataError(ValueError):
@@ -10,3 +12,15 @@ class DataError(ValueError):
 
 class UnknownNameError(ValueError):
     """An unknown benchmark, dataset, task or target name; the message lists the valid names."""
+
+
+def require_root(data_dir: str, what: str) -> None:
+    """:class:`DataError` unless ``data_dir`` is an existing folder; an empty value is named as such (it is
+    usually an unset ``DATA_DIR`` of a launcher), a file as a file."""
+    if not str(data_dir).strip():
+        raise DataError(f"no {what} given: --data_dir is empty (the launchers' DATA_DIR; set it to the folder that "
+                        f"holds the benchmark, see the README's data preparation)")
+    if os.path.isfile(data_dir):
+        raise DataError(f"{data_dir}: {what} is a file, not a folder")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: {what} not found")

@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
-from .errors import DataError, UnknownNameError
+from .errors import DataError, UnknownNameError, require_root
 from .listcheck import CheckReport, check_list, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -93,8 +93,7 @@ def build_fgfs_dataset(
         **kwargs: passed to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
     """
     ds = canonical_fgfs_name(dataset)
-    if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: few-shot data root not found")
+    require_root(data_dir, "few-shot data root")
     split_root = os.path.join(data_dir, SPLIT_DIR)
     if not os.path.isdir(split_root):
         raise DataError(f"{split_root}: few-shot split folder not found (copy NOAH's data/few-shot there, "

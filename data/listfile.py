@@ -9,11 +9,13 @@ import os
 import re
 from typing import Iterator, List, Optional, Tuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["ListEntry", "iter_list_file", "parse_list_file", "parse_list_entries", "load_rgb", "image_error"]
+__all__ = ["ListEntry", "iter_list_file", "parse_list_file", "parse_list_entries", "load_rgb", "to_rgb", "image_error",
+           "inspect_image", "UnsupportedImageError", "SIXTEEN_BIT_MODES"]
 
 _LINE_RE = re.compile(r"^(?P<path>.*?)\s+(?P<label>\S+)$")
 
@@ -106,21 +108,58 @@ def parse_list_entries(list_path: str, num_classes: Optional[int]) -> List[ListE
     return entries
 
 
+# 16-bit single-channel modes (PNG/TIFF grey images, common in medical and remote-sensing data).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# 32-bit integer / float images: no fixed value range, so no faithful 8-bit version.
+UNSUPPORTED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+class UnsupportedImageError(ValueError):
+    """An image that decodes but has no faithful 8-bit RGB version (PIL modes ``I`` / ``F``)."""
+
+
+def to_rgb(img: Image.Image, path: str = "") -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit grey images (``I;16*``) are scaled to 8 bits (``round(v / 257)``, so 65535 ->
+    255; PIL's own ``convert`` would clip every value above 255 to white); 32-bit integer or float images are
+    refused with :class:`UnsupportedImageError`; every other mode goes through PIL's ``convert("RGB")``."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L").convert("RGB")
+    if img.mode in UNSUPPORTED_MODES:
+        raise UnsupportedImageError(
+            f"{UNSUPPORTED_MODES[img.mode]} image (PIL mode {img.mode}) has no fixed value range: convert it to "
+            f"8- or 16-bit first")
+    return img.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image with PIL and convert it to RGB (this decodes the whole file)."""
+    """Open an image with PIL and convert it to 8-bit RGB with :func:`to_rgb` (this decodes the whole file)."""
     with open(path, "rb") as f:
         img = Image.open(f)
-        return img.convert("RGB")
+        return to_rgb(img, path)
+
+
+def inspect_image(path: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(error, note)`` for ``path``: why it cannot be used (``None`` when it decodes to RGB), and a note for
+    images that are converted in a way worth knowing (16-bit images scaled to 8 bits)."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            mode = img.mode
+            to_rgb(img, path)
+    except FileNotFoundError:
+        return "file not found", None
+    except UnidentifiedImageError:
+        return "unreadable image (not a recognised image format)", None
+    except UnsupportedImageError as e:
+        return f"unsupported image: {e}", None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return f"unreadable image ({type(e).__name__}: {e})", None
+    if mode in SIXTEEN_BIT_MODES:
+        return None, f"16-bit image (PIL mode {mode}): scaled to 8 bits at load (value / 257)"
+    return None, None
 
 
 def image_error(path: str) -> Optional[str]:
     """Return why ``path`` cannot be decoded as an image, or ``None`` when it decodes fine."""
-    try:
-        load_rgb(path)
-    except FileNotFoundError:
-        return "file not found"
-    except UnidentifiedImageError:
-        return "unreadable image (not a recognised image format)"
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return f"unreadable image ({type(e).__name__}: {e})"
-    return None
+    return inspect_image(path)[0]

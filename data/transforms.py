@@ -14,6 +14,11 @@
       ``TranslateX/Y`` ops, not used by this policy, read it.)
     - test: Resize((int(s * 256 / 224),) * 2, bicubic) -> CenterCrop(s) -> ToTensor -> Normalize
       (256 x 256 then 224 at the default size).
+* Posterize at 0 bits: at magnitude 10 (the N(9, 0.5) draw clamped to 10, ~0.15% of training images)
+  ``PosterizeIncreasing`` keeps 4 - 4 = 0 bits. Pillow < 13 turned that into an all-black image (what the
+  original trained with); Pillow >= 13 raises ``ValueError``. :func:`rand_augment` builds timm's RandAugment and
+  replaces only the posterize function of its posterize ops with :func:`posterize`, which returns the black image
+  at 0 bits and calls timm's posterize otherwise; every other op and every random draw is timm's.
 * Normalisation: mean = std = (0.5, 0.5, 0.5) after scaling to [0, 1] (every original recipe).
 
 ``normalize=False`` returns the same pipeline ending in ``PILToTensor`` instead of ``ToTensor + Normalize``:
@@ -26,6 +31,8 @@ from __future__ import annotations
 from typing import Callable, Sequence, Tuple
 
 import torch
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_aa
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torchvision import transforms as T
@@ -36,6 +43,7 @@ from .benchmarks import BENCHMARKS, canonical_benchmark, get_benchmark
 __all__ = [
     "DTL_MEAN", "DTL_STD", "RAND_AUGMENT", "BENCHMARKS", "canonical_benchmark", "build_transform",
     "transform_is_deterministic", "normalize_uint8_batch", "Uint8Normalizer", "rand_augment_hparams",
+    "rand_augment", "posterize",
 ]
 
 DTL_MEAN: Tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -51,6 +59,36 @@ def rand_augment_hparams(img_size: int, mean: Sequence[float] = DTL_MEAN) -> dic
         img_mean=tuple(min(255, round(255 * m)) for m in mean),
         interpolation=str_to_pil_interp("bicubic"),
     )
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op, with 0 bits kept = an all-black image on every Pillow.
+
+    At 0 bits Pillow < 13 built the lookup table ``i & ~255`` = 0 and applied it (L and RGB: all zeros; other
+    modes: the same error as at any other bit count); Pillow >= 13 refuses 0 bits. Here the mode is checked by
+    Pillow itself at 1 bit (same errors as before), then the zero table is applied to the image (L, RGB) or to
+    its palette colours (P, where the installed Pillow supports posterize; alpha kept, as Pillow does).
+    """
+    if bits_to_keep != 0:
+        return timm_aa.posterize(img, bits_to_keep, **kwargs)
+    ImageOps.posterize(img, 1)  # Pillow's own mode checks (raises for modes posterize does not support)
+    if img.mode == "P":
+        out = img.copy()
+        mode = out.palette.mode
+        colors = out.getpalette(None)
+        out.putpalette([v if mode[i % len(mode)] == "A" else 0 for i, v in enumerate(colors)], mode)
+        return out
+    return img.point([0] * 256 * len(img.getbands()))
+
+
+def rand_augment(config: str, hparams: dict):
+    """timm's ``rand_augment_transform(config, hparams)`` with :func:`posterize` as the function of its posterize
+    ops (``Posterize``, ``PosterizeIncreasing``, ``PosterizeOriginal``); nothing else changes."""
+    ra = rand_augment_transform(config, hparams)
+    for op in ra.ops:
+        if op.aug_fn is timm_aa.posterize:
+            op.aug_fn = posterize
+    return ra
 
 
 def _final(normalize: bool, mean: Sequence[float], std: Sequence[float]) -> list:
@@ -83,7 +121,7 @@ def build_transform(
         tfl = [
             RandomResizedCropAndInterpolation(img_size, scale=RRC_SCALE, ratio=RRC_RATIO, interpolation="bicubic"),
             T.RandomHorizontalFlip(p=0.5),
-            rand_augment_transform(RAND_AUGMENT, rand_augment_hparams(img_size, mean)),
+            rand_augment(RAND_AUGMENT, rand_augment_hparams(img_size, mean)),
         ]
     else:
         resize = int(img_size * bench.eval_resize)

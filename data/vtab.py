@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
-from .errors import DataError, UnknownNameError
+from .errors import DataError, UnknownNameError, require_root
 from .listcheck import CheckReport, check_list, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -133,8 +133,7 @@ def build_vtab_dataset(
         **kwargs: passed to :class:`ListFileDataset` (``skip_bad_images``, ``check_files``).
     """
     t = task if isinstance(task, VTABTask) else get_vtab_task(task)
-    if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: VTAB data root not found")
+    require_root(data_dir, "VTAB data root")
     folder = os.path.join(data_dir, t.folder)
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: data folder of VTAB task {t.name!r} not found (expected <data_dir>/{t.folder}/)")

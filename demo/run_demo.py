@@ -29,13 +29,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
-
-from data.synthetic import make_vtab_root  # noqa: E402
-from models.baselines import create_baseline_model  # noqa: E402
-from models.npz import save_vit_npz  # noqa: E402
-from models.trainable import load_delta_state_dict  # noqa: E402
-
 PRE_TASK, PRE_CLASSES = "pets", 37
 TASK, TASK_CLASSES = "eurosat", 10
 MODEL = ["--model", "vit_tiny_patch16_224", "--model_kwargs", "embed_dim=64,num_heads=2,patch_size=8",
@@ -64,13 +57,25 @@ def top1(run_dir: str) -> float:
         return json.load(f)["top1"]
 
 
+# The project's modules are imported inside the functions that use them: `run_demo.sh --help` runs this file
+# before the environment (torch, timm) is set up.
+
+
 def make_data(root: str) -> None:
+    from data.synthetic import make_vtab_root
+
     make_vtab_root(root, tasks=(PRE_TASK,), n_train=1600, n_val=400, n_test=300, img_size=32, seed=0)
     make_vtab_root(root, tasks=(TASK,), n_train=400, n_val=100, n_test=300, img_size=32, seed=1)
 
 
 def export_npz(pre_dir: str, npz_path: str) -> None:
     """The pre-trained backbone (from the full fine-tuning delta) as a Google-layout .npz."""
+    import torch
+
+    from models.baselines import create_baseline_model
+    from models.npz import save_vit_npz
+    from models.trainable import load_delta_state_dict
+
     ck = torch.load(os.path.join(pre_dir, "delta.pth"), map_location="cpu", weights_only=True)
     kwargs = dict(ck["model_kwargs"])
     model = create_baseline_model("full", ck["backbone"], ck["model_config"]["num_classes"], **kwargs)
@@ -79,16 +84,27 @@ def export_npz(pre_dir: str, npz_path: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="DTL demo on generated data (CPU)", allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="bash run_demo.sh", allow_abbrev=False,
+        description="The DTL demo on generated data (CPU, about two minutes after setup): pre-train a small ViT, "
+                    "transfer it with DTL, DTL+ and a linear probe through the launchers, print the results table. "
+                    "run_demo.sh sets up .venv/ first when it is missing (python demo/run_demo.py skips that).")
     p.add_argument("--workdir", default=os.path.join(REPO, "demo_output"), help="where data and runs go")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or
                    min(2, os.cpu_count() or 1), help="CPU threads per training process")
     args = p.parse_args(argv)
     start = time.time()
     work = os.path.abspath(args.workdir)
+    marker = os.path.join(work, ".dtl_demo_workdir")
+    if os.path.exists(work) and not os.path.isdir(work):
+        p.error(f"--workdir {work}: exists and is not a folder")
+    if os.path.isdir(work) and os.listdir(work) and not os.path.isfile(marker):
+        p.error(f"--workdir {work}: not empty and not a folder an earlier demo made; the demo deletes its workdir "
+                f"before it starts, so give a new or empty folder")
     if os.path.exists(work):
         shutil.rmtree(work)
     os.makedirs(work)
+    open(marker, "w").close()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     py = sys.executable
     root = os.path.join(work, "data")

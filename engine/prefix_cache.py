@@ -141,6 +141,82 @@ def _as_items(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+@torch.no_grad()
+def _record(model, images, blocks, device, preprocess, autocast_dtype) -> Dict[int, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    if preprocess is not None:
+        images = preprocess(images)
+    if autocast_dtype is not None:
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+            rec = model.record_block_inputs(images, blocks)
+    else:
+        rec = model.record_block_inputs(images, blocks)
+    return {i: rec[i].float() for i in blocks}
+
+
+def _choose_storage(storage: str, nbytes: int, device: torch.device, dir: Optional[str],
+                    budget_share: int = 1) -> Tuple[str, str]:
+    share = max(1, int(budget_share))
+    gpu_free = _device_free_bytes(device)
+    ram = available_host_bytes() // share
+    disk_dir = dir or tempfile.gettempdir()
+    disk = (shutil.disk_usage(disk_dir).free if os.path.isdir(disk_dir) else 0) // share
+    need = format_bytes(nbytes) + (f" per process ({share} processes on this node, each with its share of "
+                                   f"RAM and disk)" if share > 1 else "")
+    if storage == "auto":
+        if gpu_free is not None and nbytes <= AUTO_FRACTION * gpu_free:
+            return "device", f"{format_bytes(gpu_free)} free on {device}"
+        if nbytes <= AUTO_FRACTION * ram:
+            return "host", f"{format_bytes(ram)} RAM available"
+        if nbytes <= disk - (256 << 20):
+            return "mmap", f"file in {disk_dir}, {format_bytes(disk)} free"
+        raise PrefixCacheError(
+            f"the prefix cache needs {need}, which fits nowhere: GPU "
+            f"{format_bytes(gpu_free) + ' free' if gpu_free is not None else 'not used'}, RAM {format_bytes(ram)} "
+            f"available, disk {format_bytes(disk)} free in {disk_dir}; use a smaller dataset or train without "
+            "--cache_prefix"
+        )
+    if storage == "device":
+        if gpu_free is None:
+            return "host", f"device {device} is the CPU: 'device' = host memory, {format_bytes(ram)} available"
+        if nbytes > EXPLICIT_FRACTION * gpu_free:
+            raise PrefixCacheError(f"the prefix cache needs {need} but {device} has {format_bytes(gpu_free)} free")
+        return "device", f"{format_bytes(gpu_free)} free on {device}"
+    if storage == "host":
+        if nbytes > EXPLICIT_FRACTION * ram:
+            raise PrefixCacheError(f"the prefix cache needs {need} but only {format_bytes(ram)} RAM is available")
+        return "host", f"{format_bytes(ram)} RAM available"
+    if not os.path.isdir(disk_dir):
+        raise PrefixCacheError(f"{disk_dir}: cache folder not found")
+    if nbytes > disk - (256 << 20):
+        raise PrefixCacheError(f"the prefix cache needs {need} but {disk_dir} has {format_bytes(disk)} free")
+    return "mmap", f"file in {disk_dir}, {format_bytes(disk)} free"
+
+
+def _allocate(storage, shapes, n, dtype, device, dir) -> Tuple[Dict[int, torch.Tensor], Optional[str]]:
+    if storage == "device":
+        return {i: torch.empty((n, *s), dtype=dtype, device=device) for i, s in shapes.items()}, None
+    if storage == "host":  # pageable: gather() pins each batch instead (see the module docstring)
+        return {i: torch.empty((n, *s), dtype=dtype) for i, s in shapes.items()}, None
+    numels = {i: n * int(torch.Size(s).numel()) for i, s in shapes.items()}
+    total = sum(numels.values())
+    fd, path = tempfile.mkstemp(prefix="dtl_prefix_cache_", suffix=".bin", dir=dir)
+    try:
+        os.ftruncate(fd, total * torch.tensor([], dtype=dtype).element_size())
+    finally:
+        os.close(fd)
+    flat = torch.from_file(path, shared=True, size=total, dtype=dtype)
+    # The mapping stays valid after the name is removed; the disk space is freed when it is unmapped.
+    os.unlink(path)
+    out, off = {}, 0
+    for i, s in shapes.items():
+        out[i] = flat[off:off + numels[i]].view(n, *s)
+        off += numels[i]
+    return out, path
+
+# --- use -----------------------------------------------------------------------------------------------
+
+
 class PrefixCache:
     """Per-image inputs of the blocks before (and at) the first add-back block, stored once.
 
@@ -267,12 +343,12 @@ class PrefixCache:
         model.eval()
         t0 = time.perf_counter()
         try:
-            probe = cls._record(model, first.unsqueeze(0), blocks, device, preprocess, autocast_dtype)
+            probe = _record(model, first.unsqueeze(0), blocks, device, preprocess, autocast_dtype)
             shapes = {i: tuple(t.shape[1:]) for i, t in probe.items()}
             item = torch.tensor([], dtype=dtype).element_size()
             per_image = sum(int(torch.Size(s).numel()) for s in shapes.values()) * item
             nbytes = per_image * n
-            storage, where = cls._choose_storage(storage, nbytes, device, dir, budget_share)
+            storage, where = _choose_storage(storage, nbytes, device, dir, budget_share)
             if log:
                 shape_txt = ", ".join(f"{i}: {'x'.join(map(str, s))}" for i, s in shapes.items())
                 log(f"prefix cache: {n} images x inputs of blocks {blocks} ({shape_txt}) in "
@@ -280,13 +356,13 @@ class PrefixCache:
                     f"training resumes at block {resume}")
                 for r in reasons:
                     log(f"prefix cache: APPROXIMATE (allowed): {r}")
-            tensors, path = cls._allocate(storage, shapes, n, dtype, device, dir)
+            tensors, path = _allocate(storage, shapes, n, dtype, device, dir)
             labels = torch.empty(n, dtype=torch.int64)
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
             offset = 0
             for batch in loader:
                 images, target = _as_items(batch)
-                rec = cls._record(model, images, blocks, device, preprocess, autocast_dtype)
+                rec = _record(model, images, blocks, device, preprocess, autocast_dtype)
                 b = images.shape[0]
                 for i, t in rec.items():
                     if not torch.isfinite(t).all():
@@ -310,81 +386,6 @@ class PrefixCache:
             log(f"prefix cache: built in {cache.build_seconds:.1f}s")
         return cache
 
-    @staticmethod
-    @torch.no_grad()
-    def _record(model, images, blocks, device, preprocess, autocast_dtype) -> Dict[int, torch.Tensor]:
-        images = images.to(device, non_blocking=True)
-        if preprocess is not None:
-            images = preprocess(images)
-        if autocast_dtype is not None:
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                rec = model.record_block_inputs(images, blocks)
-        else:
-            rec = model.record_block_inputs(images, blocks)
-        return {i: rec[i].float() for i in blocks}
-
-    @staticmethod
-    def _choose_storage(storage: str, nbytes: int, device: torch.device, dir: Optional[str],
-                        budget_share: int = 1) -> Tuple[str, str]:
-        share = max(1, int(budget_share))
-        gpu_free = _device_free_bytes(device)
-        ram = available_host_bytes() // share
-        disk_dir = dir or tempfile.gettempdir()
-        disk = (shutil.disk_usage(disk_dir).free if os.path.isdir(disk_dir) else 0) // share
-        need = format_bytes(nbytes) + (f" per process ({share} processes on this node, each with its share of "
-                                       f"RAM and disk)" if share > 1 else "")
-        if storage == "auto":
-            if gpu_free is not None and nbytes <= AUTO_FRACTION * gpu_free:
-                return "device", f"{format_bytes(gpu_free)} free on {device}"
-            if nbytes <= AUTO_FRACTION * ram:
-                return "host", f"{format_bytes(ram)} RAM available"
-            if nbytes <= disk - (256 << 20):
-                return "mmap", f"file in {disk_dir}, {format_bytes(disk)} free"
-            raise PrefixCacheError(
-                f"the prefix cache needs {need}, which fits nowhere: GPU "
-                f"{format_bytes(gpu_free) + ' free' if gpu_free is not None else 'not used'}, RAM {format_bytes(ram)} "
-                f"available, disk {format_bytes(disk)} free in {disk_dir}; use a smaller dataset or train without "
-                "--cache_prefix"
-            )
-        if storage == "device":
-            if gpu_free is None:
-                return "host", f"device {device} is the CPU: 'device' = host memory, {format_bytes(ram)} available"
-            if nbytes > EXPLICIT_FRACTION * gpu_free:
-                raise PrefixCacheError(f"the prefix cache needs {need} but {device} has {format_bytes(gpu_free)} free")
-            return "device", f"{format_bytes(gpu_free)} free on {device}"
-        if storage == "host":
-            if nbytes > EXPLICIT_FRACTION * ram:
-                raise PrefixCacheError(f"the prefix cache needs {need} but only {format_bytes(ram)} RAM is available")
-            return "host", f"{format_bytes(ram)} RAM available"
-        if not os.path.isdir(disk_dir):
-            raise PrefixCacheError(f"{disk_dir}: cache folder not found")
-        if nbytes > disk - (256 << 20):
-            raise PrefixCacheError(f"the prefix cache needs {need} but {disk_dir} has {format_bytes(disk)} free")
-        return "mmap", f"file in {disk_dir}, {format_bytes(disk)} free"
-
-    @staticmethod
-    def _allocate(storage, shapes, n, dtype, device, dir) -> Tuple[Dict[int, torch.Tensor], Optional[str]]:
-        if storage == "device":
-            return {i: torch.empty((n, *s), dtype=dtype, device=device) for i, s in shapes.items()}, None
-        if storage == "host":  # pageable: gather() pins each batch instead (see the module docstring)
-            return {i: torch.empty((n, *s), dtype=dtype) for i, s in shapes.items()}, None
-        numels = {i: n * int(torch.Size(s).numel()) for i, s in shapes.items()}
-        total = sum(numels.values())
-        fd, path = tempfile.mkstemp(prefix="dtl_prefix_cache_", suffix=".bin", dir=dir)
-        try:
-            os.ftruncate(fd, total * torch.tensor([], dtype=dtype).element_size())
-        finally:
-            os.close(fd)
-        flat = torch.from_file(path, shared=True, size=total, dtype=dtype)
-        # The mapping stays valid after the name is removed; the disk space is freed when it is unmapped.
-        os.unlink(path)
-        out, off = {}, 0
-        for i, s in shapes.items():
-            out[i] = flat[off:off + numels[i]].view(n, *s)
-            off += numels[i]
-        return out, path
-
-    # --- use -----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 

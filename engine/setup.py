@@ -1,5 +1,6 @@
 """Everything a run builds before and around training: the data of every seed (checked before any model
-exists), the tuned model, the ``--lean``/``--cache_prefix`` pre-checks, the frozen-prefix cache and the loaders."""
+exists), the tuned model, the ``--initial_checkpoint``/``--lean``/``--cache_prefix`` pre-checks, the
+frozen-prefix cache and the loaders."""
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,13 @@ from data.errors import DataError
 from data.transforms import DTL_MEAN, DTL_STD, Uint8Normalizer, build_transform
 from models import DTLConfig, ModelSettingsError, create_tuned_model
 from models.backbones import backbone_arch, default_rank
+from models.initial import InitialCheckpoint, check_initial_checkpoint
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from utils.args import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
 
-__all__ = ["build_data", "dtl_config", "model_kwargs", "backbone_label", "build_model", "check_memory_flags",
+__all__ = ["build_data", "dtl_config", "model_kwargs", "backbone_label", "build_model", "check_model_flags",
            "build_prefix_cache", "Loaders"]
 
 _logger = logging.getLogger("train")
@@ -171,14 +173,17 @@ def build_model(
         raise UsageError(f"cannot build --model {model_name} --method {method}: {e}") from e
 
 
-def check_memory_flags(args: argparse.Namespace, num_classes: int) -> None:
-    """--lean / --cache_prefix: check them on the model's structure (built on the meta device: no memory,
-    no weights) before the run folder, the data loaders or the real model exist."""
+def check_model_flags(args: argparse.Namespace, num_classes: int,
+                      initial: Optional[InitialCheckpoint] = None) -> None:
+    """--initial_checkpoint, --lean, --cache_prefix: check them on the model's structure (built on the meta
+    device: no memory, no weights) before the run folder, the data loaders or the real model exist."""
     if args.eval_only:
         used = [f for f, on in (("--lean", args.lean), ("--cache_prefix", args.cache_prefix)) if on]
         if used:
             _logger.info("%s only change training; --eval_only ignores them", " and ".join(used))
         return
+    if initial is not None:
+        check_initial_checkpoint(initial, lambda: build_model(args, num_classes, weights=False))
     if not (args.lean or args.cache_prefix):
         return
     with torch.device("meta"):

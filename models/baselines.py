@@ -12,9 +12,10 @@ linear/norm/conv).  Hooks are bound methods of the injected modules, so ``copy.d
 keep every copy wired to its own modules.  VPT-deep runs its own loop over the blocks (as the DTL wrapper does).
 
 Head (ViT): the standard timm ViT head of the baselines' original code (VPT, NOAH, SSF repositories): class
-token -> the backbone's final LayerNorm -> a fresh ``Linear``, zero-initialised as timm 0.5.4's ViT did.  (DTL's
-own head pools the patch tokens instead; see :mod:`models.dtl_vit`.)  Swin: final LayerNorm -> mean over tokens
--> ``Linear`` (trunc-normal std .02, bias 0, as timm 0.5.4's Swin).
+token -> the backbone's final LayerNorm -> a fresh ``Linear`` (trunc-normal std .02, bias 0: timm 0.5.4's ViT
+built with its default ``weight_init=''`` applies the generic Linear init to the head too).  (DTL's own head pools
+the patch tokens instead; see :mod:`models.dtl_vit`.)  Swin: final LayerNorm -> mean over tokens -> ``Linear``
+(trunc-normal std .02, bias 0, as timm 0.5.4's Swin).
 
 Supported: every method on ViT; ``full``, ``linear``, ``bitfit``, ``lora``, ``adapter``, ``adaptformer`` and
 ``ssf`` on Swin (the injection points exist there too); ``vpt`` on ViT only (VPT for Swin needs window-aware
@@ -102,13 +103,11 @@ class BaselineModel(ClassifierMixin, nn.Module):
 
     # ---- head ------------------------------------------------------------------------------------------------
     def reset_head(self) -> None:
-        """ViT: zeros (timm 0.5.4's ViT); Swin: trunc-normal std .02 and zero bias (timm 0.5.4's Swin)."""
+        """Trunc-normal std .02 and zero bias, as timm 0.5.4 (the original's) initialised a fresh ViT or Swin
+        classifier (its ViT applies the generic Linear init to the head as well, see ``DTLVisionTransformer``)."""
         if not isinstance(self.head, nn.Linear):
             return
-        if self.arch == "vit":
-            nn.init.zeros_(self.head.weight)
-        else:
-            trunc_normal_(self.head.weight, std=0.02)
+        trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     # ---- forward ---------------------------------------------------------------------------------------------

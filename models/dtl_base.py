@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 
 from .head import ClassifierMixin
 from .lean import LowRankSideSum
@@ -65,6 +66,17 @@ class DTLBase(ClassifierMixin, nn.Module):
         self.reset_head()
         apply_trainable_rule(self)
         self.lean = bool(lean)
+
+    def reset_head(self) -> None:
+        """Initialise a fresh head as the original did, for ViT and Swin alike: trunc-normal std .02, bias 0.
+
+        (timm 0.5.4's Swin initialises its classifier so; its ViT, built by the original with
+        ``init_weights('')``, applies the weight init without module names, so the zero-init branch for ``head``
+        never runs and the head gets the same generic Linear init.)
+        """
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
 
     def set_lean(self, lean: bool = True) -> "DTLBase":
         """Switch lean mode (:mod:`models.lean`) on or off; returns the model."""

@@ -37,7 +37,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 from timm.models import SwinTransformer, register_model
 
 from .backbones import ORIGINAL_SWIN_NAMES, SWIN_DEFAULT_RANK, create_swin_backbone
@@ -116,12 +115,6 @@ class DTLSwinTransformer(DTLBase):
             )
         self.side = nn.ModuleDict(side)
         self._finish_init(num_classes, lean)
-
-    def reset_head(self) -> None:
-        """Initialise the head as timm 0.5.4's Swin (the original's) did: trunc-normal std .02, bias 0."""
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
 
     def stage_of(self, block: int) -> int:
         """The stage holding global block ``block``."""

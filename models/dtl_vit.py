@@ -66,12 +66,6 @@ class DTLVisionTransformer(DTLBase):
         )
         self._finish_init(num_classes, lean)
 
-    def reset_head(self) -> None:
-        """Zero-initialise the head, as timm 0.5.4's ViT (the original's) did for a fresh classifier."""
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-
     def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:
         """The patch grid (H, W) of image batch ``x``, from the patch embedding (never hard-coded)."""
         pe = self.backbone.patch_embed

@@ -13,10 +13,12 @@ from .dtl_swin import DTLSwinTransformer
 from .dtl_vit import DTLVisionTransformer
 from .pretrained import load_backbone_weights
 
-__all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS"]
+__all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS", "DTL_WRAPPERS"]
 
 # --method choices of train.py: DTL (with --fusion_size > 0: DTL+) and the baseline tuning methods.
 METHODS = ("dtl", *BASELINE_METHODS)
+#: The DTL wrapper of each backbone architecture (:func:`models.backbones.backbone_arch`).
+DTL_WRAPPERS = {"vit": DTLVisionTransformer, "swin": DTLSwinTransformer}
 
 _logger = logging.getLogger(__name__)
 
@@ -38,8 +40,7 @@ def create_dtl_model(
     the backbone's published weights instead (needs network access or timm's cache).
     """
     backbone = create_backbone(model_name, pretrained=pretrained, **backbone_kwargs)
-    wrapper = DTLSwinTransformer if backbone_arch(model_name) == "swin" else DTLVisionTransformer
-    model = wrapper(backbone, num_classes, dtl, lean=lean)
+    model = DTL_WRAPPERS[backbone_arch(model_name)](backbone, num_classes, dtl, lean=lean)
     if load_path:
         n = load_backbone_weights(model, load_path)
         _logger.info("backbone: %d tensors loaded from %s", n, load_path)
@@ -47,26 +48,15 @@ def create_dtl_model(
 
 
 def create_tuned_model(
-    method: str,
-    model_name: str,
-    num_classes: int,
-    dtl: Optional[DTLConfig] = None,
-    load_path: Optional[str] = None,
-    pretrained: bool = False,
-    lean: bool = False,
-    **backbone_kwargs: Any,
+    method: str, model_name: str, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False, **kwargs: Any
 ) -> nn.Module:
-    """The model of tuning method ``method`` (``'dtl'`` or a baseline of :mod:`models.baselines`).
-
-    ``lean=True`` (DTL only) switches on lean mode (:mod:`models.lean`).
-    """
+    """The model of tuning method ``method`` (``'dtl'`` or a baseline of :mod:`models.baselines`); ``kwargs``
+    are those of :func:`create_dtl_model` / :func:`~models.baselines.create_baseline_model` (``load_path``,
+    ``pretrained``, timm's backbone arguments; a baseline's ``settings``). ``lean=True`` is DTL only."""
     if method == "dtl":
-        return create_dtl_model(model_name, num_classes, dtl, load_path=load_path, pretrained=pretrained, lean=lean,
-                                **backbone_kwargs)
+        return create_dtl_model(model_name, num_classes, dtl, lean=lean, **kwargs)
     if method not in METHODS:
         raise ModelSettingsError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     if lean:
         raise ModelSettingsError(f"lean mode (--lean) is implemented for DTL only, not for --method {method}")
-    return create_baseline_model(
-        method, model_name, num_classes, load_path=load_path, pretrained=pretrained, **backbone_kwargs
-    )
+    return create_baseline_model(method, model_name, num_classes, **kwargs)

@@ -315,16 +315,16 @@ def test_host_cache_is_unpinned_and_batches_are_pinned(monkeypatch):
 
 def test_cache_budget_is_shared_by_the_processes_of_a_node(monkeypatch, tmp_path):
     import engine.prefix_cache as pc
-    from engine.prefix_cache import PrefixCache, PrefixCacheError
+    from engine.prefix_cache import PrefixCacheError
 
     monkeypatch.setattr(pc, "available_host_bytes", lambda: 1000 * MIB)
     cpu = torch.device("cpu")
-    assert PrefixCache._choose_storage("auto", 400 * MIB, cpu, str(tmp_path), 1)[0] == "host"
+    assert pc._choose_storage("auto", 400 * MIB, cpu, str(tmp_path), 1)[0] == "host"
     # two processes on the node, each with a 400 MiB cache: 500 MiB of RAM each, auto uses at most half -> disk
-    assert PrefixCache._choose_storage("auto", 400 * MIB, cpu, str(tmp_path), 2)[0] == "mmap"
-    assert PrefixCache._choose_storage("host", 460 * MIB, cpu, str(tmp_path), 1)[0] == "host"
+    assert pc._choose_storage("auto", 400 * MIB, cpu, str(tmp_path), 2)[0] == "mmap"
+    assert pc._choose_storage("host", 460 * MIB, cpu, str(tmp_path), 1)[0] == "host"
     with pytest.raises(PrefixCacheError, match="per process .2 processes on this node"):
-        PrefixCache._choose_storage("host", 460 * MIB, cpu, str(tmp_path), 2)
+        pc._choose_storage("host", 460 * MIB, cpu, str(tmp_path), 2)
 
 
 def test_train_passes_the_local_world_size(monkeypatch):

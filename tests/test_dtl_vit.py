@@ -282,3 +282,22 @@ def test_rank_defaults_to_the_backbones():
                                               num_heads=(1, 1, 2, 2), num_classes=0), 3, DTLConfig(fusion_size=5))
     assert vit.dtl_cfg.r == 2 and swin.dtl_cfg.r == 4  # the paper: ViT r = 2, Swin r = 4
     assert DTLVisionTransformer(tiny_vit(), 3, DTLConfig(r=5)).dtl_cfg.r == 5
+
+
+def test_head_starts_as_the_original():
+    """The original's ViT head (and Swin head): trunc-normal std .02 cut at +-2 (absolute), bias 0, as measured
+    on the original (std 0.0200-0.0207); not zeros."""
+    from models.dtl_swin import DTLSwinTransformer
+    from tests.test_swin import tiny_swin
+
+    torch.manual_seed(0)
+    dtl = DTLConfig(r=2, fusion_size=0, csn_blocks="0-3", add_back_blocks="2-3")
+    vit = DTLVisionTransformer(tiny_vit(), num_classes=300, dtl=dtl)
+    swin = DTLSwinTransformer(tiny_swin(), num_classes=300, dtl=DTLConfig(r=2, csn_blocks="4-11", add_back_blocks="8-11"))
+    for model in (vit, swin):
+        for head in (model.head, (model.reset_classifier(200), model.head)[1]):
+            w = head.weight.detach()
+            assert w.numel() >= 200 * 16
+            assert 0.0185 < float(w.std()) < 0.0215, float(w.std())
+            assert abs(float(w.mean())) < 2e-3 and float(w.abs().max()) < 0.1
+            assert torch.count_nonzero(head.bias) == 0 and head.weight.requires_grad

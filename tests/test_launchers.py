@@ -135,7 +135,94 @@ def test_nproc_runs_torchrun(tmp_path):
     rel = "train_scripts/vit/few_shot/food101-FS/train_dtl+_shot_4.sh"
     argv = _run_launcher(rel, tmp_path, env_extra={"NPROC": "2", "TORCHRUN_ARGS": "--nnodes 1"})
     assert argv[:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes"]
-    assert argv[6] == str(REPO / "train.py")
+    assert argv[6:8] == ["--", str(REPO / "train.py")]
+
+
+TORCHRUN_ARGS = "--nnodes 1 --node_rank 0 --master_addr 127.0.0.1 --master_port 29517"
+
+
+def test_every_launcher_survives_torchruns_parser(tmp_path):
+    """NPROC=2 + multi-node TORCHRUN_ARGS, for all 136 launchers: torchrun's own parser (the installed torch's)
+    reads its options and hands train.py the launcher's flags untouched ("--r" and every other train.py flag are
+    not taken for abbreviations of torchrun options), and train.py's parser reads the table's settings."""
+    from torch.distributed.run import parse_args as torchrun_parse
+    from utils.args import parse_args
+
+    for row in ROWS:
+        rel = make_launchers.launcher_path(row)
+        argv = _run_launcher(rel, tmp_path, env_extra={"NPROC": "2", "TORCHRUN_ARGS": TORCHRUN_ARGS})
+        assert argv[:2] == ["-m", "torch.distributed.run"], rel
+        tr = torchrun_parse(argv[2:])
+        assert (tr.nproc_per_node, tr.nnodes, tr.node_rank, tr.master_addr, tr.master_port) == \
+            ("2", "1", 0, "127.0.0.1", 29517), rel
+        assert tr.training_script == str(REPO / "train.py"), rel
+        args = parse_args(tr.training_script_args, world_size=2)
+        assert {k: getattr(args, k) for k in _expect(row)} == _expect(row), rel
+    # the check can fail: the same command line without the "--" separator is refused by torchrun's parser
+    i = argv.index("--")
+    with pytest.raises(SystemExit):
+        torchrun_parse(argv[2:i] + argv[i + 1:])
+
+
+def test_launcher_execs_the_training_process(tmp_path):
+    """The launcher exec's its interpreter: the launcher's PID *is* the training process, so a signal sent to
+    it (kill -9 included) ends the training instead of orphaning it. Checked with a stand-in interpreter that
+    records its PID and then sleeps, and with the real interpreter (its command line is python train.py)."""
+    import signal
+    import time
+
+    rel = "train_scripts/vit/few_shot/food101-FS/train_dtl+_shot_4.sh"
+    fake = tmp_path / "sleepy_python"
+    fake.write_text('#!/usr/bin/env bash\necho $$ > "$PID_OUT"\nexec sleep 60\n')
+    fake.chmod(0o755)
+    pid_out = tmp_path / "pid"
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "TORCHRUN_ARGS")}
+    proc = subprocess.Popen(["bash", str(REPO / rel)], env=dict(env, PYTHON=str(fake), PID_OUT=str(pid_out)))
+    try:
+        deadline = time.time() + 20
+        while not (pid_out.exists() and pid_out.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.02)
+        assert int(pid_out.read_text()) == proc.pid  # the interpreter runs under the launcher's own PID
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        time.sleep(0.1)
+        leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p)[:2] == ["sleep", "60"]
+                     and _environ_has(p, str(pid_out))]
+        assert leftovers == []  # nothing orphaned
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    for nproc, marker in (("1", str(REPO / "train.py")), ("2", "torch.distributed.run")):
+        proc = subprocess.Popen(["bash", str(REPO / rel), "--output_dir", str(tmp_path / f"never{nproc}")],
+                                env=dict(env, PYTHON=sys.executable, NPROC=nproc, DATA_DIR=str(tmp_path)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 20
+            while marker not in _cmdline(str(proc.pid)) and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+            cmd = _cmdline(str(proc.pid))
+            assert os.path.basename(cmd[0]).startswith("python") and marker in cmd, cmd
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def _cmdline(pid: str):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _environ_has(pid: str, needle: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return needle.encode() in f.read()
+    except OSError:
+        return False
 
 
 def test_bad_nproc_is_refused(tmp_path):

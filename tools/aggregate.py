@@ -60,6 +60,7 @@ PARTIAL = "†"  # marks a mean over an incomplete set (no Markdown meaning, unl
 # group means in tools/plot_memory.py (DTL, DTL+ and the baselines, with their sources). They are for the paper's
 # backbone only.
 PAPER_BACKBONE = "vit_base_patch16_224_in21k"
+PAPER_DTL_PRINTED_MEAN = 76.7  # DTL, ViT-B/16, VTAB-1k mean of the group means, as the paper prints it
 
 
 def paper_vtab_numbers() -> Dict[Tuple[str, str], Tuple[float, str]]:
@@ -72,6 +73,9 @@ def paper_vtab_numbers() -> Dict[Tuple[str, str], Tuple[float, str]]:
         out[("dtl", task)] = (float(v), "DTL paper")
     for method, (v, src) in PUBLISHED_VTAB_GROUP_MEAN.items():
         out[(method, "mean_of_group_means")] = (float(v), src)
+    # beside our cells: the number the DTL paper prints (plot_memory plots the mean recomputed from its per-task
+    # numbers, 76.76, more precise for a plot)
+    out[("dtl", "mean_of_group_means")] = (PAPER_DTL_PRINTED_MEAN, "DTL paper")
     return out
 
 
@@ -176,13 +180,27 @@ def _seed_of(res: Dict[str, Any]):
 
 
 def _num(x, path: str, what: str) -> float:
+    """A top-1 accuracy in percent: a finite number in [0, 100], else :class:`ResultsError` naming the file."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
         raise ResultsError(f"{path}: {what} must be a finite number, got {x!r}")
+    if not 0.0 <= float(x) <= 100.0:
+        raise ResultsError(f"{path}: {what} = {x!r} is not a top-1 accuracy in percent (outside [0, 100])")
     return float(x)
 
 
 def add_results_file(col: Collection, path: str) -> None:
-    """Add one results.json to the collection; :class:`ResultsError` naming the file when it is unusable."""
+    """Add one results.json to the collection; :class:`ResultsError` naming the file when it is unusable. Every
+    value of the file is checked before any is added, so a skipped file (``--skip_bad``) leaves nothing behind."""
+    pending: List[Tuple[Key, Any, float]] = []
+    _read_results_file(pending, path)
+    mtime = os.path.getmtime(path)
+    col.n_files += 1
+    for key, seed, top1 in pending:
+        col.add(key, seed, top1, mtime, path)
+
+
+def _read_results_file(pending: List[Tuple[Key, Any, float]], path: str) -> None:
+    """The (cell key, seed, top-1) values of one results.json, appended to ``pending``."""
     try:
         with open(path, "r", encoding="utf-8") as f:
             res = json.load(f)
@@ -193,7 +211,8 @@ def add_results_file(col: Collection, path: str) -> None:
     missing = [k for k in ("benchmark", "dataset", "method", "top1") if k not in res]
     if missing:
         raise ResultsError(f"{path}: missing field(s) {', '.join(missing)}")
-    mtime = os.path.getmtime(path)
+    if res["top1"] is not None:
+        _num(res["top1"], path, "top1")
     raw_bench = str(res["benchmark"])
     try:
         bench = canonical_benchmark(raw_bench)
@@ -216,7 +235,6 @@ def add_results_file(col: Collection, path: str) -> None:
     else:
         bench_key = bench
     per_seed = res.get("per_seed") or []
-    col.n_files += 1
 
     if bench_key == "domain_generalization":
         # One run may evaluate several targets (per_seed[i]['targets'] / per_target).
@@ -226,14 +244,14 @@ def add_results_file(col: Collection, path: str) -> None:
         if per_seed and all(isinstance(s, dict) and isinstance(s.get("targets"), dict) for s in per_seed):
             for s in per_seed:
                 for t, v in s["targets"].items():
-                    col.add((bench_key, backbone, method, _canon_dataset(bench, t)[0], None), s.get("seed"),
-                            _num(v, path, f"per_seed target {t}"), mtime, path)
+                    pending.append(((bench_key, backbone, method, _canon_dataset(bench, t)[0], None),
+                                    s.get("seed"), _num(v, path, f"per_seed target {t}")))
             return
         if isinstance(res.get("per_target"), dict) and len(res["per_target"]) > 1:
             for t, v in res["per_target"].items():
                 top = v.get("top1") if isinstance(v, dict) else v
-                col.add((bench_key, backbone, method, _canon_dataset(bench, t)[0], None), None,
-                        _num(top, path, f"per_target {t}"), mtime, path)
+                pending.append(((bench_key, backbone, method, _canon_dataset(bench, t)[0], None), None,
+                                _num(top, path, f"per_target {t}")))
             return
         dataset = targets[0]
     key = (bench_key, backbone, method, dataset, shot)
@@ -241,9 +259,9 @@ def add_results_file(col: Collection, path: str) -> None:
         for s in per_seed:
             if not isinstance(s, dict) or "top1" not in s:
                 raise ResultsError(f"{path}: per_seed entries must be objects with 'seed' and 'top1'")
-            col.add(key, s.get("seed"), _num(s["top1"], path, "per_seed top1"), mtime, path)
+            pending.append((key, s.get("seed"), _num(s["top1"], path, "per_seed top1")))
     else:
-        col.add(key, _seed_of(res), _num(res["top1"], path, "top1"), mtime, path)
+        pending.append((key, _seed_of(res), _num(res["top1"], path, "top1")))
 
 
 def collect(root: str, skip_bad: bool = False) -> Collection:
@@ -585,8 +603,9 @@ def main(argv=None) -> int:
     parser.add_argument("--decimals", type=int, default=1, help="decimals in the Markdown tables (default: 1)")
     parser.add_argument("--paper", action="store_true", help="the published number and our difference beside each "
                                                                "VTAB-1k cell that has one (+ <base>_paper.csv)")
-    parser.add_argument("--skip_bad", action="store_true", help="skip unreadable results.json files (noted on "
-                                                                "stderr) instead of failing")
+    parser.add_argument("--skip_bad", action="store_true", help="skip unusable results.json files (unreadable, "
+                        "fields missing, a top-1 that is not a number in [0, 100]; each noted on stderr) instead of "
+                        "failing")
     args = parser.parse_args(argv)
     try:
         col = collect(args.output_root, skip_bad=args.skip_bad)

@@ -7,7 +7,8 @@
 
 Checks the folders and list files each benchmark needs, every list line (``path label``, split on the last
 whitespace run), labels against the class count, missing image files, and (``--check_images``; by default
-only for roots listing at most 5000 images) unreadable images. Prints image/class counts per split and every
+only for roots listing at most 5000 images) unreadable images; 16-bit images are listed as warnings (they are
+scaled to 8 bits at load), 32-bit integer/float images as problems. Prints image/class counts per split and every
 problem with its file and line. Exit status: 0 = OK (warnings allowed), 1 = problems found, 2 = bad usage.
 """
 import argparse

@@ -135,9 +135,10 @@ def render(row: Dict[str, str]) -> str:
         "",
         "set -euo pipefail",
         'REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"',
-        'source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun when NPROC > 1',
+        'source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1',
         "",
-        '"${LAUNCH[@]}" "$REPO/train.py" \\',
+        '# exec: this PID becomes the training (or torchrun) process, so signals sent to the launcher reach it.',
+        'exec "${LAUNCH[@]}" "$REPO/train.py" \\',
         '    --data_dir "$DATA_DIR" \\',
         '    --load_path "$LOAD_PATH" \\',
     ]
@@ -149,6 +150,8 @@ def render(row: Dict[str, str]) -> str:
 
 COMMON = """\
 # Sourced by every launcher: picks the Python interpreter and builds LAUNCH (an array) from NPROC.
+# The launcher then `exec`s "${LAUNCH[@]}" train.py ...: its PID becomes the Python (or torchrun) process, so
+# signals sent to the launcher reach the training.
 #   PYTHON        interpreter (default: the repository's .venv, else python3)
 #   NPROC         processes on this node; > 1 -> python -m torch.distributed.run --nproc_per_node NPROC
 #   TORCHRUN_ARGS extra torchrun flags, e.g. "--nnodes 2 --node_rank 0 --master_addr host0 --master_port 29500"
@@ -160,8 +163,10 @@ if ! [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 if (( ${NPROC:-1} > 1 )) || [[ -n "${TORCHRUN_ARGS:-}" ]]; then
+  # "--" ends torchrun's own options: without it torchrun's parser also reads train.py's flags (and refuses
+  # e.g. --r as an ambiguous abbreviation of its --rdzv-*/--role/--run-path/--redirects).
   # shellcheck disable=SC2206  # TORCHRUN_ARGS is split on purpose
-  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-})
+  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-} --)
 else
   LAUNCH=("$PYTHON")
 fi

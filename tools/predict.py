@@ -50,11 +50,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data.listfile import to_rgb  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
 from models.backbones import backbone_arch, create_backbone  # noqa: E402
 from models.config import DTLConfig, parse_blocks  # noqa: E402
-from models.dtl_swin import DTLSwinTransformer  # noqa: E402
-from models.dtl_vit import DTLVisionTransformer  # noqa: E402
+from models.factory import DTL_WRAPPERS  # noqa: E402
 from models.pretrained import CheckpointError, load_backbone_weights  # noqa: E402
 from models.trainable import load_delta_state_dict  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
@@ -156,7 +156,7 @@ class SharedPrefixDTL(nn.Module):
         super().__init__()
         if not tasks:
             raise ValueError("no tasks")
-        wrapper = DTLSwinTransformer if arch == "swin" else DTLVisionTransformer
+        wrapper = DTL_WRAPPERS[arch]
         self.names = [t[0] for t in tasks]
         self.tasks = nn.ModuleList(wrapper(backbone, nc, cfg).eval() for _, nc, cfg in tasks)
         self.backbone = backbone
@@ -274,7 +274,7 @@ def load_images(paths: Sequence[str], img_size: int, benchmark: str) -> torch.Te
     for p in paths:
         try:
             with Image.open(p) as im:
-                out.append(tf(im.convert("RGB")))
+                out.append(tf(to_rgb(im, p)))  # 16-bit images scaled to 8 bits as in training
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
     return torch.stack(out)

@@ -56,6 +56,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from data.benchmarks import get_benchmark  # noqa: E402  (light: no torch)
+from utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 SETS = {
     "vit-vtab": "train_scripts/vit/vtab/*/train_dtl*.sh",
@@ -622,18 +623,11 @@ def collect_outcomes(specs: Sequence[RunSpec], job_ids: Dict[str, str], root: st
 
 # ------------------------------------------------------------------------------------------------ main
 def write_manifest(root: str, data: Dict[str, Any]) -> None:
-    os.makedirs(root, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix="." + MANIFEST + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    atomic_write_json(os.path.join(root, MANIFEST), data, indent=1)
 
 
 def write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def finish(outcomes: Sequence[Outcome], root: str) -> int:

@@ -1,4 +1,6 @@
 # Sourced by every launcher: picks the Python interpreter and builds LAUNCH (an array) from NPROC.
+# The launcher then `exec`s "${LAUNCH[@]}" train.py ...: its PID becomes the Python (or torchrun) process, so
+# signals sent to the launcher reach the training.
 #   PYTHON        interpreter (default: the repository's .venv, else python3)
 #   NPROC         processes on this node; > 1 -> python -m torch.distributed.run --nproc_per_node NPROC
 #   TORCHRUN_ARGS extra torchrun flags, e.g. "--nnodes 2 --node_rank 0 --master_addr host0 --master_port 29500"
@@ -10,8 +12,10 @@ if ! [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 if (( ${NPROC:-1} > 1 )) || [[ -n "${TORCHRUN_ARGS:-}" ]]; then
+  # "--" ends torchrun's own options: without it torchrun's parser also reads train.py's flags (and refuses
+  # e.g. --r as an ambiguous abbreviation of its --rdzv-*/--role/--run-path/--redirects).
   # shellcheck disable=SC2206  # TORCHRUN_ARGS is split on purpose
-  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-})
+  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-} --)
 else
   LAUNCH=("$PYTHON")
 fi

@@ -1,7 +1,8 @@
 """Command line of ``train.py``: the original's flag names, grouped; an optional YAML config; validation.
 
 ``--config FILE.yaml`` holds ``flag: value`` pairs (flag names without dashes, e.g. ``lr: 0.001``) that become
-the defaults; anything given on the command line wins. Unknown keys are an error naming the file.
+the defaults; anything given on the command line wins. Unknown keys are an error naming the file; a boolean
+flag takes a YAML boolean or true/false, yes/no, on/off, 1/0 (also quoted), anything else is an error naming the key.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from data.benchmarks import BENCHMARKS, REGISTRY, benchmarks_of_dataset, get_benchmark
+from data.benchmarks import BENCHMARKS, REGISTRY, get_benchmark
 from data.transforms import transform_is_deterministic
 from models.config import parse_blocks
 from models.factory import METHODS
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="",
                    help="run folder (default output/<benchmark>/<dataset>/<method>[_shot_k]/<timestamp>)")
     g.add_argument("--resume", default="", metavar="LAST_PTH", help="continue the run of this last.pth")
+    g.add_argument("--initial_checkpoint", default="", metavar="PATH",
+                   help="start the trainable tensors from this file: a delta, a last.pth (its trainable tensors "
+                        "only) or a state dict (this project's or the original code's key layout)")
     g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint on the test split, no training")
     g.add_argument("--checkpoint", default="", metavar="DELTA", help="delta checkpoint for --eval_only")
     g.add_argument("--eval_interval", type=_positive_int, default=None,
@@ -221,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP: allow trainable tensors without gradient (not needed for DTL)")
     return p
+
+
+_BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _config_bool(path: str, key: Any, v: Any) -> bool:
+    """A boolean flag's value in ``--config``: a YAML boolean, 0/1, or (quoted) true/false, yes/no, on/off, 1/0 in
+    any case. Anything else (``"maybe"``, ``2``, an empty value) is refused: a string such as ``"no"`` must not
+    count as True just because it is not empty."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise UsageError(f"--config {path}: {key!r} is a boolean flag: use true or false (also yes/no, on/off, 1/0), "
+                     f"got {v!r}")
 
 
 def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
@@ -240,6 +263,9 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         if key not in dests or key in ("help", "config"):
             raise UsageError(f"--config {path}: unknown key {k!r} (keys are train.py flag names, e.g. lr, epochs)")
         action = next(a for a in parser._actions if a.dest == key)
+        if isinstance(action, _BOOL_ACTIONS):
+            out[key] = _config_bool(path, k, v)
+            continue
         if v is not None and action.type is not None and not isinstance(v, bool):
             try:
                 if isinstance(v, dict):
@@ -254,14 +280,25 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return out
 
 
+def _dataset_check(benchmark: str, dataset: str) -> Optional[str]:
+    """Why ``dataset`` is not a dataset of ``benchmark`` (the benchmark's message, listing the valid names), or
+    ``None`` when it is one."""
+    try:
+        get_benchmark(benchmark).canonical_dataset(dataset)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def infer_benchmark(dataset: str) -> str:
     """The benchmark a dataset name belongs to; :class:`UsageError` when unknown or ambiguous."""
-    found = benchmarks_of_dataset(dataset)
+    checks = {b: _dataset_check(b, dataset) for b in REGISTRY}
+    found = [b for b, err in checks.items() if err is None]
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UsageError(f"--dataset {dataset!r}: unknown dataset; it is neither a VTAB-1k task, a few-shot dataset "
-                         f"nor a DG target (see --help; valid names are listed by each benchmark's error)")
+        raise UsageError(f"--dataset {dataset!r}: unknown dataset, neither a VTAB-1k task, a few-shot dataset nor a "
+                         f"DG target:\n  " + "\n  ".join(checks.values()))
     raise UsageError(f"--dataset {dataset!r} exists in several benchmarks ({', '.join(found)}): pass --benchmark")
 
 
@@ -288,10 +325,22 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
     if args.benchmark is None:
         args.benchmark = infer_benchmark(args.dataset)
+    else:
+        err = _dataset_check(args.benchmark, args.dataset)
+        if err is not None:
+            raise UsageError(f"--dataset {args.dataset!r} (--benchmark {args.benchmark}): {err}")
+    for flag, value, want in (("--load_path", args.load_path, "the weights file itself (e.g. .../ViT-B_16.npz), "
+                               "'timm', or empty for random initialisation (the launchers' LOAD_PATH)"),
+                              ("--resume", args.resume, "the run's last.pth"),
+                              ("--checkpoint", args.checkpoint, "a delta file (delta.pth / delta_seed<k>.pth)")):
+        if value and not (flag == "--load_path" and value == "timm") and os.path.isdir(value):
+            raise UsageError(f"{flag} {value}: is a directory, not a file; give {want}")
     if args.eval_only and not args.checkpoint:
         raise UsageError("--eval_only needs --checkpoint DELTA (a delta checkpoint written by a training run)")
     if args.checkpoint and not args.eval_only:
         raise UsageError("--checkpoint is only used with --eval_only (to continue training use --resume LAST_PTH)")
+    if args.eval_only and args.initial_checkpoint:
+        raise UsageError("--initial_checkpoint starts training; --eval_only evaluates --checkpoint")
     if args.eval_only and args.resume:
         raise UsageError("--eval_only and --resume exclude each other")
     if not args.eval_only and args.epochs + args.warmup_epochs < 1:

@@ -5,8 +5,11 @@ every helper here degrades to a no-op. The backend is NCCL on CUDA and gloo on t
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional
 
@@ -73,9 +76,31 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``).
+
+    Under ``torchrun`` the parent is the launcher's agent: a ``kill -9`` of the agent (or of the launcher, whose
+    PID the agent is) cannot be forwarded to the workers, which would otherwise keep training as orphans (torchrun
+    itself forwards SIGTERM/SIGINT). Returns whether the request was made (False off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the parent died before the request: nobody will signal us
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def init_distributed(device_spec: str = "auto", timeout_min: float = 30.0) -> DistInfo:
-    """Start the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick the device."""
+    """Start the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick the device. A torchrun
+    worker also arranges to end when the torchrun agent dies (:func:`exit_with_parent`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1" if world_size == 1 else str(world_size)))

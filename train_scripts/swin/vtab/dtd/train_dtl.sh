@@ -18,9 +18,10 @@ NPROC="${NPROC-1}"
 
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"
-source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun when NPROC > 1
+source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1
 
-"${LAUNCH[@]}" "$REPO/train.py" \
+# exec: this PID becomes the training (or torchrun) process, so signals sent to the launcher reach it.
+exec "${LAUNCH[@]}" "$REPO/train.py" \
     --data_dir "$DATA_DIR" \
     --load_path "$LOAD_PATH" \
     --benchmark vtab \

@@ -1,0 +1,117 @@
+"""train.py --initial_checkpoint: a delta, a last.pth (its trainable tensors), a state dict in our layout or in
+the original code's layout start the trainable tensors; a file that does not fit fails before the run folder
+exists, naming the tensors; the source is recorded in config.yaml and results.json."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from helpers_train import single_thread  # noqa: F401 - autouse fixture
+from helpers_train import TINY, kill_after, Killed, load_delta, read_results, run_train, vtab_root
+
+
+@pytest.fixture(scope="module")
+def vtab(tmp_path_factory):
+    return vtab_root(tmp_path_factory)
+
+
+def _argv(root, out, *extra):
+    return ["--data_dir", root, "--dataset", "cifar_100", *TINY, "--epochs", "2", "--warmup_epochs", "0",
+            "--batch_size", "8", "--output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def source(vtab, tmp_path_factory):
+    """A finished run (its delta) and a run killed after one of two epochs (its last.pth)."""
+    d = tmp_path_factory.mktemp("init_src")
+    assert run_train(_argv(vtab, d / "done", "--lr", "0.01")) == 0
+    with kill_after(0, 1), pytest.raises(Killed):
+        run_train(_argv(vtab, d / "killed", "--lr", "0.01", "--seed", "7"))
+    return d
+
+
+def _to_original(delta):
+    """Our ViT delta in the original code's key layout, plus some frozen backbone tensors (ignored)."""
+    out = {re.sub(r"^side\.taps\.", "lora_dict.", k).replace("side.fusion.conv.weight", "lora_fusion.weight"): v
+           for k, v in delta.items()}
+    out["blocks.0.norm1.weight"] = torch.ones(192)
+    out["pos_embed"] = torch.zeros(1, 5, 192)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["delta", "last", "state_dict", "original"])
+def test_every_layout_starts_the_run(vtab, source, tmp_path, kind):
+    if kind == "last":
+        path = source / "killed" / "last.pth"
+        expected = torch.load(path, weights_only=True)["trainer"]["model_delta"]
+    else:
+        expected = load_delta(source / "done" / "delta.pth")["delta"]
+        path = source / "done" / "delta.pth"
+        if kind == "state_dict":
+            path = tmp_path / "plain.pth"
+            torch.save(expected, path)
+        elif kind == "original":
+            path = tmp_path / "original.pth"
+            torch.save({"state_dict": _to_original(expected)}, path)
+    # lr 0 (AdamW: no step, no decay): the run ends with exactly the tensors it started from
+    out = tmp_path / "run"
+    assert run_train(_argv(vtab, out, "--lr", "0", "--epochs", "1", "--initial_checkpoint", str(path))) == 0
+    final = load_delta(out / "delta.pth")["delta"]
+    assert set(final) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(final[k], v), k
+    rec = read_results(out)["initial_checkpoint"]
+    assert rec["kind"] == kind and rec["path"] == os.path.abspath(path) and len(rec["sha256"]) == 64
+    assert f"initial_checkpoint: {os.path.abspath(path) if os.path.isabs(path) else path}" in \
+        (out / "config.yaml").read_text()
+    # and it trains from there (same flags otherwise, lr > 0): the tensors move away from the start
+    out2 = tmp_path / "run2"
+    if kind == "delta":
+        assert run_train(_argv(vtab, out2, "--lr", "0.01", "--initial_checkpoint", str(path))) == 0
+        moved = load_delta(out2 / "delta.pth")["delta"]
+        assert not torch.equal(moved["head.weight"], expected["head.weight"])
+
+
+def _fails(argv, caplog, out, *needles):
+    caplog.clear()
+    assert run_train(argv) == 2
+    for n in needles:
+        assert n in caplog.text, (n, caplog.text[-2000:])
+    assert not os.path.exists(out / "config.yaml"), "the run folder was written before the error"
+
+
+def test_mismatches_are_clear_errors_before_the_run(vtab, source, tmp_path, caplog):
+    delta = load_delta(source / "done" / "delta.pth")["delta"]
+    out = tmp_path / "run"
+    bad = dict(delta)
+    del bad["side.taps.3.lora_B"]
+    bad["side.taps.99.lora_A"] = torch.zeros(2, 192)
+    bad["head.weight"] = torch.zeros(16, 192)
+    p = tmp_path / "bad.pth"
+    torch.save(bad, p)
+    _fails(_argv(vtab, out, "--initial_checkpoint", str(p)), caplog, out, str(p), "side.taps.3.lora_B",
+           "side.taps.99.lora_A", "head.weight: file (16, 192) vs model (100, 192)")
+    # another task's head (dsprites_loc: 16 classes)
+    assert run_train(["--data_dir", vtab, "--dataset", "dsprites_loc", *TINY, "--epochs", "1", "--warmup_epochs", "0",
+                      "--output_dir", str(tmp_path / "other")]) == 0
+    _fails(_argv(vtab, out, "--initial_checkpoint", str(tmp_path / "other" / "delta.pth")), caplog, out,
+           "head.weight: file (16, 192) vs model (100, 192)", "head.bias")
+    # an original-layout file of another rank
+    orig = _to_original({k: (torch.zeros(4, 192) if k.endswith("lora_A") else v) for k, v in delta.items()})
+    torch.save(orig, p)
+    _fails(_argv(vtab, out, "--initial_checkpoint", str(p)), caplog, out, "(original)",
+           "side.taps.0.lora_A: file (4, 192) vs model (2, 192)")
+    # not a checkpoint / missing / a finished run's last.pth (no tensors between seeds)
+    (tmp_path / "x.pth").write_text("not a torch file")
+    _fails(_argv(vtab, out, "--initial_checkpoint", str(tmp_path / "x.pth")), caplog, out, "cannot read it")
+    torch.save({"epoch": 3}, p)
+    _fails(_argv(vtab, out, "--initial_checkpoint", str(p)), caplog, out, "not a delta, a last.pth or a state dict")
+    _fails(_argv(vtab, out, "--initial_checkpoint", str(tmp_path / "none.pth")), caplog, out, "file not found")
+    _fails(_argv(vtab, out, "--initial_checkpoint", str(source / "done" / "last.pth")), caplog, out,
+           "holds no trainable tensors")
+    _fails(["--data_dir", vtab, "--dataset", "cifar_100", *TINY, "--eval_only", "--checkpoint",
+            str(source / "done" / "delta.pth"), "--initial_checkpoint", str(source / "done" / "delta.pth"),
+            "--output_dir", str(out)], caplog, out, "--initial_checkpoint")

@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42, help="random seed (offset by the seed index and the rank)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N (under torchrun: process LOCAL_RANK uses GPU N + LOCAL_RANK)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="bitwise reproducible GPU runs: deterministic algorithms (an op without one is an error), "
+                        "cuDNN without autotuning, math attention, CUBLAS_WORKSPACE_CONFIG=:4096:8 (slower)")
     g.add_argument("--output_dir", default="",
                    help="run folder (default output/<benchmark>/<dataset>/<method>[_shot_k]/<timestamp>)")
     g.add_argument("--resume", default="", metavar="LAST_PTH", help="continue the run of this last.pth")

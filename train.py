@@ -36,18 +36,19 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
-import torch
 from timm.utils import AverageMeter, random_seed
 
 from data.benchmark import DataPlan, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
-from engine.run_folder import ResumeState, RunFolder, SeedProgress, data_fingerprint, flag_value, run_is_complete
+from engine.run_folder import (
+    CacheInfo, ResumeState, RunFolder, SeedProgress, data_fingerprint, flag_value, run_is_complete,
+)
 from engine.setup import (
     Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, model_kwargs,
 )
-from engine.trainer import NonFiniteError, Trainer
+from engine.trainer import Trainer, resolve_precision
 from models import DTLConfig, ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
 from models.baselines import baseline_settings
 from models.config import format_blocks
@@ -58,11 +59,12 @@ from utils.atomic import WriteError
 from utils.checkpoint import (
     CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,
 )
-from utils.distributed import DeviceError, DistInfo, cleanup_distributed, init_distributed
+from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.loader import set_epoch
 from utils.logger import close_file_logs, format_duration, log_to_files, setup_logging
+from utils.determinism import configure_backends
+from utils.metrics import PeakMemory
 from utils.runlock import RunLockedError
-from utils.metrics import reset_peak_memory
 from utils.optim import total_epochs
 
 _logger = logging.getLogger("train")
@@ -71,8 +73,7 @@ _logger = logging.getLogger("train")
 # exit status 2 and one "error:" line (also in log.txt). Failures of the environment or of training (a write that
 # failed, non-finite numbers): exit status 1, the same kind of line. Anything else is a bug: its traceback goes
 # to log.txt too, and the exception propagates (exit status 1 with the traceback on the console).
-USER_ERRORS = (UsageError, DataError, UnknownNameError, CheckpointError, ModelSettingsError, RunLockedError,
-               DeviceError)
+USER_ERRORS = (UsageError, DataError, UnknownNameError, CheckpointError, ModelSettingsError, RunLockedError)
 RUN_ERRORS = (WriteError, FloatingPointError)
 
 
@@ -85,6 +86,8 @@ class Context:
     folder: RunFolder
     loaders: Loaders
     method: str  # results.json's method: dtl, dtl+ or a baseline
+    precision: str  # what training actually runs in: fp32, fp16 or bf16
+    peaks: PeakMemory  # CUDA memory peaks per phase (training / evaluation / cache build)
     initial: Optional[InitialCheckpoint] = None  # --initial_checkpoint: every seed starts from its tensors
 
 
@@ -101,7 +104,8 @@ def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState],
     elif resume is not None:
         _logger.info("resuming from %s: seed %d/%d, %d/%d epochs done", args.resume, start_seed + 1,
                      len(data.seeds), state.epoch, epochs)
-    reset_peak_memory(ctx.dist.device)
+    state.precision = ctx.precision
+    ctx.peaks = PeakMemory(ctx.dist.device, initial=state.memory_peaks)
     epoch_times = AverageMeter()
     for plan in data.seeds[start_seed:]:
         resuming = resume is not None and plan.index == start_seed and state.trainer is not None
@@ -110,7 +114,7 @@ def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState],
     return run_results(args, method=ctx.method, backbone=backbone_label(args.model, args.model_kwargs),
                        per_seed=state.completed, epochs=epochs, counts=state.counts,
                        train_time=state.train_time_s, train_images=state.train_images, cache_info=state.cache_info,
-                       info=data.info, device=ctx.dist.device,
+                       info=data.info, peaks=ctx.peaks, precision=ctx.precision,
                        initial_checkpoint=ctx.initial.record() if ctx.initial is not None else None)
 
 
@@ -151,8 +155,9 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
             restore_rng_state(state.rng_states[dist.rank])
     cache = None
     if args.cache_prefix:
-        cache = build_prefix_cache(args, trainer.model, plan.train, dist.device, ctx.loaders.prefetch,
-                                   trainer.autocast_dtype, state.cache_info)
+        with ctx.peaks.phase("cache_build"):
+            cache = build_prefix_cache(args, trainer.model, plan.train, dist, ctx.loaders.prefetch,
+                                       trainer.autocast_dtype, state.cache_info)
     loader = ctx.loaders.train(plan.train, rng_seed, cache)
     tests = {k: ctx.loaders.eval(v) for k, v in plan.tests.items()}
     val_loader = ctx.loaders.eval(plan.val)
@@ -161,7 +166,8 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     for epoch in range(start_epoch, epochs):
         set_epoch(loader, epoch, rng_seed, dist.rank)
         lr = trainer.lr()
-        stats = trainer.train_one_epoch(loader, epoch)
+        with ctx.peaks.phase("train"):  # reset here, read before any evaluation
+            stats = trainer.train_one_epoch(loader, epoch)
         state.train_time_s += stats["seconds"]
         state.train_images += stats["images"]
         epoch_times.update(stats["seconds"])
@@ -171,12 +177,14 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
         last = epoch + 1 == epochs
         note = ""
         if val_loader is not None and ((epoch + 1) % args.eval_interval == 0 or last):
-            val = trainer.evaluate(val_loader)
+            with ctx.peaks.phase("eval"):
+                val = trainer.evaluate(val_loader)
             row["val_top1"] = val["top1"]
             progress.offer(val["top1"], epoch + 1, trainer.delta)
             note = f" | val {val['top1']:.2f} (best {progress.best_val:.2f} @ {progress.best_epoch})"
         if last:
-            progress.final = final_evaluation(trainer, tests, progress)
+            with ctx.peaks.phase("eval"):
+                progress.final = final_evaluation(trainer, tests, progress)
             row.update({f"{name}_top1": res["top1"] for name, res in progress.final.items()})
             note += " | " + ", ".join(f"{k} {v['top1']:.2f}" for k, v in progress.final.items())
         remaining = (epochs - epoch - 1) + (n_seeds - plan.index - 1) * epochs
@@ -190,10 +198,12 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
         ctx.folder.log_epoch(row, scalars, epoch + 1)
         state.seed_index, state.epoch, state.trainer, state.progress = (plan.index, epoch + 1, trainer.state_dict(),
                                                                         progress)
+        state.memory_peaks = ctx.peaks.state()
         ctx.folder.save_resume(state)
 
     if progress.final is None:  # resumed from a checkpoint written before the final evaluation
-        progress.final = final_evaluation(trainer, tests, progress)
+        with ctx.peaks.phase("eval"):
+            progress.final = final_evaluation(trainer, tests, progress)
     primary = get_benchmark(args.benchmark).primary(args.dataset, list(progress.final))
     result = seed_result(plan.data_seed, progress.final, primary, progress.best_val, progress.best_epoch)
     state.completed.append(result)
@@ -284,7 +294,8 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any], built:
     args, model, kwargs = ctx.args, built.model, built.kwargs
     _logger.info("model %s, method %s:\n%s", ck["backbone"], ck["method"], trainable_report(model))
     trainer = Trainer(args, model, data.num_classes, ctx.dist)
-    final = {k: trainer.evaluate(ctx.loaders.eval(v)) for k, v in data.seeds[0].tests.items()}
+    with ctx.peaks.phase("eval"):
+        final = {k: trainer.evaluate(ctx.loaders.eval(v)) for k, v in data.seeds[0].tests.items()}
     for k, v in final.items():
         _logger.info("eval %s: top-1 %.2f, top-5 %.2f (%d images)", k, v["top1"], v["top5"], v["n"])
     primary = get_benchmark(args.benchmark).primary(args.dataset, list(final))
@@ -292,7 +303,7 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any], built:
     return run_results(args, method=ck["method"], backbone=backbone_label(ck["backbone"], extra),
                        per_seed=[seed_result(ck.get("seed"), final, primary)], epochs=0,
                        counts=parameter_counts(count_parameters(model)), train_time=0.0, train_images=0,
-                       cache_info={}, info=data.info, device=ctx.dist.device,
+                       cache_info=CacheInfo(), info=data.info, peaks=ctx.peaks, precision=ctx.precision,
                        checkpoint=os.path.abspath(args.checkpoint))
 
 
@@ -303,6 +314,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
     prefetch = bool(args.prefetcher) and dist_info.device.type == "cuda"
     if args.prefetcher and not prefetch:
         _logger.info("--prefetcher is for CUDA devices; loading normally on %s", dist_info.device)
+    precision = resolve_precision(args, dist_info.device)  # fp16 --amp on a CPU: fp32, said once, recorded
     if args.load_path and args.load_path != "timm":
         check_weights_file(args.load_path)
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(args.resume)) if args.resume else None
@@ -312,7 +324,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
     args.dataset = data.dataset
     fingerprint = data_fingerprint(data) if not args.eval_only else None
     if resume is not None:
-        resume.check_matches(args, dist_info.world_size, args.resume)
+        resume.check_matches(args, dist_info.world_size, args.resume, precision)
         resume.check_data(fingerprint, args.resume)
         folder_of_run = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.resume)))
         if run_is_complete(folder_of_run, resume, len(data.seeds)):
@@ -321,7 +333,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
             return
     check_model_flags(args, data.num_classes, initial)
     method = eval_ckpt["method"] if eval_ckpt is not None else resolved_method(args)
-    folder = RunFolder(args, dist_info)
+    folder = RunFolder(args, dist_info, precision)
     folder.precheck()
     if eval_ckpt is not None:
         built = build_eval_model(args, data, eval_ckpt)
@@ -334,7 +346,8 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
         folder.data_fingerprint = fingerprint
         folder.open(get_benchmark(args.benchmark).run_name(method, args.shot, args.eval_only), argv,
                     resume.summary_rows if resume is not None else None)
-        ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method, initial)
+        ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method, precision,
+                      PeakMemory(dist_info.device), initial)
         if eval_ckpt is not None:
             folder.write_results(evaluate_checkpoint(ctx, data, eval_ckpt, built))
             return
@@ -351,8 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         dist_info = init_distributed(args.device)
-        if dist_info.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        configure_backends(args.deterministic, dist_info.device)  # cudnn.benchmark, or --deterministic
         run(args, dist_info, sys.argv[1:] if argv is None else argv)
         return 0
     except USER_ERRORS as e:

@@ -42,7 +42,8 @@ from .benchmarks import BENCHMARKS, canonical_benchmark, get_benchmark
 
 __all__ = [
     "DTL_MEAN", "DTL_STD", "RAND_AUGMENT", "BENCHMARKS", "canonical_benchmark", "build_transform",
-    "transform_is_deterministic", "normalize_uint8_batch", "rand_augment_hparams", "rand_augment", "posterize",
+    "transform_is_deterministic", "normalize_uint8_batch", "Uint8Normalizer", "rand_augment_hparams",
+    "rand_augment", "posterize",
 ]
 
 DTL_MEAN: Tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -134,6 +135,33 @@ def transform_is_deterministic(benchmark: str, is_train: bool) -> bool:
     return not (is_train and get_benchmark(benchmark).augment_train)
 
 
+class Uint8Normalizer:
+    """``ToTensor`` + ``Normalize`` for uint8 batches ``B x C x H x W`` on ``device``, with the constants (255,
+    mean, std) made once as float32 tensors on that device.
+
+    Every step divides by a *tensor*, as ``ToTensor`` (``x / 255`` on the CPU) and ``Normalize`` (``sub_(mean)
+    .div_(std)``) do: on CUDA, dividing by a Python number is computed as a multiplication by its reciprocal,
+    one ulp away from ``x / 255`` for about half the pixel values. So the result equals the CPU path bitwise, on
+    any device, and no per-batch host-to-device copy of the constants is needed.
+    """
+
+    def __init__(self, mean: Sequence[float] = DTL_MEAN, std: Sequence[float] = DTL_STD,
+                 device: torch.device | str = "cpu") -> None:
+        device = torch.device(device)
+        self.device = device
+        self.scale = torch.full((1,), 255.0, dtype=torch.float32, device=device)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"normalize_uint8_batch expects a uint8 batch, got {x.dtype}")
+        if x.device != self.scale.device:
+            raise ValueError(f"the batch is on {x.device}, the normaliser's constants on {self.scale.device}")
+        out = x.to(torch.float32).div_(self.scale).sub_(self.mean).div_(self.std)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+
 def normalize_uint8_batch(
         x: torch.Tensor,
         mean: Sequence[float] = DTL_MEAN,
@@ -142,12 +170,10 @@ def normalize_uint8_batch(
 ) -> torch.Tensor:
     """Normalise a uint8 batch ``B x C x H x W`` (from ``normalize=False`` transforms), on its device.
 
-    Performs ``ToTensor``'s ``/255`` then ``Normalize``'s ``(x - mean) / std`` in float32, so the result equals
-    the CPU ``normalize=True`` path exactly; cast to ``dtype`` at the end.
+    Performs ``ToTensor``'s ``/255`` then ``Normalize``'s ``(x - mean) / std`` in float32, dividing by tensors, so
+    the result equals the CPU ``normalize=True`` path exactly; cast to ``dtype`` at the end. (Makes the constants
+    on every call: loops keep a :class:`Uint8Normalizer` instead.)
     """
     if x.dtype != torch.uint8:
         raise TypeError(f"normalize_uint8_batch expects a uint8 batch, got {x.dtype}")
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    out = x.to(torch.float32).div(255).sub_(m).div_(s)
-    return out if dtype == torch.float32 else out.to(dtype)
+    return Uint8Normalizer(mean, std, x.device)(x, dtype)

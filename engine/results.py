@@ -2,7 +2,14 @@
 
 Keys (every run): ``benchmark``, ``dataset``, ``backbone``, ``method``, ``top1`` (mean over seeds of the primary
 split's top-1), ``top1_std`` (sample std, None for one seed), ``epochs``, ``n_params``, ``n_trainable``,
-``n_trainable_excl_head``, ``peak_memory_mib`` (CUDA, max over ranks), ``peak_rss_mib``, ``train_time_s``,
+``n_trainable_excl_head``, ``precision`` (what the forward passes actually ran in: ``fp32``, ``fp16`` or
+``bf16``; ``--amp`` with float16 on a CPU trains in fp32), the CUDA memory peaks (MiB of
+``torch.cuda.max_memory_allocated``, max over ranks, ``None`` off CUDA; :class:`utils.metrics.PeakMemory`):
+``peak_memory_mib`` = the *training* peak (the counter is reset before every training epoch -- after the prefix
+cache is built -- and read at its end, before any evaluation: the number the paper compares; with
+``--eval_only`` the evaluation peak), ``peak_memory_eval_mib`` (validation/test evaluation at
+``--batch_size_test``), ``peak_memory_cache_build_mib`` (building the prefix cache), ``peak_memory_run_mib`` (the
+whole invocation, everything included: what ``peak_memory_mib`` meant before), ``peak_rss_mib``, ``train_time_s``,
 ``images_per_s``, ``per_seed`` (``seed``, ``top1``, ``best_val``, ``best_epoch``, ``n_test_images``[, ``targets``]),
 ``n_test_images``, ``lean``, ``cache_prefix``, ``cache_build_s``, ``cache_mib``, ``cache_storage``,
 ``cache_approximate``, the benchmark's ``info`` (``shot``, DG ``source``/``target``), ``per_target`` when several
@@ -14,10 +21,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Mapping, Optional
 
-import torch
-
+from engine.run_folder import CacheInfo
 from utils.distributed import all_gather_object
-from utils.metrics import mean_std, peak_cuda_mib, peak_rss_mib
+from utils.metrics import PeakMemory, mean_std, peak_rss_mib
 
 __all__ = ["seed_result", "run_results", "resources", "memory_flags", "parameter_counts"]
 
@@ -37,28 +43,35 @@ def seed_result(seed: Optional[int], final: Mapping[str, Dict[str, float]], prim
     return res
 
 
-def resources(device: torch.device) -> Dict[str, Any]:
-    """Peak CUDA memory and peak resident memory, the maxima over all ranks."""
-    peaks = all_gather_object((peak_cuda_mib(device), peak_rss_mib()))
-    cuda = [p[0] for p in peaks if p[0] is not None]
-    return {"peak_memory_mib": round(max(cuda), 1) if cuda else None,
-            "peak_rss_mib": round(max(p[1] for p in peaks), 1)}
+def resources(peaks: PeakMemory, eval_only: bool = False) -> Dict[str, Any]:
+    """The CUDA memory peaks per phase and the peak resident memory, the maxima over all ranks (every rank
+    calls)."""
+    peaks.finish()
+    gathered = all_gather_object((peaks.mib(), peak_rss_mib()))
+
+    def top(phase: str) -> Optional[float]:
+        vals = [g[0][phase] for g in gathered if g[0].get(phase) is not None]
+        return round(max(vals), 1) if vals else None
+
+    return {"peak_memory_mib": top("eval" if eval_only else "train"), "peak_memory_eval_mib": top("eval"),
+            "peak_memory_cache_build_mib": top("cache_build"), "peak_memory_run_mib": top("run"),
+            "peak_rss_mib": round(max(g[1] for g in gathered), 1)}
 
 
-def memory_flags(args: argparse.Namespace, cache_info: Mapping[str, Any]) -> Dict[str, Any]:
+def memory_flags(args: argparse.Namespace, cache_info: CacheInfo) -> Dict[str, Any]:
     """``lean``/``cache_prefix`` and, with the cache, its build time (all seeds, not in ``train_time_s``),
     size (MiB, one seed's cache), storage and whether it was approximate."""
     on = bool(args.cache_prefix) and not args.eval_only
     return {"lean": bool(args.lean) and not args.eval_only, "cache_prefix": on,
-            "cache_build_s": round(float(cache_info["build_s"]), 3) if on else None,
-            "cache_mib": round(float(cache_info["mib"]), 3) if on and cache_info.get("mib") is not None else None,
-            "cache_storage": cache_info.get("storage") if on else None,
-            "cache_approximate": cache_info.get("approximate") if on else None}
+            "cache_build_s": round(float(cache_info.build_s), 3) if on else None,
+            "cache_mib": round(float(cache_info.mib), 3) if on and cache_info.mib is not None else None,
+            "cache_storage": cache_info.storage if on else None,
+            "cache_approximate": cache_info.approximate if on else None}
 
 
 def run_results(args: argparse.Namespace, *, method: str, backbone: str, per_seed: List[Dict[str, Any]],
                 epochs: int, counts: Mapping[str, int], train_time: float, train_images: int,
-                cache_info: Mapping[str, Any], info: Mapping[str, Any], device: torch.device,
+                cache_info: CacheInfo, info: Mapping[str, Any], peaks: PeakMemory, precision: str,
                 **extra: Any) -> Dict[str, Any]:
     """The whole results.json body (see the module docstring); ``extra`` entries go before ``info``'s."""
     stats = mean_std([c["top1"] for c in per_seed])
@@ -71,7 +84,8 @@ def run_results(args: argparse.Namespace, *, method: str, backbone: str, per_see
         "top1_std": stats["std"],
         "epochs": epochs,
         **counts,
-        **resources(device),
+        "precision": precision,
+        **resources(peaks, eval_only=bool(args.eval_only)),
         "train_time_s": round(train_time, 3),
         "images_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
         "per_seed": per_seed,

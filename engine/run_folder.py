@@ -33,8 +33,8 @@ from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, format_d
 from utils.metrics import versions
 from utils.runlock import RunLock, RunLockedError
 
-__all__ = ["RunFolder", "ResumeState", "SeedProgress", "RESUME_MUST_MATCH", "flag_value", "data_fingerprint",
-           "run_is_complete"]
+__all__ = ["RunFolder", "ResumeState", "SeedProgress", "CacheInfo", "RESUME_MUST_MATCH", "flag_value",
+           "data_fingerprint", "run_is_complete"]
 
 _logger = logging.getLogger("train")
 
@@ -114,13 +114,26 @@ class SeedProgress:
 
 
 @dataclass
+class CacheInfo:
+    """What results.json reports of ``--cache_prefix``: build seconds over all seeds (not in the epoch times),
+    the largest seed's cache size (MiB), its storage and whether it was approximate."""
+
+    build_s: float = 0.0
+    mib: Optional[float] = None
+    storage: Optional[str] = None
+    approximate: Optional[bool] = None
+
+
+@dataclass
 class ResumeState:
     """Everything ``last.pth`` holds; the file is this dataclass as a dict (format ``dtl-resume/1``).
 
     ``seed_index``/``epoch``: the seed being trained and its completed epochs (after a seed ends: the next seed,
     epoch 0, ``trainer`` None). ``trainer``: model delta and optimiser/schedule/scaler/EMA states.
     ``completed``: results of the finished seeds. ``counts``: parameter counts. ``cache_info``: the prefix
-    cache's build time and size. ``rng_states``: every rank's generators.
+    cache's build time and size. ``rng_states``: every rank's generators. ``precision``: what training ran in
+    (``fp32``/``fp16``/``bf16``; ``None`` in files written before it was recorded). ``memory_peaks``: the CUDA
+    memory maxima so far (bytes per phase, :class:`utils.metrics.PeakMemory`).
     """
 
     args: Dict[str, Any] = field(default_factory=dict)
@@ -134,16 +147,17 @@ class ResumeState:
     train_time_s: float = 0.0
     train_images: int = 0
     counts: Optional[Dict[str, int]] = None
-    cache_info: Dict[str, Any] = field(default_factory=lambda: {"build_s": 0.0, "mib": None, "storage": None,
-                                                                "approximate": None})
+    cache_info: CacheInfo = field(default_factory=CacheInfo)
     rng_states: List[Dict[str, Any]] = field(default_factory=list)
     data_fingerprint: Optional[Dict[str, Dict[str, Any]]] = None
+    precision: Optional[str] = None
+    memory_peaks: Dict[str, Optional[int]] = field(default_factory=dict)
 
     def to_checkpoint(self) -> Dict[str, Any]:
         ck = {"format": RESUME_FORMAT}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            ck[f.name] = dataclasses.asdict(v) if isinstance(v, SeedProgress) else v
+            ck[f.name] = dataclasses.asdict(v) if isinstance(v, (SeedProgress, CacheInfo)) else v
         return ck
 
     @classmethod
@@ -152,16 +166,24 @@ class ResumeState:
         kw = {k: v for k, v in ck.items() if k in known and v is not None}
         if kw.get("progress") is not None:
             kw["progress"] = SeedProgress(**kw["progress"])
+        if kw.get("cache_info") is not None:
+            kw["cache_info"] = CacheInfo(**kw["cache_info"])
         kw["train_time_s"] = float(kw.get("train_time_s", 0.0))
         kw["train_images"] = int(kw.get("train_images", 0))
         kw["seed_index"], kw["epoch"] = int(kw.get("seed_index", 0)), int(kw.get("epoch", 0))
         return cls(**kw)
 
-    def check_matches(self, args: argparse.Namespace, world_size: int, path: str) -> None:
-        """A resumed run must use the settings of the interrupted one."""
+    def check_matches(self, args: argparse.Namespace, world_size: int, path: str,
+                      precision: Optional[str] = None) -> None:
+        """A resumed run must use the settings of the interrupted one, including the effective precision
+        (``precision``: this run's, see :func:`engine.trainer.effective_precision`)."""
         saved = self.args
         diffs = [f"--{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k)!r}"
                  for k in RESUME_MUST_MATCH if k in saved and flag_value(saved.get(k)) != flag_value(getattr(args, k))]
+        if precision is not None and self.precision is not None and precision != self.precision:
+            diffs.append(f"precision: the checkpoint trained in {self.precision}, this run would train in "
+                         f"{precision} ({self.precision} = {_precision_flags(self.precision)}; resume with the "
+                         f"interrupted run's --amp/--amp_dtype on the same kind of device)")
         if diffs:
             raise CheckpointError(f"{path} was written by a run with other settings; resume with the "
                                   f"same flags (or start a new run): " + "; ".join(diffs))
@@ -199,12 +221,18 @@ class ResumeState:
                                   "new run)")
 
 
+def _precision_flags(precision: str) -> str:
+    return {"fp32": "--no-amp, or --amp with float16 on a CPU", "fp16": "--amp --amp_dtype float16 on CUDA",
+            "bf16": "--amp --amp_dtype bfloat16"}.get(precision, precision)
+
+
 class RunFolder:
     """The folder of one invocation of train.py (see the module docstring); rank 0 writes, all ranks call."""
 
-    def __init__(self, args: argparse.Namespace, dist_info: DistInfo) -> None:
+    def __init__(self, args: argparse.Namespace, dist_info: DistInfo, precision: Optional[str] = None) -> None:
         self.args = args
         self.dist = dist_info
+        self.precision = precision  # the effective precision, noted in config.yaml
         self.out_dir = ""
         self.tb = TensorBoardLogger(None)
         self.summary = SummaryTable(None)
@@ -233,8 +261,9 @@ class RunFolder:
                 raise write_error(os.path.join(self.out_dir, "events.out.tfevents.*"), e) from e
             if not (args.resume and os.path.exists(self.path("config.yaml"))):
                 cfg = {k: v for k, v in vars(args).items() if k != "config"}
+                note = f"# effective precision: {self.precision}\n" if self.precision else ""
                 atomic_write_text(self.path("config.yaml"), "# resolved train.py flags (usable as --config)\n"
-                                  + yaml.safe_dump(cfg, sort_keys=False))
+                                  + note + yaml.safe_dump(cfg, sort_keys=False))
             self.summary = SummaryTable(self.path("summary.csv"), summary_rows)
         _logger.info("run folder: %s", self.out_dir)
         _logger.info("command: %s", " ".join([os.path.basename(sys.argv[0])] + list(argv)))
@@ -354,6 +383,18 @@ class RunFolder:
             _logger.info(line)
 
 
+def _memory_line(res: Dict[str, Any]) -> str:
+    def mib(k: str) -> str:
+        return "n/a" if res.get(k) is None else "%.0f MiB" % res[k]
+
+    if res.get("peak_memory_run_mib") is None:
+        return f"peak GPU memory n/a | peak RSS {res['peak_rss_mib']:.0f} MiB"
+    main = "evaluation" if res.get("args", {}).get("eval_only") else "training"
+    return (f"peak GPU memory: {main} {mib('peak_memory_mib')} | evaluation {mib('peak_memory_eval_mib')} | "
+            f"cache build {mib('peak_memory_cache_build_mib')} | whole run {mib('peak_memory_run_mib')} | "
+            f"peak RSS {res['peak_rss_mib']:.0f} MiB")
+
+
 def summary_lines(res: Dict[str, Any], results_path: str) -> List[str]:
     """The closing lines of the log: accuracy (per seed, per target), parameters, time, memory."""
     lines = [
@@ -369,9 +410,8 @@ def summary_lines(res: Dict[str, Any], results_path: str) -> List[str]:
         lines.append(f"  {t}: {v['top1']:.2f}")
     lines.append(f"trainable {res['n_trainable']:,} of {res['n_params']:,} "
                  f"(without head {res['n_trainable_excl_head']:,}) | epochs {res['epochs']} | train "
-                 f"{format_duration(res['train_time_s'])} | peak GPU memory "
-                 f"{'n/a' if res['peak_memory_mib'] is None else '%.0f MiB' % res['peak_memory_mib']} | "
-                 f"peak RSS {res['peak_rss_mib']:.0f} MiB")
+                 f"{format_duration(res['train_time_s'])} | {res.get('precision')}")
+    lines.append(_memory_line(res))
     lines.append(f"results: {results_path}")
     lines.append("=" * 72)
     return lines

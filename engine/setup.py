@@ -8,7 +8,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -18,11 +17,12 @@ from PIL import Image
 from data.benchmark import DataPlan, DataRequest, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError
-from data.transforms import DTL_MEAN, DTL_STD, build_transform, normalize_uint8_batch
+from data.transforms import DTL_MEAN, DTL_STD, Uint8Normalizer, build_transform
 from models import DTLConfig, ModelSettingsError, create_tuned_model
 from models.backbones import backbone_arch, default_rank
 from models.initial import InitialCheckpoint, check_initial_checkpoint
 from engine.prefix_cache import PrefixCache, PrefixCacheError
+from engine.run_folder import CacheInfo
 from utils.args import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
@@ -210,23 +210,15 @@ def check_model_flags(args: argparse.Namespace, num_classes: int,
 
 
 # --------------------------------------------------------------------------------------------- prefix cache
-@dataclass
-class CacheInfo:
-    """What results.json reports of ``--cache_prefix``: build seconds over all seeds, the largest seed's size."""
-
-    build_s: float = 0.0
-    mib: Optional[float] = None
-    storage: Optional[str] = None
-    approximate: Optional[bool] = None
-
-
-def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, device: torch.device, prefetch: bool,
-                       autocast_dtype: Optional[torch.dtype], info: Dict[str, Any]) -> PrefixCache:
+def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, dist_info: DistInfo, prefetch: bool,
+                       autocast_dtype: Optional[torch.dtype], info: CacheInfo) -> PrefixCache:
     """--cache_prefix: the frozen prefix over a seed's training images, computed once (rebuilt on resume) and
-    added to ``info`` (the resume state's ``cache_info``).
+    added to ``info`` (the resume state's ``cache_info``). Every process builds its own cache; the RAM/disk
+    budgets of ``--cache_storage auto/host/mmap`` are divided by the processes on this node.
 
     Built inside ``fork_rng``, so the random stream of training is the one of an uncached run."""
-    preprocess = (lambda x: normalize_uint8_batch(x, DTL_MEAN, DTL_STD)) if prefetch else None
+    device = dist_info.device
+    preprocess = Uint8Normalizer(DTL_MEAN, DTL_STD, device) if prefetch else None
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         try:
@@ -235,13 +227,13 @@ def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, devi
                 storage=args.cache_storage, dir=args.cache_dir, dtype=getattr(torch, args.cache_dtype),
                 deterministic=get_benchmark(args.benchmark).train_transform_is_deterministic(),
                 allow_approximate=args.cache_prefix_approx, num_workers=args.num_workers, preprocess=preprocess,
-                autocast_dtype=autocast_dtype, log=_logger.info,
+                autocast_dtype=autocast_dtype, log=_logger.info, budget_share=dist_info.local_world_size,
             )
         except PrefixCacheError as e:
             raise UsageError(f"--cache_prefix: {e}") from None
-    info["build_s"] = float(info.get("build_s") or 0.0) + cache.build_seconds
-    info["mib"] = max(float(info.get("mib") or 0.0), cache.nbytes / 2 ** 20)
-    info.update(storage=cache.storage, approximate=cache.approximate)
+    info.build_s += cache.build_seconds
+    info.mib = max(info.mib or 0.0, cache.nbytes / 2 ** 20)
+    info.storage, info.approximate = cache.storage, cache.approximate
     _logger.info("prefix cache ready: %d images, %.1f MiB in %s, %.1fs to build (not counted in the epoch times)",
                  len(cache), cache.nbytes / 2 ** 20, cache.storage, cache.build_seconds)
     return cache
@@ -259,7 +251,8 @@ class Loaders:
     def train(self, dataset, seed: int, cache: Optional[PrefixCache] = None):
         per_proc = self.args.batch_size // self.dist.world_size
         if cache is not None:  # same sampler as below: the same images in the same batches
-            return build_cache_train_loader(cache, per_proc, self.dist, seed)
+            return build_cache_train_loader(cache, per_proc, self.dist, seed,
+                                            pin_memory=self.device.type == "cuda")
         loader = build_train_loader(dataset, per_proc, self.dist, seed, self.args.num_workers,
                                     pin_memory=self.device.type == "cuda")
         return CudaPrefetcher(loader, self.device, DTL_MEAN, DTL_STD) if self.prefetch else loader

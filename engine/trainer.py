@@ -21,13 +21,36 @@ from utils.loader import CudaPrefetcher
 from utils.metrics import TopKCounter
 from utils.optim import TrainableEMA, create_losses, create_mixup, create_optimizer, create_scheduler
 
-__all__ = ["Trainer", "NonFiniteError"]
+__all__ = ["Trainer", "NonFiniteError", "effective_precision", "resolve_precision"]
 
 _logger = logging.getLogger("train")
 
 
 class NonFiniteError(FloatingPointError):
     """NaN or inf where a number was expected (training loss, evaluation logits): no result is written."""
+
+
+def effective_precision(amp: bool, amp_dtype: str, device: torch.device) -> str:
+    """What the forward passes run in: ``fp32`` (no ``--amp``, or ``--amp`` with float16 off CUDA: fp16 autocast
+    is only used on a GPU), ``fp16`` (autocast + gradient scaler) or ``bf16`` (autocast, no scaler; also on the
+    CPU)."""
+    if not amp:
+        return "fp32"
+    if amp_dtype == "bfloat16":
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
+    """The effective precision of the run (:func:`effective_precision`). When ``--amp`` cannot be honoured
+    (float16 off CUDA) it says so once and turns ``args.amp`` off, so that config.yaml, results.json's ``args``
+    and ``last.pth`` record what was actually used."""
+    precision = effective_precision(bool(args.amp), args.amp_dtype, device)
+    if args.amp and precision == "fp32":
+        _logger.warning("--amp with float16 needs CUDA: training in float32 on %s (use --amp_dtype bfloat16 for "
+                        "CPU autocast); recorded as --no-amp", device)
+        args.amp = False
+    return precision
 
 
 class Trainer:
@@ -44,11 +67,11 @@ class Trainer:
         self.mixup = create_mixup(args, num_classes)
         self.train_loss_fn, self.eval_loss_fn = create_losses(args, self.mixup is not None)
         self.amp_dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
-        self.amp = bool(args.amp)
-        if self.amp and self.device.type != "cuda" and self.amp_dtype == torch.float16:
+        self.precision = effective_precision(bool(args.amp), args.amp_dtype, self.device)
+        self.amp = self.precision != "fp32"
+        if args.amp and not self.amp:
             _logger.warning("--amp with float16 needs CUDA: training in float32 on %s (use --amp_dtype bfloat16 "
                             "for CPU autocast)", self.device)
-            self.amp = False
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.ema = TrainableEMA(self.model, args.ema_decay) if args.ema else None
         self.ddp_model: nn.Module = self.model
@@ -187,11 +210,27 @@ class Trainer:
         load_delta_state_dict(self.model, sd["model_delta"], source=source)
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
-        self.scaler.load_state_dict(sd["scaler"])
+        self._load_scaler(sd.get("scaler") or {}, source)
         if self.ema is not None:
             if sd.get("ema") is None:
                 raise CheckpointError(f"{source}: the checkpoint has no EMA state but --ema is on")
             self.ema.load_state_dict(sd["ema"], source)
+
+    def _load_scaler(self, scaler_sd: Dict[str, Any], source: str) -> None:
+        """The fp16 gradient scaler's state. A checkpoint of a run without fp16 autocast holds none (a disabled
+        scaler saves ``{}``, which ``GradScaler.load_state_dict`` refuses): the scaler then starts fresh, with a
+        warning. (train.py refuses a precision change before this point for checkpoints that record their
+        precision; this covers older ones.)"""
+        if self.scaler.is_enabled():
+            if scaler_sd:
+                self.scaler.load_state_dict(scaler_sd)
+            else:
+                _logger.warning("%s has no fp16 gradient-scaler state (the interrupted run did not train with fp16 "
+                                "autocast): the scaler starts fresh (scale %.0f), so the resumed run differs from "
+                                "an uninterrupted one", source, self.scaler.get_scale())
+        elif scaler_sd:
+            _logger.warning("%s holds fp16 gradient-scaler state, but this run trains in %s: ignored", source,
+                            self.precision)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

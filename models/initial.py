@@ -26,6 +26,8 @@ from typing import Any, Dict, Mapping
 import torch
 import torch.nn as nn
 
+from utils.checkpoint import DELTA_FORMAT, RESUME_FORMAT, load_torch_file, non_finite_tensors, verify_checksum
+
 from .convert import convert_original_state_dict
 from .pretrained import CheckpointError
 from .trainable import is_trainable
@@ -69,8 +71,6 @@ def _tensor_dict(obj: Any) -> bool:
 
 def read_initial_checkpoint(path: str) -> InitialCheckpoint:
     """Read ``path`` and recognise its layout (cheap: no model needed); errors name the file."""
-    from utils.checkpoint import DELTA_FORMAT, RESUME_FORMAT, load_torch_file, non_finite_tensors, verify_checksum
-
     if not os.path.isfile(path):
         raise InitialCheckpointError(f"--initial_checkpoint {path}: file not found")
     try:

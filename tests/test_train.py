@@ -235,6 +235,7 @@ def test_config_yaml_gives_defaults_and_flags_win(tmp_path):
     (["--dataset", "cifar_100", "--target_dataset", "all"], "domain_generalization benchmark only"),
     (["--dataset", "cifar_100", "--mixup", "0.8", "--batch_size", "7"], "even batch"),
     (["--dataset", "not_a_task"], "unknown dataset"),
+    (["--dataset", "cifar_100", "--seed", "-1"], "--seed must lie in"),
     (["--dataset", "cifar_100", "--method", "linear", "--fusion_size", "3"], r"DTL\+ setting"),
 ])
 def test_flag_errors(argv, message):

@@ -16,7 +16,9 @@ are random too: memory does not depend on their values) and we measure one train
   the resident memory before the step (``rss_step``: activations, gradients and temporaries of one step).  ``step_s``: mean wall time of a training step
   (forward, backward, AdamW step).
 - CUDA: ``peak_alloc_mib`` / ``peak_reserved_mib`` = ``torch.cuda.max_memory_allocated/reserved`` over the timed
-  steps (reset before them); ``images_per_s`` over the timed steps.
+  steps (reset before them); ``images_per_s`` over the timed steps. ``cudnn.benchmark`` is on, as in
+  ``train.py``; with ``--in_process`` the CUDA caching allocator is emptied between methods, so that
+  ``peak_reserved_mib`` is not inherited from the previous method.
 
 Usage::
 
@@ -30,6 +32,7 @@ scaler); saved-tensor MiB then include autocast's low-precision copies of weight
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -158,6 +161,8 @@ def run_method(method: str, args: argparse.Namespace) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py
     model = build_model(method, args)
     fused = args.fused_attn == "on"
     for m in model.modules():
@@ -238,6 +243,17 @@ def run_method(method: str, args: argparse.Namespace) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
+def release_memory(device: str) -> None:
+    """Between in-process methods: collect the previous method's objects and give its cached CUDA blocks back,
+    so that the next method starts from an empty allocator (peak reserved memory is per method)."""
+    gc.collect()
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+
 def _worker_argv(method: str, argv: List[str]) -> List[str]:
     return [sys.executable, os.path.abspath(__file__), *argv, "--worker", method]
 
@@ -313,6 +329,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     for m in methods:
         print(f"[bench_memory] {m} ...", file=sys.stderr, flush=True)
         results.append(run_method(m, args) if args.in_process else run_in_subprocess(m, argv))
+        if args.in_process:
+            release_memory(args.device)
     print(format_table(results, args, methods))
     if args.json:
         atomic_write_json(args.json, [{k: r[k] for k in JSON_KEYS} for r in results], indent=1)

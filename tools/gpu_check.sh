@@ -13,8 +13,15 @@
 #      all-reduce under torchrun (train.py starts no process group for a single process);
 #   4. --cache_prefix --cache_storage device;  5. --lean;
 #   6. tools/bench_memory.py --device cuda --precision fp16 --batch_size 32 (ViT-B/16, 224 px) for DTL, DTL+,
-#      DTL lean, full fine-tuning, LoRA, AdaptFormer, beside the paper's figures;
-#   7. tools/bench_train.py --device cuda images/s for default / lean / cache (ViT-B/16, fp16, batch 32).
+#      DTL lean, full fine-tuning, LoRA, AdaptFormer, beside the paper's figures (and DTL + full once more in
+#      one process: empty_cache between methods);
+#   7. tools/bench_train.py --device cuda images/s for default / lean / cache (ViT-B/16, fp16, batch 32);
+#   8. the CUDA-only paths of issue 15 (tools/cuda_checks.py): the prefetcher's normaliser bitwise equal to
+#      ToTensor, the memory peaks per phase, the host cache unpinned with pinned batches, the fp16 scaler resumed
+#      from a scaler-less state, cuda:N + LOCAL_RANK, a --deterministic run killed and resumed = uninterrupted;
+#      a --cache_storage host launcher run; a CPU (fp32) run resumed with fp16 --amp refused; the results of the
+#      launcher runs recording their precision and training / evaluation / cache-build peaks (run_records);
+#      with two or more GPUs, the launcher with NPROC=2.
 # Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (logs of every step in OUT_DIR/logs/); exit status 1
 # when any step failed. Environment: PYTHON (default: the repository's .venv, else python3), FIXTURES (default:
 # ../shared/fixtures/reference beside the repository; skipped when absent).
@@ -172,9 +179,40 @@ dist.destroy_process_group()
 PY
 step torchrun_nccl 120 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 --standalone "$OUT/nccl_check.py"
 step cache_prefix_device 300 tiny_run cache_device --cache_prefix --cache_storage device
+step cache_prefix_host 300 tiny_run cache_host --cache_prefix --cache_storage host
 step lean 300 tiny_run lean --lean
+step cuda_checks 420 "$PYTHON" tools/cuda_checks.py --data_dir "$OUT/data" --json "$OUT/cuda_checks.json"
+# the CPU run trained in fp32 (--amp is float16, CPU: fp32); resuming it with fp16 on the GPU must be refused
+step resume_precision_refused 120 bash -c 'tiny_run refused --resume "$OUT/runs/cpu/last.pth" > "$OUT/logs/refused.out" 2>&1; rc=$?; tail -n 3 "$OUT/logs/refused.out"; [[ $rc == 2 ]] && grep -q "precision: the checkpoint trained in fp32, this run would train in fp16" "$OUT/logs/refused.out"'
+if (( $("$PYTHON" -c "import torch; print(torch.cuda.device_count())") >= 2 )); then
+  step torchrun_2gpu 300 env NPROC=2 TORCHRUN_ARGS="--standalone" bash -c 'tiny_run torchrun2'
+fi
+step run_records 60 "$PYTHON" - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+want = {"amp_fp16": "fp16", "amp_bf16": "bf16", "cache_device": "fp16", "cache_host": "fp16", "lean": "fp16",
+        "cpu": "fp32"}
+bad = []
+for name, precision in want.items():
+    r = json.load(open(os.path.join(out, "runs", name, "results.json")))
+    if r["precision"] != precision:
+        bad.append(f"{name}: precision {r['precision']} (expected {precision})")
+    if name == "cpu":
+        continue
+    train, ev, run = r["peak_memory_mib"], r["peak_memory_eval_mib"], r["peak_memory_run_mib"]
+    if None in (train, ev, run) or not (train <= run and ev <= run):
+        bad.append(f"{name}: peaks train {train} eval {ev} run {run}")
+    if r["cache_prefix"] and (r["peak_memory_cache_build_mib"] is None or r["peak_memory_cache_build_mib"] > run):
+        bad.append(f"{name}: cache build peak {r['peak_memory_cache_build_mib']}")
+    print(name, r["precision"], "train", train, "eval", ev, "cache build", r["peak_memory_cache_build_mib"],
+          "run", run, "storage", r.get("cache_storage"))
+print("\n".join(bad) or "precision and memory peaks recorded as expected")
+sys.exit(1 if bad else 0)
+PY
 step bench_memory 420 "$PYTHON" tools/bench_memory.py --device cuda --precision fp16 --batch_size 32 \
   --methods dtl,dtl+,dtl-lean,full,lora,adaptformer --json "$OUT/bench_memory.json"
+step bench_memory_in_process 300 "$PYTHON" tools/bench_memory.py --device cuda --precision fp16 --batch_size 32 \
+  --methods dtl,full --in_process --json "$OUT/bench_memory_in_process.json"
 step bench_train 420 "$PYTHON" tools/bench_train.py --device cuda --amp fp16 --batch_size 32 --make_synthetic 320 \
   --modes default,lean,cache --epochs 3 --json "$OUT/bench_train.json"
 
@@ -187,12 +225,15 @@ def load(name):
     p = os.path.join(out, name)
     return json.load(open(p)) if os.path.isfile(p) else None
 report = {"cuda": True, "total_s": total_s, "steps": steps, "fixtures_cuda": load("fixtures_cuda.json"),
-          "bench_memory": load("bench_memory.json"), "bench_train": load("bench_train.json"), "runs": {}}
-for name in ("amp_fp16", "amp_bf16", "torchrun", "cache_device", "lean"):
+          "bench_memory": load("bench_memory.json"), "bench_memory_in_process": load("bench_memory_in_process.json"),
+          "bench_train": load("bench_train.json"), "cuda_checks": load("cuda_checks.json"), "runs": {}}
+for name in ("amp_fp16", "amp_bf16", "torchrun", "torchrun2", "cache_device", "cache_host", "lean"):
     r = load(os.path.join("runs", name, "results.json"))
     if r:
-        report["runs"][name] = {k: r.get(k) for k in ("top1", "peak_memory_mib", "images_per_s", "train_time_s",
-                                                        "cache_prefix", "lean")}
+        report["runs"][name] = {k: r.get(k) for k in (
+            "top1", "precision", "peak_memory_mib", "peak_memory_eval_mib", "peak_memory_cache_build_mib",
+            "peak_memory_run_mib", "images_per_s", "train_time_s", "cache_prefix", "cache_storage", "lean",
+            "world_size")}
 # The paper's training memory, ViT-B/16, batch 32, 224 px, fp16 (GB)
 PAPER_GB = {"dtl": 1.61, "dtl+": 1.71, "full": 4.71, "lora": 3.00, "adaptformer": 2.80}
 md = [f"# gpu_check ({total_s} s)", "", "| step | exit | seconds |", "|---|---:|---:|"]
@@ -225,11 +266,29 @@ if report["bench_train"]:
         cb = r.get("cache_build_s")
         md.append(f"| {r['mode']} | {r['epoch_s']:.2f} | {ips:.0f} | {'' if sp is None else f'{sp:.2f}'} | "
                   f"{r['peak_mib']:.0f} | {'' if cb is None else f'{cb:.1f}'} |")
+if report["bench_memory_in_process"]:
+    md += ["", "## bench_memory in one process (empty_cache between methods) vs a process per method", "",
+           "| method | peak alloc MiB (one process) | peak alloc MiB (own process) | reserved (one) | reserved (own) |",
+           "|---|---:|---:|---:|---:|"]
+    own = {r["method"]: r for r in report["bench_memory"] or []}
+    for r in report["bench_memory_in_process"]:
+        o = own.get(r["method"], {})
+        md.append(f"| {r['method']} | {r.get('peak_alloc_mib')} | {o.get('peak_alloc_mib')} | "
+                  f"{r.get('peak_reserved_mib')} | {o.get('peak_reserved_mib')} |")
+if report["cuda_checks"]:
+    md += ["", "## CUDA-only paths (tools/cuda_checks.py)", "", "| check | status | details |", "|---|---|---|"]
+    for r in report["cuda_checks"]:
+        details = {k: v for k, v in r.items() if k not in ("check", "status", "ok")}
+        md.append(f"| {r['check']} | {r['status']} | {json.dumps(details, default=str)} |")
 if report["runs"]:
-    md += ["", "## Tiny launcher runs (vit_tiny, 64 px, generated data)", "", "| run | top-1 | peak MiB | img/s |",
-           "|---|---:|---:|---:|"]
+    md += ["", "## Tiny launcher runs (vit_tiny, 64 px, generated data)", "",
+           "peak MiB = torch.cuda.max_memory_allocated: training epochs / evaluation / cache build / whole run", "",
+           "| run | precision | top-1 | train MiB | eval MiB | cache build MiB | run MiB | img/s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for k, r in report["runs"].items():
-        md.append(f"| {k} | {r.get('top1')} | {r.get('peak_memory_mib')} | {r.get('images_per_s')} |")
+        md.append(f"| {k} | {r.get('precision')} | {r.get('top1')} | {r.get('peak_memory_mib')} | "
+                  f"{r.get('peak_memory_eval_mib')} | {r.get('peak_memory_cache_build_mib')} | "
+                  f"{r.get('peak_memory_run_mib')} | {r.get('images_per_s')} |")
 json.dump(report, open(os.path.join(out, "gpu_check.json"), "w"), indent=1)
 open(os.path.join(out, "gpu_check.md"), "w").write("\n".join(md) + "\n")
 print("\n".join(md))

@@ -206,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42, help="random seed (offset by the seed index and the rank)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N (under torchrun: process LOCAL_RANK uses GPU N + LOCAL_RANK)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="bitwise reproducible GPU runs: deterministic algorithms (an op without one is an error), "
+                        "cuDNN without autotuning, math attention, CUBLAS_WORKSPACE_CONFIG=:4096:8 (slower)")
     g.add_argument("--output_dir", default="",
                    help="run folder (default output/<benchmark>/<dataset>/<method>[_shot_k]/<timestamp>)")
     g.add_argument("--resume", default="", metavar="LAST_PTH", help="continue the run of this last.pth")
@@ -364,6 +368,8 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError(f"--target_dataset applies to the {', '.join(with_targets)} benchmark only")
     if args.seeds is None:
         args.seeds = list(bench.default_seeds)
+    if not (0 <= args.seed and args.seed + max(args.seeds) + world_size < 2 ** 32):  # numpy seeds (timm random_seed)
+        raise UsageError(f"--seed must lie in [0, 2^32) with the data seeds and ranks added, got {args.seed}")
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds has repeated values: {args.seeds}")
     if args.batch_size % world_size:

@@ -18,19 +18,21 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 __all__ = [
-    "DeviceError", "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "barrier",
+    "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "barrier",
     "all_reduce_sum", "broadcast_object", "all_gather_object", "ShardSampler", "resolve_device",
 ]
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands: ``rank`` of ``world_size`` processes, its ``local_rank`` and ``device``."""
+    """Where this process stands: ``rank`` of ``world_size`` processes, its ``local_rank`` of
+    ``local_world_size`` processes on this node, and ``device``."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -41,27 +43,36 @@ class DistInfo:
         return self.rank == 0
 
 
-class DeviceError(RuntimeError):
-    """``--device`` names a device this machine does not have."""
-
-
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``--device``: ``auto`` (the process's CUDA device when there is one, else the CPU), ``cpu``, ``cuda``,
-    ``cuda:N``."""
+    ``cuda:N``.
+
+    The GPU of a process is ``N + local_rank`` (``cuda`` and ``auto``: ``N = 0``): one process, or process
+    ``LOCAL_RANK`` of a ``torchrun`` node, counting from GPU ``N`` of the visible ones -- ``--device cuda:2`` with
+    ``--nproc_per_node 2`` trains on GPUs 2 and 3. A GPU past the last visible one is an error naming both
+    numbers (``CUDA_VISIBLE_DEVICES`` chooses which GPUs are visible)."""
+    from .args import UsageError  # late: utils.args imports the data package
+
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(spec)
     except RuntimeError as e:
-        raise DeviceError(f"--device {spec}: not a device name (use auto, cpu, cuda or cuda:N): {e}") from None
+        raise UsageError(f"--device {spec}: not a device ({e}); use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        index = (device.index or 0) + local_rank
+        count = torch.cuda.device_count()
+        if index >= count:
+            where = f" + LOCAL_RANK {local_rank}" if local_rank else ""
+            raise UsageError(f"--device {spec}: this process would use GPU {device.index or 0}{where} = {index}, "
+                             f"but only {count} GPU(s) are visible (GPUs 0..{count - 1}; CUDA_VISIBLE_DEVICES "
+                             f"selects them); lower N or --nproc_per_node")
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec}: only cpu and cuda devices are supported")
     return device
 
 
@@ -92,11 +103,13 @@ def init_distributed(device_spec: str = "auto", timeout_min: float = 30.0) -> Di
         exit_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1" if world_size == 1 else str(world_size)))
     device = resolve_device(device_spec, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                    local_world_size=local_world_size)
 
 
 def cleanup_distributed() -> None:

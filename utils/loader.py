@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from data.transforms import normalize_uint8_batch
+from data.transforms import Uint8Normalizer
 
 from .distributed import DistInfo, ShardSampler
 
@@ -72,11 +72,14 @@ class CacheBatchLoader:
     Batches are cut from the sampler's indices exactly as a ``DataLoader(batch_size=..., sampler=sampler,
     drop_last=True)`` over ``cache.dataset()`` cuts them, but gathered with one ``index_select`` per cached
     tensor instead of one item at a time.  ``generator`` is kept only so that :func:`set_epoch` treats this
-    like the image loader (there are no workers to seed).
+    like the image loader (there are no workers to seed).  ``pin_memory``: gather a host-stored cache's batches
+    into pinned memory (the cache itself stays in pageable memory), so that the copy to the GPU is asynchronous.
     """
 
-    def __init__(self, cache, sampler: Sampler, batch_size: int, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(self, cache, sampler: Sampler, batch_size: int, generator: Optional[torch.Generator] = None,
+                 pin_memory: bool = False) -> None:
         self.cache = cache
+        self.pin_memory = pin_memory
         self.sampler = sampler
         self.batch_size = batch_size
         self.generator = generator
@@ -87,13 +90,14 @@ class CacheBatchLoader:
 
     def __iter__(self):
         for idx in self.batch_sampler:
-            yield self.cache.gather(torch.as_tensor(idx, dtype=torch.int64))
+            yield self.cache.gather(torch.as_tensor(idx, dtype=torch.int64), pin_memory=self.pin_memory)
 
 
-def build_cache_train_loader(cache, batch_size: int, dist_info: DistInfo, seed: int) -> CacheBatchLoader:
+def build_cache_train_loader(cache, batch_size: int, dist_info: DistInfo, seed: int,
+                             pin_memory: bool = False) -> CacheBatchLoader:
     """The cache counterpart of :func:`build_train_loader` (same sampler settings, so the same batches)."""
     sampler, generator = _train_sampler(cache.dataset(), dist_info, seed)
-    return CacheBatchLoader(cache, sampler, batch_size, generator)
+    return CacheBatchLoader(cache, sampler, batch_size, generator, pin_memory=pin_memory)
 
 
 def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
@@ -121,14 +125,16 @@ def build_eval_loader(
 
 class CudaPrefetcher:
     """Iterate a loader of uint8 image batches, copying the next batch to the GPU and normalising it there
-    (``data.transforms.normalize_uint8_batch``: bit-identical to the CPU ``ToTensor + Normalize`` path) on a
-    side stream while the current batch is being used."""
+    (:class:`data.transforms.Uint8Normalizer`, its constants made on the device once: bit-identical to the CPU
+    ``ToTensor + Normalize`` path) on a side stream while the current batch is being used. The loader should pin
+    its batches (``pin_memory=True``) so that the copies are asynchronous."""
 
     def __init__(self, loader: DataLoader, device: torch.device, mean: Sequence[float], std: Sequence[float]) -> None:
         self.loader = loader
         self.device = device
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.normalize = Uint8Normalizer(self.mean, self.std, device)
         self.stream: Optional[torch.cuda.Stream] = None
 
     def __len__(self) -> int:
@@ -146,7 +152,7 @@ class CudaPrefetcher:
         x, y = batch
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        return normalize_uint8_batch(x, self.mean, self.std), y
+        return self.normalize(x), y
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self.stream is None:

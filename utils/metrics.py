@@ -1,13 +1,14 @@
-"""Accuracy counting (exact across processes), resource usage (the one peak-memory helper of the project)
-and version stamps."""
+"""Accuracy counting (exact across processes), resource usage (peak RSS; the CUDA memory peaks per phase of a
+run, :class:`PeakMemory`) and version stamps."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import subprocess
 import sys
-from typing import Dict, Optional
+from typing import Callable, Dict, Iterator, Mapping, Optional
 
 import numpy
 import timm
@@ -16,8 +17,7 @@ import torch
 from .distributed import all_reduce_sum
 
 __all__ = [
-    "TopKCounter", "peak_rss_mib", "peak_cuda_mib", "reset_peak_memory", "versions",
-    "mean_std",
+    "TopKCounter", "peak_rss_mib", "versions", "mean_std", "PeakMemory",
 ]
 
 
@@ -54,16 +54,64 @@ def peak_rss_mib() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024.0
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+class PeakMemory:
+    """Peak CUDA memory (``torch.cuda.max_memory_allocated``) per phase of a run, in bytes.
 
+    ``with peaks.phase("train"):`` resets the device's peak counter on entry and reads it on exit; a phase keeps
+    the maximum over all its blocks. ``run`` is the peak of the whole invocation: every reading, including the
+    one taken just before each reset (what ran between phases: model building, checkpoint writing) and
+    :meth:`finish`. Phases used by train.py: ``train`` (each training epoch, after the prefix cache is built and
+    before any evaluation), ``eval`` (validation and test evaluation) and ``cache_build`` (the prefix cache).
 
-def peak_cuda_mib(device: torch.device) -> Optional[float]:
-    """``torch.cuda.max_memory_allocated`` in MiB (what the paper reports), ``None`` off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / float(1 << 20)
+    Off CUDA every value is ``None``. ``read``/``reset`` replace the CUDA calls (tests); ``initial`` continues the
+    maxima of an interrupted run (``last.pth``).
+    """
+
+    PHASES = ("train", "eval", "cache_build", "run")
+
+    def __init__(self, device: torch.device, read: Optional[Callable[[], int]] = None,
+                 reset: Optional[Callable[[], None]] = None, initial: Optional[Mapping[str, Optional[int]]] = None):
+        self.enabled = device.type == "cuda" or read is not None
+        self._read = read or (lambda: torch.cuda.max_memory_allocated(device))
+        self._reset = reset or (lambda: torch.cuda.reset_peak_memory_stats(device))
+        self.bytes: Dict[str, Optional[int]] = {k: None for k in self.PHASES}
+        for k, v in (initial or {}).items():
+            if k in self.bytes and v is not None:
+                self.bytes[k] = int(v)
+        self._open: Optional[str] = None
+
+    def _note(self, phase: str, value: int) -> None:
+        for k in (phase, "run"):
+            old = self.bytes[k]
+            self.bytes[k] = value if old is None else max(old, value)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in self.PHASES or name == "run":
+            raise ValueError(f"unknown memory phase {name!r}")
+        if not self.enabled or self._open is not None:  # off CUDA, or nested: the outer phase counts it
+            yield
+            return
+        self._note("run", int(self._read()))  # what happened since the last reading
+        self._reset()
+        self._open = name
+        try:
+            yield
+        finally:
+            self._open = None
+            self._note(name, int(self._read()))
+
+    def finish(self) -> None:
+        """Read the counter once more (the end of the run) into ``run``."""
+        if self.enabled and self._open is None:
+            self._note("run", int(self._read()))
+
+    def state(self) -> Dict[str, Optional[int]]:
+        """The maxima in bytes (for ``last.pth``)."""
+        return dict(self.bytes)
+
+    def mib(self) -> Dict[str, Optional[float]]:
+        return {k: (None if v is None else v / float(1 << 20)) for k, v in self.bytes.items()}
 
 
 def mean_std(values) -> Dict[str, Optional[float]]:

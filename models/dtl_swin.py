@@ -48,6 +48,7 @@ from .head import ClassifierMixin
 from .lean import LowRankSideSum, lean_call, lean_run
 from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork, used_taps
+from .timm_api import SwinTimmMixin, build_dtl_model, dtl_default_cfgs
 from .trainable import apply_trainable_rule
 
 __all__ = [
@@ -79,7 +80,7 @@ def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     return list(range(start, total)), list(range(first_add, total))
 
 
-class DTLSwinTransformer(ClassifierMixin, nn.Module):
+class DTLSwinTransformer(SwinTimmMixin, ClassifierMixin, nn.Module):
     """A frozen timm Swin Transformer plus trainable per-stage Compact Side Networks and classifier head.
 
     Args:
@@ -133,10 +134,10 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
             )
         self.side = nn.ModuleDict(side)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
         self.reset_head()
         apply_trainable_rule(self)
         self.lean = bool(lean)
+        self._init_timm_api()  # models.timm_api: pretrained_cfg describing this wrapper, feature_info, ...
 
     def set_lean(self, lean: bool = True) -> "DTLSwinTransformer":
         """Switch lean mode (:mod:`models.lean`) on or off; returns the model."""
@@ -194,7 +195,7 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
         for i in range(start, end):
             if side is not None:
                 s = side.tap(s, i, x)
-            x = stage.blocks[i - first](x)
+            x = self.run_block(stage.blocks[i - first], x)
             if side is not None:
                 x = side.inject(x, s, i)
         return x
@@ -218,8 +219,9 @@ class DTLSwinTransformer(ClassifierMixin, nn.Module):
         return self.backbone.norm(self.forward_blocks(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Final-normed tokens ``B x h x w x C`` -> mean over tokens -> head."""
-        x = x.mean(dim=(1, 2))
+        """Final-normed tokens ``B x h x w x C`` -> mean over tokens (``global_pool='avg'``) -> head."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Union[torch.Tensor, Mapping[int, torch.Tensor]]) -> torch.Tensor:
@@ -357,28 +359,42 @@ def create_swin_backbone(
     return model
 
 
-def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    num_classes, dtl, lean = pop_model_kwargs(kwargs)
-    backbone = create_swin_backbone(arch, pretrained=pretrained, **kwargs)
-    return DTLSwinTransformer(backbone, num_classes, dtl, lean=lean)
+def _create_dtl_swin(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
+    def make(**kw: Any) -> DTLSwinTransformer:
+        num_classes, dtl, lean = pop_model_kwargs(kw)
+        global_pool = kw.pop("global_pool", "avg")
+        model = DTLSwinTransformer(create_swin_backbone(arch, **kw), num_classes, dtl, lean=lean)
+        model.set_global_pool(global_pool)
+        return model
+
+    return build_dtl_model(variant, make, pretrained, default_out_indices=SwinTimmMixin.default_out_indices, **kwargs)
+
+
+# timm pretrained cfgs: the tag names the *backbone* weights (the side network and the head start fresh)
+default_cfgs = dtl_default_cfgs({
+    "dtl_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.ms_in1k",
+    "dtl_swin_small_patch4_window7_224": "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+    "dtl_swin_base_patch4_window7_224": "swin_base_patch4_window7_224.ms_in22k",  # the paper's
+})
 
 
 @register_model
 def dtl_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    """DTL on Swin-T (window 7, 224), ImageNet-1k weights with ``pretrained=True``."""
-    return _create_dtl_swin("swin_tiny_patch4_window7_224", pretrained, **kwargs)
+    """DTL on Swin-T (window 7, 224); ``pretrained=True``: timm's ``swin_tiny_patch4_window7_224.ms_in1k``."""
+    return _create_dtl_swin("dtl_swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    """DTL on Swin-S (window 7, 224), ImageNet-1k weights with ``pretrained=True``."""
-    return _create_dtl_swin("swin_small_patch4_window7_224", pretrained, **kwargs)
+    """DTL on Swin-S (window 7, 224); ``pretrained=True``: ``swin_small_patch4_window7_224.ms_in22k_ft_in1k``."""
+    return _create_dtl_swin("dtl_swin_small_patch4_window7_224", "swin_small_patch4_window7_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    """DTL on Swin-B (window 7, 224), ImageNet-22k weights (the paper's backbone) with ``pretrained=True``."""
-    return _create_dtl_swin("swin_base_patch4_window7_224_in22k", pretrained, **kwargs)
+    """DTL on Swin-B (window 7, 224); ``pretrained=True``: ImageNet-22k ``swin_base_patch4_window7_224.ms_in22k``
+    (the paper's)."""
+    return _create_dtl_swin("dtl_swin_base_patch4_window7_224", "swin_base_patch4_window7_224", pretrained, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

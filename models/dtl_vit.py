@@ -25,6 +25,7 @@ from .head import ClassifierMixin
 from .lean import LowRankSideSum, lean_run
 from .prefix_cache import find_random_ops
 from .side_network import CompactSideNetwork
+from .timm_api import ViTTimmMixin, build_dtl_model, dtl_default_cfgs
 from .trainable import apply_trainable_rule
 
 __all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES", "VIT_DEFAULT_RANK"]
@@ -40,7 +41,7 @@ ORIGINAL_VIT_NAMES: Dict[str, str] = {
 }
 
 
-class DTLVisionTransformer(ClassifierMixin, nn.Module):
+class DTLVisionTransformer(ViTTimmMixin, ClassifierMixin, nn.Module):
     """A frozen timm ViT plus a trainable Compact Side Network and classifier head.
 
     Args:
@@ -78,10 +79,10 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
             fusion_size=self.dtl_cfg.fusion_size,
         )
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
         self.reset_head()
         apply_trainable_rule(self)
         self.lean = bool(lean)
+        self._init_timm_api()  # models.timm_api: pretrained_cfg describing this wrapper, feature_info, ...
 
     def set_lean(self, lean: bool = True) -> "DTLVisionTransformer":
         """Switch lean mode (:mod:`models.lean`) on or off; returns the model."""
@@ -128,7 +129,7 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
             s = s.dense()
         for i in range(start, len(self.backbone.blocks)):
             s = side.tap(s, i, x)
-            x = self.backbone.blocks[i](x)
+            x = self.run_block(self.backbone.blocks[i], x)
             x = side.inject(x, s, i, grid=grid, prefix=prefix)
         return x
 
@@ -137,7 +138,8 @@ class DTLVisionTransformer(ClassifierMixin, nn.Module):
         return self.forward_blocks(self.embed(x), grid)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.backbone.norm(x)
         return x if pre_logits else self.head(x)
 
@@ -247,31 +249,45 @@ def create_vit_backbone(
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    num_classes, dtl, lean = pop_model_kwargs(kwargs)
-    backbone = create_vit_backbone(arch, pretrained=pretrained, **kwargs)
-    return DTLVisionTransformer(backbone, num_classes, dtl, lean=lean)
+def _create_dtl_vit(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    def make(**kw: Any) -> DTLVisionTransformer:
+        num_classes, dtl, lean = pop_model_kwargs(kw)
+        global_pool = kw.pop("global_pool", "avg")
+        model = DTLVisionTransformer(create_vit_backbone(arch, **kw), num_classes, dtl, lean=lean)
+        model.set_global_pool(global_pool)
+        return model
+
+    return build_dtl_model(variant, make, pretrained, default_out_indices=ViTTimmMixin.default_out_indices, **kwargs)
+
+
+# timm pretrained cfgs: the tag names the *backbone* weights (the side network and the head start fresh)
+default_cfgs = dtl_default_cfgs({
+    "dtl_vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "dtl_vit_small_patch16_224": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "dtl_vit_base_patch16_224": "vit_base_patch16_224.orig_in21k",  # Google's ViT-B_16.npz (the paper's)
+    "dtl_vit_large_patch16_224": "vit_large_patch16_224.orig_in21k",
+})
 
 
 @register_model
 def dtl_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-Ti/16 (224)."""
-    return _create_dtl_vit("vit_tiny_patch16_224", pretrained, **kwargs)
+    """DTL on ViT-Ti/16 (224); ``pretrained=True``: timm's ``vit_tiny_patch16_224.augreg_in21k_ft_in1k``."""
+    return _create_dtl_vit("dtl_vit_tiny_patch16_224", "vit_tiny_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-S/16 (224)."""
-    return _create_dtl_vit("vit_small_patch16_224", pretrained, **kwargs)
+    """DTL on ViT-S/16 (224); ``pretrained=True``: timm's ``vit_small_patch16_224.augreg_in21k_ft_in1k``."""
+    return _create_dtl_vit("dtl_vit_small_patch16_224", "vit_small_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-B/16 (224), ImageNet-21k weights (the paper's backbone) with ``pretrained=True``."""
-    return _create_dtl_vit("vit_base_patch16_224_in21k", pretrained, **kwargs)
+    """DTL on ViT-B/16 (224); ``pretrained=True``: ImageNet-21k ``vit_base_patch16_224.orig_in21k`` (the paper's)."""
+    return _create_dtl_vit("dtl_vit_base_patch16_224", "vit_base_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-L/16 (224), ImageNet-21k weights with ``pretrained=True``."""
-    return _create_dtl_vit("vit_large_patch16_224_in21k", pretrained, **kwargs)
+    """DTL on ViT-L/16 (224); ``pretrained=True``: ImageNet-21k ``vit_large_patch16_224.orig_in21k``."""
+    return _create_dtl_vit("dtl_vit_large_patch16_224", "vit_large_patch16_224", pretrained, **kwargs)

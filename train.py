@@ -43,6 +43,7 @@ from data.transforms import DTL_MEAN, DTL_STD
 from models import DTLConfig, count_parameters, create_tuned_model, delta_state_dict, load_delta_state_dict
 from models import trainable_report
 from models.factory import backbone_arch
+from models.hub import delta_folder_next_to
 from utils.args import UsageError, parse_args, resolved_method
 from utils.checkpoint import (
     RESUME_FORMAT, CheckpointError, atomic_torch_save, atomic_write_json, atomic_write_text, capture_rng_state,
@@ -810,6 +811,8 @@ class Run:
                 os.replace(staged, final)
             elif not os.path.exists(final):
                 raise CheckpointError(f"{staged}: the delta of seed {plan.data_seed} is missing from the run folder")
+            if self.args.delta_folder:  # run/delta/ (config.json + delta.safetensors), models.hub
+                delta_folder_next_to(final)
         shutil.rmtree(self.path("partial"), ignore_errors=True)
         results.update(versions=versions(), args={k: _norm(v) for k, v in vars(self.args).items()},
                        output_dir=self.out_dir, world_size=self.dist.world_size,

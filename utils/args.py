@@ -212,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (default output/<benchmark>/<dataset>/<method>[_shot_k]/<timestamp>)")
     g.add_argument("--resume", default="", metavar="LAST_PTH", help="continue the run of this last.pth")
     g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint on the test split, no training")
-    g.add_argument("--checkpoint", default="", metavar="DELTA", help="delta checkpoint for --eval_only")
+    g.add_argument("--checkpoint", default="", metavar="DELTA",
+                   help="delta checkpoint (delta.pth) or delta folder (config.json + delta.safetensors) for --eval_only")
+    g.add_argument("--delta_folder", action="store_true",
+                   help="DTL: also write each delta as a folder next to it (delta/: config.json + delta.safetensors, "
+                        "loadable with models.load_delta or timm.create_model('local-dir:...'))")
     g.add_argument("--eval_interval", type=_positive_int, default=None,
                    help="few-shot: validate every N epochs (default 10) and keep the best weights")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
@@ -347,6 +351,8 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if args.drop_path < 0 or args.drop_path >= 1:
         raise UsageError(f"--drop_path must lie in [0, 1), got {args.drop_path}")
+    if args.method != "dtl" and args.delta_folder:
+        raise UsageError(f"--delta_folder writes DTL/DTL+ deltas (a dtl_* timm model); not --method {args.method}")
     if args.method != "dtl" and args.fusion_size:
         raise UsageError(f"--fusion_size is a DTL+ setting; it does not apply to --method {args.method}")
     validate_memory_flags(args)

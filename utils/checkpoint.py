@@ -136,7 +136,12 @@ def _load(path: str, what: str) -> Any:
 
 
 def read_delta_checkpoint(path: str) -> Dict[str, Any]:
-    """Read and validate a delta checkpoint; :class:`CheckpointError` naming ``path`` otherwise."""
+    """Read and validate a delta checkpoint (or a delta folder, :mod:`models.hub`); :class:`CheckpointError`
+    naming ``path`` otherwise."""
+    if os.path.isdir(path):
+        from models.hub import read_delta_folder
+
+        return read_delta_folder(path)
     ckpt = _load(path, "delta checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != DELTA_FORMAT:
         hint = " (this is a resume checkpoint; pass it to --resume)" if isinstance(ckpt, dict) and ckpt.get(

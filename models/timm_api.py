@@ -292,7 +292,7 @@ class ViTTimmMixin(DTLTimmMixin):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups (layer-wise decay): the tap of block ``i`` goes with block ``i``."""
         return dict(
-            stem=r"^backbone\.(cls_token|reg_token|pos_embed|patch_embed)",
+            stem=r"^backbone\.(?:cls_token|reg_token|pos_embed|patch_embed)",
             blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^side\.taps\.(\d+)\.", None),
                     (r"^side\.", (99998,)), (r"^backbone\.norm", (99999,))],
         )
@@ -340,7 +340,7 @@ class SwinTimmMixin(DTLTimmMixin):
         else:
             blocks = [(r"^backbone\.layers\.(\d+)\.downsample", (0,)), (r"^backbone\.layers\.(\d+)\.\w+\.(\d+)", None),
                       (r"^side\.(\d+)\.", None), (r"^backbone\.norm", (99999,))]
-        return dict(stem=r"^backbone\.(patch_embed|absolute_pos_embed)", blocks=blocks)
+        return dict(stem=r"^backbone\.(?:patch_embed|absolute_pos_embed)", blocks=blocks)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -79,7 +79,7 @@ def _timm_config(model: nn.Module) -> Dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, CONFIG_FILE)
-        save_config_for_hf(model, path)
+        save_config_for_hf(model, path, model_args=dict(model._model_args))  # explicit: not every timm records them
         with open(path) as f:
             return json.load(f)
 

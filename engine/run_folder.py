@@ -2,8 +2,8 @@
 
 Folder: ``log.txt`` (appended), ``config.yaml`` (the resolved flags), ``summary.csv`` (one row per epoch),
 TensorBoard events, ``last.pth`` (:class:`ResumeState`, rewritten after every epoch), ``partial/`` (the deltas
-of finished seeds) and -- only when the whole run succeeds -- ``delta.pth`` / ``delta_seed<k>.pth`` and
-``results.json``. Only rank 0 writes; every file is written atomically.
+of finished seeds) and -- only when the whole run succeeds -- ``delta.pth`` / ``delta_seed<k>.pth`` (with ``--delta_folder`` also ``delta/`` /
+``delta_seed<k>/``, delta-only folders of :mod:`models.hub`) and ``results.json``. Only rank 0 writes; every file is written atomically.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from data.benchmarks import get_benchmark
+from models.hub import delta_folder_next_to
 from utils.args import UsageError
 from utils.checkpoint import (
     RESUME_FORMAT, CheckpointError, atomic_torch_save, atomic_write_json, atomic_write_text, capture_rng_state,
@@ -210,7 +211,8 @@ class RunFolder:
             atomic_torch_save(checkpoint, self._staged(data_seed))
 
     def publish_deltas(self, data_seeds: Sequence[int]) -> None:
-        """Move the staged deltas into place: ``delta.pth`` for one seed, ``delta_seed<k>.pth`` for several."""
+        """Move the staged deltas into place: ``delta.pth`` for one seed, ``delta_seed<k>.pth`` for several;
+        with ``--delta_folder`` also each as a delta folder next to it (``delta/``, :mod:`models.hub`)."""
         barrier()
         if not self.dist.is_main:
             return
@@ -220,6 +222,8 @@ class RunFolder:
                 os.replace(self._staged(s), final)
             elif not os.path.exists(final):
                 raise CheckpointError(f"{self._staged(s)}: the delta of seed {s} is missing from the run folder")
+            if self.args.delta_folder:  # run/delta/: config.json + delta.safetensors
+                delta_folder_next_to(final)
         shutil.rmtree(self.path("partial"), ignore_errors=True)
 
     def write_results(self, results: Dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import timm
@@ -66,7 +67,7 @@ def _timm_config(model: nn.Module) -> Dict[str, Any]:
     """timm's config.json of ``model`` (``save_for_hf``'s own writer), as a dict."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, CONFIG_FILE)
-        save_config_for_hf(model, path, model_args=dict(model._model_args))  # explicit: not every timm records them
+        save_config_for_hf(model, Path(path), model_args=dict(model._model_args))  # explicit: not every timm records them
         with open(path) as f:
             return json.load(f)
 

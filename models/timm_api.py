@@ -40,7 +40,7 @@ from timm.models._pretrained import PretrainedCfg
 
 from .config import DTL_KEYS
 from .delta_folder import DELTA_FILE, load_delta_tensors
-from .pretrained import CheckpointError, _head_key, load_backbone_weights
+from .pretrained import CheckpointError, _head_key, in_model_layout, load_backbone_weights
 
 __all__ = [
     "DTLTimmMixin", "ViTTimmMixin", "SwinTimmMixin", "dtl_default_cfgs", "build_dtl_model", "backbone_tag_of",
@@ -368,7 +368,7 @@ def _backbone_filter(backbone: nn.Module, source: str) -> Callable:
         if any(k.startswith(("side.", "backbone.")) for k in state_dict):
             raise CheckpointError(f"{source} holds a whole DTL model (backbone.*/side.* keys), not backbone weights: "
                                   "load its folder with timm.create_model('local-dir:<folder>', pretrained=True)")
-        if family_filter is not None:
+        if family_filter is not None and not in_model_layout(state_dict, model):
             state_dict = family_filter(state_dict, model)
         return {k: v for k, v in state_dict.items() if not _head_key(k)}
 
@@ -457,8 +457,11 @@ def build_dtl_model(
         cfg_arg = cfg_arg.get("tag") or None
     cfg_arg = _split_cfg_dict(cfg_arg)
     file = overlay.get("file")
-    if file and str(file).endswith(".npz") and "custom_load" not in overlay:
-        overlay["custom_load"] = True  # Google's npz layout goes through the ViT's own loader
+    if file and "custom_load" not in overlay:
+        # the file's own format decides, not the registered source's: Google's npz layout goes through the ViT's
+        # own loader, a .pth / .safetensors through the state-dict path (some timm versions register the tiny and
+        # small ViTs with custom_load=True for their hub npz, which would send a local .pth to the npz reader)
+        overlay["custom_load"] = str(file).endswith(".npz")
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=cfg_arg, pretrained_cfg_overlay=overlay).to_dict()
     backbone_tag = backbone_tag_of(variant, cfg.get("tag"))

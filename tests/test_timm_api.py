@@ -368,3 +368,16 @@ def test_delta_folder_backbone_from_its_tag_and_errors(tmp_path):
     (tmp_path / "d" / "delta.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="delta.safetensors"):
         models.read_delta_folder(folder)
+
+
+def test_a_checkpoint_in_the_model_layout_skips_timms_converter():
+    """A headless Swin state dict in timm's current layout loads as it is (timm's Swin filter before 1.0.31
+    mistook it for the original layout and moved its patch merging); the original layout still converts."""
+    from models.pretrained import in_model_layout
+
+    bb = _make(SWIN).backbone
+    sd = {k: v for k, v in bb.state_dict().items() if "relative_position_index" not in k and "attn_mask" not in k}
+    assert in_model_layout(sd, bb)
+    old = {k.replace("layers.1.downsample", "layers.0.downsample"): v for k, v in sd.items()}
+    assert not in_model_layout(old, bb)
+    assert not in_model_layout({}, bb)

@@ -54,6 +54,7 @@ DTL_STD = (0.5, 0.5, 0.5)
 _POOLS = ("avg", "")
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "custom_load")
 _CFG_FIELDS = set(PretrainedCfg.__dataclass_fields__)
+_RUNTIME_KWARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "output_fmt", "device", "dtype")
 
 # "dtl_<arch>.<tag>" -> the timm backbone "<arch>.<tag>" whose weights the DTL cfg loads
 _BACKBONE_TAGS: Dict[str, str] = {}
@@ -486,4 +487,7 @@ def build_dtl_model(
                                  pretrained_model_args=pretrained_model_args, **kwargs)
     if isinstance(model, DTLTimmMixin):
         model._describe_self()
+        # the construction arguments, for save_for_hf / delta folders (timm >= 1.0.31 records them too, after this)
+        model._model_args = {**model.__dict__.get("_raw_model_args", {}),
+                             **{k: v for k, v in kwargs.items() if k not in _RUNTIME_KWARGS}}
     return model

@@ -2,7 +2,8 @@
 
 Folder: ``log.txt`` (appended), ``config.yaml`` (the resolved flags), ``summary.csv`` (one row per epoch),
 TensorBoard events, ``last.pth`` (:class:`ResumeState`, rewritten after every epoch), ``partial/`` (the deltas
-of finished seeds) and -- only when the whole run succeeds -- ``delta.pth`` / ``delta_seed<k>.pth`` and
+of finished seeds) and -- only when the whole run succeeds -- ``delta.pth`` / ``delta_seed<k>.pth`` (with
+``--delta_folder`` also ``delta/`` / ``delta_seed<k>/``, delta-only folders of :mod:`models.hub`) and
 ``results.json``. Only rank 0 writes; every file is written atomically (a failed write: ``could not write
 <file>: <reason>``). While a run uses the folder it holds its lock (``.lock``, :mod:`utils.runlock`): a second
 run or resume in the same folder is refused, naming the holder.
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from data.benchmarks import get_benchmark
+from models.hub import delta_folder_next_to
 from utils.args import UsageError
 from utils.atomic import write_error
 from utils.checkpoint import (
@@ -356,7 +358,8 @@ class RunFolder:
             save_checkpoint(checkpoint, self._staged(data_seed))
 
     def publish_deltas(self, data_seeds: Sequence[int]) -> None:
-        """Move the staged deltas into place: ``delta.pth`` for one seed, ``delta_seed<k>.pth`` for several."""
+        """Move the staged deltas into place: ``delta.pth`` for one seed, ``delta_seed<k>.pth`` for several;
+        with ``--delta_folder`` also each as a delta folder next to it (``delta/``, :mod:`models.hub`)."""
         barrier()
         if not self.dist.is_main:
             return
@@ -369,6 +372,8 @@ class RunFolder:
                     raise write_error(final, e) from e
             elif not os.path.exists(final):
                 raise CheckpointError(f"{self._staged(s)}: the delta of seed {s} is missing from the run folder")
+            if self.args.delta_folder:  # run/delta/: config.json + delta.safetensors
+                delta_folder_next_to(final)
         shutil.rmtree(self.path("partial"), ignore_errors=True)
 
     def write_results(self, results: Dict[str, Any]) -> None:

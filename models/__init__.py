@@ -5,6 +5,7 @@ from .convert import convert_original_state_dict
 from .dtl_vit import DTLVisionTransformer
 from .dtl_swin import DTLSwinTransformer
 from .factory import METHODS, create_dtl_model, create_tuned_model
+from .hub import load_delta, read_delta_folder, save_delta
 from .pretrained import CheckpointError, load_backbone_weights, read_state_dict
 from .side_network import CompactSideNetwork, DepthwiseFusion, LowRankTap
 from .trainable import (
@@ -21,4 +22,5 @@ __all__ = [
     "create_dtl_model", "create_tuned_model", "METHODS", "backbone_arch", "CheckpointError", "load_backbone_weights", "read_state_dict",
     "CompactSideNetwork", "DepthwiseFusion", "LowRankTap", "apply_trainable_rule", "count_parameters",
     "delta_state_dict", "is_trainable", "load_delta_state_dict", "trainable_report",
+    "save_delta", "load_delta", "read_delta_folder",
 ]

@@ -9,6 +9,11 @@ DTLSwinTransformer`) share: the same methods with the same signatures and meanin
 * ``forward_head(tokens)``: final norm, pooling and the classifier, in the original's order (ViT: mean of the
   patch tokens, then the norm; Swin: the norm, then the mean).
 * ``forward(images or {block: inputs})``; ``model_config()``; ``set_lean()``.
+* timm's model interface (:class:`~models.timm_api.DTLTimmMixin`, a base of this class): ``pretrained_cfg`` /
+  ``default_cfg`` describing the wrapper, ``reset_classifier(n, global_pool)``, ``set_grad_checkpointing``
+  (every block through ``run_block``), ``feature_info``, ``no_weight_decay``...; the wrappers add
+  ``forward_intermediates`` and ``group_matcher`` (:class:`~models.timm_api.ViTTimmMixin`,
+  :class:`~models.timm_api.SwinTimmMixin`).
 * The frozen prefix (the blocks before the first add-back block, whose inputs no trainable tensor influences):
   ``prefix_plan()``, ``prefix_side(resume)``, ``prefix_random_ops()``, ``record_block_inputs()`` and
   ``forward_from_prefix(cached, grid=None)``, used by the prefix cache and by ``tools/predict.py``.
@@ -28,6 +33,7 @@ from timm.layers import trunc_normal_
 from .head import ClassifierMixin
 from .lean import LowRankSideSum
 from .side_network import CompactSideNetwork
+from .timm_api import DTLTimmMixin
 from .trainable import apply_trainable_rule
 
 __all__ = ["DTLBase", "find_random_ops"]
@@ -51,21 +57,24 @@ def find_random_ops(modules: "Iterable[Tuple[str, nn.Module]]") -> List[str]:
     return found
 
 
-class DTLBase(ClassifierMixin, nn.Module):
-    """A frozen timm backbone (``self.backbone``), a trainable side network (``self.side``) and head."""
+class DTLBase(DTLTimmMixin, ClassifierMixin, nn.Module):
+    """A frozen timm backbone (``self.backbone``), a trainable side network (``self.side``) and head.
+
+    ``lean`` is a property of :class:`~models.timm_api.DTLTimmMixin` (refused together with gradient
+    checkpointing)."""
 
     arch: str = ""
     trainable_prefixes = ("side.", "head.")
     backbone: nn.Module
-    lean: bool
 
     def _finish_init(self, num_classes: int, lean: bool) -> None:
-        """Subclasses call this last: a fresh head, the trainable rule, lean mode."""
+        """Subclasses call this last: a fresh head, the trainable rule, lean mode, the timm interface
+        (``pretrained_cfg`` describing this wrapper, ``feature_info``, ...)."""
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
         self.reset_head()
         apply_trainable_rule(self)
         self.lean = bool(lean)
+        self._init_timm_api()
 
     def reset_head(self) -> None:
         """Initialise a fresh head as the original did, for ViT and Swin alike: trunc-normal std .02, bias 0.

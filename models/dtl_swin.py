@@ -44,6 +44,7 @@ from .config import DTLConfig, pop_model_kwargs
 from .dtl_base import DTLBase, SideSum, find_random_ops
 from .lean import LowRankSideSum, lean_call, lean_run
 from .side_network import CompactSideNetwork, used_taps
+from .timm_api import SwinTimmMixin, build_dtl_model, dtl_default_cfgs
 
 __all__ = ["DTLSwinTransformer", "create_swin_backbone", "swin_default_blocks", "ORIGINAL_SWIN_NAMES",
            "SWIN_DEFAULT_RANK"]
@@ -61,7 +62,7 @@ def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     return list(range(start, total)), list(range(first_add, total))
 
 
-class DTLSwinTransformer(DTLBase):
+class DTLSwinTransformer(SwinTimmMixin, DTLBase):
     """A frozen timm Swin Transformer plus trainable per-stage Compact Side Networks and classifier head.
 
     Args:
@@ -161,7 +162,7 @@ class DTLSwinTransformer(DTLBase):
         for i in range(start, end):
             if side is not None:
                 s = side.tap(s, i, x)
-            x = stage.blocks[i - first](x)
+            x = self.run_block(stage.blocks[i - first], x)
             if side is not None:
                 x = side.inject(x, s, i)
         return x
@@ -181,8 +182,11 @@ class DTLSwinTransformer(DTLBase):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens ``B x h x w x C`` -> the final norm -> mean over tokens -> head (the original's order)."""
-        x = self.backbone.norm(x).mean(dim=(1, 2))
+        """Tokens ``B x h x w x C`` -> the final norm -> mean over tokens (``global_pool='avg'``, timm's ``''``:
+        none) -> head (the original's order)."""
+        x = self.backbone.norm(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     # --- frozen prefix (engine.prefix_cache, tools/predict.py) -------------------------------------------
@@ -245,25 +249,39 @@ class DTLSwinTransformer(DTLBase):
         return out
 
 
-def _create_dtl_swin(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    num_classes, dtl, lean = pop_model_kwargs(kwargs)
-    backbone = create_swin_backbone(arch, pretrained=pretrained, **kwargs)
-    return DTLSwinTransformer(backbone, num_classes, dtl, lean=lean)
+def _create_dtl_swin(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
+    def make(**kw: Any) -> DTLSwinTransformer:
+        num_classes, dtl, lean = pop_model_kwargs(kw)
+        global_pool = kw.pop("global_pool", "avg")
+        model = DTLSwinTransformer(create_swin_backbone(arch, **kw), num_classes, dtl, lean=lean)
+        model.set_global_pool(global_pool)
+        return model
+
+    return build_dtl_model(variant, make, pretrained, default_out_indices=SwinTimmMixin.default_out_indices, **kwargs)
+
+
+# timm pretrained cfgs: the tag names the *backbone* weights (the side network and the head start fresh)
+default_cfgs = dtl_default_cfgs({
+    "dtl_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.ms_in1k",
+    "dtl_swin_small_patch4_window7_224": "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+    "dtl_swin_base_patch4_window7_224": "swin_base_patch4_window7_224.ms_in22k",  # the paper's
+})
 
 
 @register_model
 def dtl_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    """DTL on Swin-T (window 7, 224), ImageNet-1k weights with ``pretrained=True``."""
-    return _create_dtl_swin("swin_tiny_patch4_window7_224", pretrained, **kwargs)
+    """DTL on Swin-T (window 7, 224); ``pretrained=True``: timm's ``swin_tiny_patch4_window7_224.ms_in1k``."""
+    return _create_dtl_swin("dtl_swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    """DTL on Swin-S (window 7, 224), ImageNet-1k weights with ``pretrained=True``."""
-    return _create_dtl_swin("swin_small_patch4_window7_224", pretrained, **kwargs)
+    """DTL on Swin-S (window 7, 224); ``pretrained=True``: ``swin_small_patch4_window7_224.ms_in22k_ft_in1k``."""
+    return _create_dtl_swin("dtl_swin_small_patch4_window7_224", "swin_small_patch4_window7_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    """DTL on Swin-B (window 7, 224), ImageNet-22k weights (the paper's backbone) with ``pretrained=True``."""
-    return _create_dtl_swin("swin_base_patch4_window7_224_in22k", pretrained, **kwargs)
+    """DTL on Swin-B (window 7, 224); ``pretrained=True``: ImageNet-22k ``swin_base_patch4_window7_224.ms_in22k``
+    (the paper's)."""
+    return _create_dtl_swin("dtl_swin_base_patch4_window7_224", "swin_base_patch4_window7_224", pretrained, **kwargs)

@@ -23,11 +23,12 @@ from .config import DTLConfig, pop_model_kwargs
 from .dtl_base import DTLBase, SideSum, find_random_ops
 from .lean import LowRankSideSum, lean_run
 from .side_network import CompactSideNetwork
+from .timm_api import ViTTimmMixin, build_dtl_model, dtl_default_cfgs
 
 __all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES", "VIT_DEFAULT_RANK"]
 
 
-class DTLVisionTransformer(DTLBase):
+class DTLVisionTransformer(ViTTimmMixin, DTLBase):
     """A frozen timm ViT plus a trainable Compact Side Network and classifier head.
 
     Args:
@@ -92,17 +93,27 @@ class DTLVisionTransformer(DTLBase):
         if self.lean:
             depth = len(self.backbone.blocks)
             return lean_run(self.backbone.blocks[start:], range(start, depth), x, side, s, grid=grid, prefix=prefix)
+        return self.run_blocks(x, start, len(self.backbone.blocks), s, grid)[0]
+
+    def run_blocks(self, x: torch.Tensor, start: int, end: int, s: SideSum,
+                   grid: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The default (not lean) block loop: blocks ``start..end-1`` with the side network's taps and
+        additions, each block through :meth:`run_block` (gradient checkpointing); returns ``(x, side sum)``
+        so that a caller (``forward_intermediates``) can continue from ``end``."""
+        side, prefix = self.side, self.num_prefix_tokens
         if isinstance(s, LowRankSideSum):
             s = s.dense()
-        for i in range(start, len(self.backbone.blocks)):
+        for i in range(start, end):
             s = side.tap(s, i, x)
-            x = self.backbone.blocks[i](x)
+            x = self.run_block(self.backbone.blocks[i], x)
             x = side.inject(x, s, i, grid=grid, prefix=prefix)
-        return x
+        return x, s
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> mean over the patch tokens -> the final norm -> head (the original's order)."""
-        x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        """Tokens -> mean over the patch tokens (``global_pool='avg'``, timm's ``''``: none) -> the final norm ->
+        head (the original's order)."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.backbone.norm(x)
         return x if pre_logits else self.head(x)
 
@@ -144,31 +155,45 @@ class DTLVisionTransformer(DTLBase):
         return out
 
 
-def _create_dtl_vit(arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    num_classes, dtl, lean = pop_model_kwargs(kwargs)
-    backbone = create_vit_backbone(arch, pretrained=pretrained, **kwargs)
-    return DTLVisionTransformer(backbone, num_classes, dtl, lean=lean)
+def _create_dtl_vit(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    def make(**kw: Any) -> DTLVisionTransformer:
+        num_classes, dtl, lean = pop_model_kwargs(kw)
+        global_pool = kw.pop("global_pool", "avg")
+        model = DTLVisionTransformer(create_vit_backbone(arch, **kw), num_classes, dtl, lean=lean)
+        model.set_global_pool(global_pool)
+        return model
+
+    return build_dtl_model(variant, make, pretrained, default_out_indices=ViTTimmMixin.default_out_indices, **kwargs)
+
+
+# timm pretrained cfgs: the tag names the *backbone* weights (the side network and the head start fresh)
+default_cfgs = dtl_default_cfgs({
+    "dtl_vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "dtl_vit_small_patch16_224": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "dtl_vit_base_patch16_224": "vit_base_patch16_224.orig_in21k",  # Google's ViT-B_16.npz (the paper's)
+    "dtl_vit_large_patch16_224": "vit_large_patch16_224.orig_in21k",
+})
 
 
 @register_model
 def dtl_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-Ti/16 (224)."""
-    return _create_dtl_vit("vit_tiny_patch16_224", pretrained, **kwargs)
+    """DTL on ViT-Ti/16 (224); ``pretrained=True``: timm's ``vit_tiny_patch16_224.augreg_in21k_ft_in1k``."""
+    return _create_dtl_vit("dtl_vit_tiny_patch16_224", "vit_tiny_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-S/16 (224)."""
-    return _create_dtl_vit("vit_small_patch16_224", pretrained, **kwargs)
+    """DTL on ViT-S/16 (224); ``pretrained=True``: timm's ``vit_small_patch16_224.augreg_in21k_ft_in1k``."""
+    return _create_dtl_vit("dtl_vit_small_patch16_224", "vit_small_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-B/16 (224), ImageNet-21k weights (the paper's backbone) with ``pretrained=True``."""
-    return _create_dtl_vit("vit_base_patch16_224_in21k", pretrained, **kwargs)
+    """DTL on ViT-B/16 (224); ``pretrained=True``: ImageNet-21k ``vit_base_patch16_224.orig_in21k`` (the paper's)."""
+    return _create_dtl_vit("dtl_vit_base_patch16_224", "vit_base_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def dtl_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    """DTL on ViT-L/16 (224), ImageNet-21k weights with ``pretrained=True``."""
-    return _create_dtl_vit("vit_large_patch16_224_in21k", pretrained, **kwargs)
+    """DTL on ViT-L/16 (224); ``pretrained=True``: ImageNet-21k ``vit_large_patch16_224.orig_in21k``."""
+    return _create_dtl_vit("dtl_vit_large_patch16_224", "vit_large_patch16_224", pretrained, **kwargs)

@@ -41,6 +41,7 @@ def create_dtl_model(
     """
     backbone = create_backbone(model_name, pretrained=pretrained, **backbone_kwargs)
     model = DTL_WRAPPERS[backbone_arch(model_name)](backbone, num_classes, dtl, lean=lean)
+    model._model_args = dict(backbone_kwargs)  # timm's reconstruction arguments (config.json, delta folders)
     if load_path:
         n = load_backbone_weights(model, load_path)
         _logger.info("backbone: %d tensors loaded from %s", n, load_path)

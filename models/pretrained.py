@@ -153,6 +153,15 @@ def _filter_fn(backbone: nn.Module):
     return getattr(module, "checkpoint_filter_fn", None)
 
 
+def in_model_layout(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> bool:
+    """Whether every backbone tensor of ``state_dict`` already has a key and shape of ``model`` (a timm
+    checkpoint of this architecture): such a dict needs no ``checkpoint_filter_fn``. (timm's Swin filter before
+    1.0.31 takes a headless current-layout dict for the original layout and moves its patch merging.)"""
+    own = model.state_dict()
+    keys = [k for k in state_dict if not _head_key(k)]
+    return bool(keys) and all(k in own and tuple(state_dict[k].shape) == tuple(own[k].shape) for k in keys)
+
+
 def _head_key(k: str) -> bool:
     return k.startswith(("head.", "fc.", "classifier.", "pre_logits.")) or k in ("head", "fc_norm.weight", "fc_norm.bias")
 
@@ -185,7 +194,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> int:
         else:
             sd = read_state_dict(path)
             filt = _filter_fn(backbone)
-            if filt is not None:
+            if filt is not None and not in_model_layout(sd, backbone):
                 try:
                     sd = filt(sd, backbone)
                 except Exception as e:  # noqa: BLE001

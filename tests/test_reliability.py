@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from helpers_train import (
     REPO, TINY, Killed, copy_root, kill_after, read_results, read_summary, result_files, run_train, vtab_root,
 )
 from models.backbones import create_backbone
+from models.hub import delta_folder_next_to
 from utils.checkpoint import content_checksum, save_checkpoint
 
 
@@ -448,3 +450,29 @@ def test_eval_only_records_the_evaluated_model(ref, vtab, backbones, tmp_path):
     res = read_results(out)
     assert res["method"] == "dtl+" and res["args"]["fusion_size"] == 3
     assert json.loads(json.dumps(res))["top1"] == read_results(ref)["top1"]
+
+
+# --------------------------------------------------------- 5 + 7 for delta folders (config.json + safetensors)
+def test_delta_folders_carry_the_checksum_and_the_backbone_record(ref, vtab, backbones, tmp_path, caplog):
+    pth = tmp_path / "delta.pth"
+    shutil.copy(ref / "delta.pth", pth)
+    folder = delta_folder_next_to(str(pth))
+    block = json.loads(open(os.path.join(folder, "config.json")).read())["dtl"]
+    assert block["delta_sha256"].startswith("sha256:")
+    assert block["trained_on_weights"]["file"] == "backbone_A.pth"
+
+    # the folder evaluates like delta.pth on its own backbone, and is refused on another one
+    assert run_train(_eval_argv(vtab, tmp_path / "ok", folder, backbones["A"])) == 0
+    assert read_results(tmp_path / "ok")["top1"] == read_results(ref)["top1"]
+    caplog.clear()
+    assert run_train(_eval_argv(vtab, tmp_path / "other", folder, backbones["B"])) == 2
+    assert "trained on backbone weights backbone_A.pth" in caplog.text and not os.path.exists(tmp_path / "other")
+
+    # one changed byte in the tensors file: corrupt, nothing written
+    data = bytearray(open(os.path.join(folder, "delta.safetensors"), "rb").read())
+    data[-3] ^= 0xFF
+    open(os.path.join(folder, "delta.safetensors"), "wb").write(bytes(data))
+    caplog.clear()
+    assert run_train(_eval_argv(vtab, tmp_path / "bad", folder, backbones["A"])) == 2
+    assert "corrupt or truncated" in caplog.text and "delta.safetensors" in caplog.text
+    assert not os.path.exists(tmp_path / "bad")

@@ -12,6 +12,7 @@ same values); ``--compare`` measures both and checks it.
 
 Delta files (``--deltas``), each one of:
 
+- a delta folder (``config.json`` + ``delta.safetensors``, :mod:`models.hub`; ``train.py --delta_folder``);
 - a delta checkpoint written by ``train.py`` (``{"format": "dtl-delta/1", "delta": {name: tensor},
   "model_config": model.model_config(), "method": "dtl"|"dtl+", "backbone": "<--model>",
   "model_kwargs": {"img_size": ...}, "dataset": ...}``); ``"state_dict"`` is accepted in place of ``"delta"``;
@@ -57,6 +58,7 @@ from data.transforms import build_transform  # noqa: E402
 from models.backbones import backbone_arch, create_backbone  # noqa: E402
 from models.config import DTLConfig, parse_blocks  # noqa: E402
 from models.factory import DTL_WRAPPERS  # noqa: E402
+from models.hub import read_delta_folder  # noqa: E402
 from models.pretrained import (  # noqa: E402
     CheckpointError, check_backbone_match, load_backbone_weights, weights_record,
 )
@@ -115,15 +117,18 @@ def _infer_plain_delta(path: str, sd: Mapping[str, torch.Tensor], add_back: Opti
 
 def read_task_delta(path: str, add_back: Optional[str] = None, beta: float = 100.0) -> TaskDelta:
     """Read one delta file (see the module docstring); :class:`CheckpointError` naming the file otherwise."""
-    ck = load_torch_file(path, "delta")
+    if os.path.isdir(path):  # a delta folder (config.json + delta.safetensors, models.hub)
+        ck = read_delta_folder(path)
+    else:
+        ck = load_torch_file(path, "delta")
     if not isinstance(ck, Mapping):
         raise CheckpointError(f"{path} does not hold a dict")
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     if all(isinstance(v, torch.Tensor) for v in ck.values()):
         _check_finite(path, ck)
         num_classes, cfg, arch = _infer_plain_delta(path, ck, add_back, beta)
         return TaskDelta(name, path, num_classes, cfg, dict(ck), arch=arch)
-    if ck.get("format") == DELTA_FORMAT:
+    if ck.get("format") == DELTA_FORMAT and not os.path.isdir(path):  # a folder's file hash was checked on read
         verify_checksum(ck, path, "delta checkpoint")
     tensors = ck.get("delta", ck.get("state_dict"))
     if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
@@ -352,7 +357,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="backbone name (default: the one the deltas name)")
     p.add_argument("--load_path", required=True, help="backbone weights (.npz/.pth/.safetensors), as for train.py")
-    p.add_argument("--deltas", nargs="+", required=True, help="delta checkpoints, one per task")
+    p.add_argument("--deltas", nargs="+", required=True, help="delta checkpoints or delta folders, one per task")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders or .txt lists")
     p.add_argument("--output", default=None, help="predictions file (.csv or .json; default: CSV on stdout)")
     p.add_argument("--batch_size", type=int, default=64)

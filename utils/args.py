@@ -16,6 +16,7 @@ import yaml
 from data.benchmarks import BENCHMARKS, REGISTRY, get_benchmark
 from data.transforms import transform_is_deterministic
 from models.config import parse_blocks
+from models.delta_folder import DELTA_FILE, is_delta_folder
 from models.factory import METHODS
 
 __all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "resolved_method",
@@ -221,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_backbone_mismatch", action="store_true",
                    help="use a delta with backbone weights other than the ones it was trained on (otherwise refused; "
                         "the mismatch is logged)")
-    g.add_argument("--checkpoint", default="", metavar="DELTA", help="delta checkpoint for --eval_only")
+    g.add_argument("--checkpoint", default="", metavar="DELTA",
+                   help="delta checkpoint (delta.pth) or delta folder (config.json + delta.safetensors) for --eval_only")
+    g.add_argument("--delta_folder", action="store_true",
+                   help="DTL: also write each delta as a folder next to it (delta/: config.json + delta.safetensors, "
+                        "loadable with models.load_delta or timm.create_model('local-dir:...'))")
     g.add_argument("--eval_interval", type=_positive_int, default=None,
                    help="few-shot: validate every N epochs (default 10) and keep the best weights")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
@@ -336,7 +341,10 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
     for flag, value, want in (("--load_path", args.load_path, "the weights file itself (e.g. .../ViT-B_16.npz), "
                                "'timm', or empty for random initialisation (the launchers' LOAD_PATH)"),
                               ("--resume", args.resume, "the run's last.pth"),
-                              ("--checkpoint", args.checkpoint, "a delta file (delta.pth / delta_seed<k>.pth)")):
+                              ("--checkpoint", args.checkpoint, "a delta file (delta.pth / delta_seed<k>.pth) "
+                               f"or a delta folder (holding {DELTA_FILE} and config.json)")):
+        if flag == "--checkpoint" and value and is_delta_folder(value):
+            continue
         if value and not (flag == "--load_path" and value == "timm") and os.path.isdir(value):
             raise UsageError(f"{flag} {value}: is a directory, not a file; give {want}")
     if args.eval_only and not args.checkpoint:
@@ -394,6 +402,8 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if args.drop_path < 0 or args.drop_path >= 1:
         raise UsageError(f"--drop_path must lie in [0, 1), got {args.drop_path}")
+    if args.method != "dtl" and args.delta_folder:
+        raise UsageError(f"--delta_folder writes DTL/DTL+ deltas (a dtl_* timm model); not --method {args.method}")
     if args.method != "dtl" and args.fusion_size:
         raise UsageError(f"--fusion_size is a DTL+ setting; it does not apply to --method {args.method}")
     validate_memory_flags(args)

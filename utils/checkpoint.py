@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
+from models.delta_folder import DELTA_FORMAT as DELTA_FOLDER_FORMAT
+from models.hub import read_delta_folder
 from models.pretrained import CheckpointError
 
 from .atomic import ErrorRecordingFile, WriteError, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
@@ -44,7 +46,7 @@ __all__ = [
 _logger = logging.getLogger("train")
 CHECKSUM_KEY = "checksum"
 
-DELTA_FORMAT = "dtl-delta/1"
+DELTA_FORMAT = DELTA_FOLDER_FORMAT  # one format tag for delta.pth and delta folders
 RESUME_FORMAT = "dtl-resume/1"
 
 
@@ -173,8 +175,9 @@ def _load_format(path: str, fmt: str) -> Dict[str, Any]:
 
 
 def read_delta_checkpoint(path: str) -> Dict[str, Any]:
-    """Read and validate a delta checkpoint; :class:`CheckpointError` naming ``path`` otherwise."""
-    ckpt = _load_format(path, DELTA_FORMAT)
+    """Read and validate a delta checkpoint (``delta.pth``) or a delta folder (``config.json`` +
+    ``delta.safetensors``, :mod:`models.hub`); :class:`CheckpointError` naming ``path`` otherwise."""
+    ckpt = read_delta_folder(path) if os.path.isdir(path) else _load_format(path, DELTA_FORMAT)
     for key in ("delta", "model_config", "method", "backbone"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: delta checkpoint lacks {key!r}")

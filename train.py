@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
+import torch
 from timm.utils import AverageMeter, random_seed
 
 from data.benchmark import DataPlan, SeedPlan

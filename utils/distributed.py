@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List
 
 import torch
 import torch.distributed as dist

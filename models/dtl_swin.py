@@ -40,11 +40,11 @@ import torch.nn as nn
 from timm.models import SwinTransformer, register_model
 
 from .backbones import ORIGINAL_SWIN_NAMES, SWIN_DEFAULT_RANK, create_swin_backbone
-from .config import DTLConfig, pop_model_kwargs
+from .config import DTLConfig
 from .dtl_base import DTLBase, SideSum, find_random_ops
 from .lean import LowRankSideSum, lean_call, lean_run
 from .side_network import CompactSideNetwork, used_taps
-from .timm_api import SwinTimmMixin, build_dtl_model, dtl_default_cfgs
+from .timm_api import SwinTimmMixin, create_dtl_variant, dtl_default_cfgs
 
 __all__ = ["DTLSwinTransformer", "create_swin_backbone", "swin_default_blocks", "ORIGINAL_SWIN_NAMES",
            "SWIN_DEFAULT_RANK"]
@@ -250,14 +250,7 @@ class DTLSwinTransformer(SwinTimmMixin, DTLBase):
 
 
 def _create_dtl_swin(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
-    def make(**kw: Any) -> DTLSwinTransformer:
-        num_classes, dtl, lean = pop_model_kwargs(kw)
-        global_pool = kw.pop("global_pool", "avg")
-        model = DTLSwinTransformer(create_swin_backbone(arch, **kw), num_classes, dtl, lean=lean)
-        model.set_global_pool(global_pool)
-        return model
-
-    return build_dtl_model(variant, make, pretrained, default_out_indices=SwinTimmMixin.default_out_indices, **kwargs)
+    return create_dtl_variant(variant, arch, pretrained, DTLSwinTransformer, create_swin_backbone, **kwargs)
 
 
 # timm pretrained cfgs: the tag names the *backbone* weights (the side network and the head start fresh)

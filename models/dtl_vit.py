@@ -19,11 +19,11 @@ from timm.models import VisionTransformer
 from timm.models import register_model
 
 from .backbones import ORIGINAL_VIT_NAMES, VIT_DEFAULT_RANK, create_vit_backbone
-from .config import DTLConfig, pop_model_kwargs
+from .config import DTLConfig
 from .dtl_base import DTLBase, SideSum, find_random_ops
 from .lean import LowRankSideSum, lean_run
 from .side_network import CompactSideNetwork
-from .timm_api import ViTTimmMixin, build_dtl_model, dtl_default_cfgs
+from .timm_api import ViTTimmMixin, create_dtl_variant, dtl_default_cfgs
 
 __all__ = ["DTLVisionTransformer", "create_vit_backbone", "ORIGINAL_VIT_NAMES", "VIT_DEFAULT_RANK"]
 
@@ -156,14 +156,7 @@ class DTLVisionTransformer(ViTTimmMixin, DTLBase):
 
 
 def _create_dtl_vit(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
-    def make(**kw: Any) -> DTLVisionTransformer:
-        num_classes, dtl, lean = pop_model_kwargs(kw)
-        global_pool = kw.pop("global_pool", "avg")
-        model = DTLVisionTransformer(create_vit_backbone(arch, **kw), num_classes, dtl, lean=lean)
-        model.set_global_pool(global_pool)
-        return model
-
-    return build_dtl_model(variant, make, pretrained, default_out_indices=ViTTimmMixin.default_out_indices, **kwargs)
+    return create_dtl_variant(variant, arch, pretrained, DTLVisionTransformer, create_vit_backbone, **kwargs)
 
 
 # timm pretrained cfgs: the tag names the *backbone* weights (the side network and the head start fresh)

@@ -38,7 +38,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models._pretrained import PretrainedCfg
 
-from .config import DTL_KEYS
+from .config import DTL_KEYS, pop_model_kwargs
 from .delta_folder import DELTA_FILE, load_delta_tensors
 from .pretrained import CheckpointError, _head_key, in_model_layout, load_backbone_weights
 
@@ -421,6 +421,20 @@ def _split_cfg_dict(cfg: Any) -> Any:
     if isinstance(cfg, Mapping):
         return {k: v for k, v in cfg.items() if k in _CFG_FIELDS}
     return cfg
+
+
+def create_dtl_variant(variant: str, arch: str, pretrained: bool, wrapper: type,
+                       create_backbone: Callable[..., nn.Module], **kwargs: Any) -> nn.Module:
+    """The body of every ``dtl_*`` entry point: ``wrapper`` (a DTL wrapper class) over ``create_backbone(arch,
+    ...)``, built the timm way by :func:`build_dtl_model`."""
+    def make(**kw: Any) -> nn.Module:
+        num_classes, dtl, lean = pop_model_kwargs(kw)
+        global_pool = kw.pop("global_pool", "avg")
+        model = wrapper(create_backbone(arch, **kw), num_classes, dtl, lean=lean)
+        model.set_global_pool(global_pool)
+        return model
+
+    return build_dtl_model(variant, make, pretrained, default_out_indices=wrapper.default_out_indices, **kwargs)
 
 
 def build_dtl_model(

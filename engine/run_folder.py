@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from utils.checkpoint import (
     RESUME_FORMAT, CheckpointError, atomic_write_json, atomic_write_text, capture_rng_state, save_checkpoint,
 )
 from utils.distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from utils.hashing import file_sha256
 from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, format_duration
 from utils.metrics import versions
 from utils.runlock import RunLock, RunLockedError
@@ -64,14 +64,10 @@ def flag_values(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _file_sha256(path: str) -> Optional[str]:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return "sha256:" + file_sha256(path)
     except OSError:
         return None
-    return "sha256:" + h.hexdigest()
 
 
 def data_fingerprint(plan) -> Dict[str, Dict[str, Any]]:

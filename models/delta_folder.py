@@ -6,7 +6,6 @@ writes folders and rebuilds models through the factory) reads them with the same
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Dict, Mapping, Union
@@ -15,10 +14,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from utils.hashing import file_sha256
+
 from .pretrained import CheckpointError
 from .trainable import load_delta_state_dict
 
-__all__ = ["CONFIG_FILE", "DELTA_FILE", "DELTA_FORMAT", "file_sha256", "is_delta_folder", "read_folder_config",
+__all__ = ["CONFIG_FILE", "DELTA_FILE", "DELTA_FORMAT", "delta_file_sha256", "is_delta_folder", "read_folder_config",
            "read_folder_tensors", "load_delta_tensors"]
 
 CONFIG_FILE = "config.json"
@@ -26,13 +27,9 @@ DELTA_FILE = "delta.safetensors"  # the tensors of a delta-only folder
 DELTA_FORMAT = "dtl-delta/1"  # the format tag of train.py's delta.pth too
 
 
-def file_sha256(path: str) -> str:
-    """``sha256:<hex>`` of a file's bytes (the delta file's checksum, recorded in ``config.json``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+def delta_file_sha256(path: str) -> str:
+    """``sha256:<hex>`` of the delta file's bytes (its checksum, recorded in ``config.json``)."""
+    return "sha256:" + file_sha256(path)
 
 
 def is_delta_folder(path: Union[str, os.PathLike]) -> bool:
@@ -64,7 +61,7 @@ def read_folder_tensors(folder: str, block: Mapping[str, Any]) -> Dict[str, torc
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: {os.path.basename(path)} is missing")
     expected = block.get("delta_sha256")
-    if expected is not None and file_sha256(path) != expected:
+    if expected is not None and delta_file_sha256(path) != expected:
         raise CheckpointError(f"corrupt or truncated: {path} (its bytes do not match the delta_sha256 recorded in "
                               f"{CONFIG_FILE}: the file was changed or damaged after it was written)")
     try:

@@ -39,7 +39,7 @@ from utils.atomic import atomic_write, atomic_write_text
 
 from .config import DTL_KEYS, DTLConfig
 from .delta_folder import (
-    CONFIG_FILE, DELTA_FILE, DELTA_FORMAT, file_sha256, is_delta_folder, load_delta_tensors, read_folder_config,
+    CONFIG_FILE, DELTA_FILE, DELTA_FORMAT, delta_file_sha256, is_delta_folder, load_delta_tensors, read_folder_config,
     read_folder_tensors,
 )
 from .factory import create_dtl_model
@@ -98,7 +98,7 @@ def _write_folder(folder: str, config: Mapping[str, Any], tensors: Mapping[str, 
     os.makedirs(folder, exist_ok=True)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(os.path.join(folder, DELTA_FILE), lambda p: save_file(flat, p, metadata={"format": DELTA_FORMAT}))
-    config = {**config, "dtl": {**config["dtl"], "delta_sha256": file_sha256(os.path.join(folder, DELTA_FILE))}}
+    config = {**config, "dtl": {**config["dtl"], "delta_sha256": delta_file_sha256(os.path.join(folder, DELTA_FILE))}}
     text = json.dumps(config, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n"
     atomic_write_text(os.path.join(folder, CONFIG_FILE), text)  # last: a folder with config.json is complete
     return folder

@@ -17,7 +17,6 @@ file (a tensor the model does not have) is an error. Both errors name the tensor
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import DELTA_FORMAT, RESUME_FORMAT, load_torch_file, non_finite_tensors, verify_checksum
+from utils.hashing import file_sha256
 
 from .convert import convert_original_state_dict
 from .pretrained import CheckpointError
@@ -54,14 +54,6 @@ class InitialCheckpoint:
     def record(self) -> Dict[str, Any]:
         """What config/results record about the source."""
         return {"path": self.path, "kind": self.kind, "sha256": self.sha256, **self.info}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tensor_dict(obj: Any) -> bool:
@@ -106,7 +98,7 @@ def read_initial_checkpoint(path: str) -> InitialCheckpoint:
     bad = non_finite_tensors(tensors)
     if bad:
         raise InitialCheckpointError(f"--initial_checkpoint {path}: non-finite values (NaN or inf) in {bad}")
-    return InitialCheckpoint(path, kind, dict(tensors), _sha256(path), info)
+    return InitialCheckpoint(path, kind, dict(tensors), file_sha256(path), info)
 
 
 def load_initial_checkpoint(model: nn.Module, init: InitialCheckpoint) -> Dict[str, int]:

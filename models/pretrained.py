@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file as load_safetensors
 
+from utils.hashing import hash_tensor
+
 __all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError", "weights_fingerprint", "weights_record",
            "check_backbone_match", "BackboneMismatchError", "check_weights_file"]
 
@@ -47,11 +49,7 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     weights read from a ``.npz``, a ``.pth`` or a ``.safetensors`` file."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach()
-        t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        hash_tensor(h, name, tensors[name])
     return "sha256:" + h.hexdigest()
 
 

@@ -35,6 +35,7 @@ from models.hub import read_delta_folder
 from models.pretrained import CheckpointError
 
 from .atomic import ErrorRecordingFile, WriteError, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
+from .hashing import hash_tensor
 
 __all__ = [
     "WriteError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
@@ -70,13 +71,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 # -------------------------------------------------------------------------------------------------- checksum
 def _feed(h: "hashlib._Hash", obj: Any, where: str) -> None:
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        h.update(f"T{where}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        hash_tensor(h, f"T{where}", obj)
     elif isinstance(obj, Mapping):
         h.update(f"D{where}|{len(obj)}\n".encode())
         for k, v in obj.items():

@@ -5,13 +5,7 @@ import os
 __all__ = ["DataError", "UnknownNameError", "require_root"]
 
 
-class DataError(ValueError):
-    """Bad data: a missing folder/list file, a malformed list line, a label out of range, a missing or
-    unreadable image. The message always names the file (and, for list lines, the 1-based line number)."""
-
-
-class UnknownNameError(ValueError):
-    """An unknown benchmark, dataset, task or target name; the message lists the valid names."""
+from utils.errors import DataError, UnknownNameError
 
 
 def require_root(data_dir: str, what: str) -> None:

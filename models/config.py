@@ -8,9 +8,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 __all__ = ["DTLConfig", "ModelSettingsError", "parse_blocks", "format_blocks", "pop_model_kwargs"]
 
 
-class ModelSettingsError(ValueError):
-    """A model setting that cannot be used (a block range, a rank, a baseline's setting, a backbone name or
-    keyword argument): the user's flags are wrong, the message names the setting."""
+from utils.errors import ModelSettingsError
 
 BlockSpec = Union[None, str, int, Iterable[int]]
 

@@ -36,12 +36,7 @@ __all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError", "weigh
 _logger = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file."""
-
-
-class BackboneMismatchError(CheckpointError):
-    """A delta trained on other backbone weights than the ones given (``--allow_backbone_mismatch`` overrides)."""
+from utils.errors import BackboneMismatchError, CheckpointError  # noqa: E402  (re-exported)
 
 
 def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -26,8 +26,7 @@ CACHE_STORAGES = ("auto", "device", "host", "mmap")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
 
-class UsageError(ValueError):
-    """A wrong flag or flag combination; the message names the flag."""
+from .errors import UsageError  # noqa: E402  (re-exported)
 
 
 def parse_int_list(text: str) -> List[int]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "WriteError",
-           "write_error", "ErrorRecordingFile"]
+           "write_error", "ErrorRecordingFile", "remove_stale_temporaries"]
 
 
 class WriteError(OSError):
@@ -78,6 +79,30 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") 
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise write_error(path, e) from e
         raise
+
+
+# The temporary names of atomic_write: "." + file name + "." + mkstemp's 8 random characters + suffix.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.(tmp|npz|png)$")
+
+
+def remove_stale_temporaries(folder: str) -> List[str]:
+    """Remove what :func:`atomic_write` left in ``folder`` when its process was killed mid-write (``kill -9``
+    during a checkpoint write); returns the names removed. Call it only while no other process writes into
+    ``folder`` (a run folder whose lock this process holds)."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(folder, name)
+        if _TEMPORARY.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+                removed.append(name)
+            except OSError:
+                pass
+    return sorted(removed)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -1,7 +1,6 @@
 """The cheap image fingerprint a resume compares, and the clean-up of temporary files left by a killed write."""
 import os
 import tempfile
-import time
 
 from utils.atomic import atomic_write_text, remove_stale_temporaries
 from utils.fingerprint import FileFingerprint, files_fingerprint, first_changed_file

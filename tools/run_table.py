@@ -16,6 +16,13 @@ holding its placeholder paths, or two launchers that would share a folder fail b
 
 * A run whose folder holds ``results.json`` is skipped; one holding ``last.pth`` continues with ``--resume``;
   a folder left by a run that died before its first checkpoint is moved aside (``<folder>.attempt-<time>``).
+  Skipping and resuming need the settings the folder records (its ``config.yaml``) to equal the requested
+  train.py flags (paths, loader and precision flags aside): otherwise the table is refused up front, naming the
+  differing flags; ``--rerun_changed`` moves such folders aside (``<folder>.prev-<time>``) and runs them again.
+* A run folder whose lock (``.lock``) a live process holds -- its train.py started by another run_table or by
+  hand -- is never touched: it is reported ``running elsewhere`` (not a failure; the exit status is 1 as for any
+  unfinished run). run_table itself locks ``OUTPUT_ROOT/.lock``: a second run_table on the same root is refused,
+  naming the holder. The launchers it starts end with it, even on ``kill -9`` (Linux ``PR_SET_PDEATHSIG``).
 * ``--executor local`` (default): ``--slots`` runs at a time, each with its own ``--gpus_per_job`` GPUs
   (``CUDA_VISIBLE_DEVICES``; ``NPROC`` = GPUs per job, so a launcher uses torchrun for more than one). Without
   GPUs the slots are CPU processes (``OMP_NUM_THREADS`` split between them unless set). A failed run does not
@@ -31,8 +38,12 @@ While it runs, a progress line (done, running, queued, failed, ETA); at the end 
 ``OUTPUT_ROOT/status.md``), and ``tools/aggregate.py --paper``'s tables in ``OUTPUT_ROOT/table.md`` (+ CSV
 files beside it): the paper's number and our difference beside every cell that has one. Each run's launcher
 output goes to ``<run folder>/run_table.log``. ``OUTPUT_ROOT/run_table.json`` records the runs (and SLURM job
-ids) for ``--collect``. Exit status: 0 when every run finished, 1 when any failed (or, for ``--collect``, is
-not finished), 2 for bad input, 130 when interrupted.
+ids) for ``--collect``. A top-1 from a run that dropped unreadable images (``--skip_bad_images``) is marked ``‡``
+in status.md and in the tables. Exit status: 0 when every run finished, 1 when any failed or is not finished
+(running elsewhere; for ``--collect``, not finished yet), 2 for bad input, 130 when interrupted.
+
+The parts live in ``tools/runtable/``: ``plan.py`` (launchers, the dry run, train.py's flags, what a folder
+holds), ``local.py``, ``slurm.py`` (the executors) and ``status.py`` (status table, aggregated table).
 """
 from __future__ import annotations
 

@@ -172,7 +172,8 @@ def run(root: str, args: argparse.Namespace, extra: List[str], passthrough: Dict
     for name in check_settings(specs, args.rerun_changed):
         aside = move_aside(os.path.join(root, name), "prev")
         print(f"run_table: {name} was recorded with other settings; moved aside to {aside}", file=sys.stderr)
-    manifest = {"executor": args.executor, "extra": extra, "command": command, "runs": [asdict(s) for s in specs]}
+    runs = [{k: v for k, v in asdict(s).items() if k != "settings"} for s in specs]  # settings: config.yaml's
+    manifest = {"executor": args.executor, "extra": extra, "command": command, "runs": runs}
     write_manifest(root, manifest)
     print(f"run_table: {len(specs)} run(s) under {root}", file=sys.stderr)
     if args.executor == "local":

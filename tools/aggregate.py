@@ -44,6 +44,7 @@ from typing import Any, Iterable, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.benchmark import Benchmark  # noqa: E402
 from data.benchmarks import REGISTRY  # noqa: E402
 from engine.tables import (Collection, ResultsError, build_tables, collect, long_rows, paper_rows,  # noqa: E402
                            render_markdown, rows_of)
@@ -68,20 +69,19 @@ def plot_shots(col: Collection, fig_dir: str) -> List[str]:
             continue
         keys = [k for k in col.cells if k[0] == bench.name]
         if keys:
-            out.append(_plot_curves(col, keys, bench.name, bench.dataset_names, bench.table_layout.shots,
-                                    os.path.join(fig_dir, f"{bench.table}_curves.png")))
+            out.append(_plot_curves(col, keys, bench, os.path.join(fig_dir, f"{bench.table}_curves.png")))
     return out
 
 
-def _plot_curves(col: Collection, keys: List[Any], bench: str, names: Sequence[str], ticks: Sequence[int],
-                 path: str) -> str:
+def _plot_curves(col: Collection, keys: List[Any], bench: Benchmark, path: str) -> str:
     import matplotlib  # here, not at the top: importing pyplot takes a second, and most calls draw nothing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = [d for d in names if any(k[3] == d for k in keys)]
-    rows = rows_of(col, bench)
+    datasets = [d for d in bench.dataset_names if any(k[3] == d for k in keys)]
+    ticks = bench.table_layout.shots or sorted({k[4] for k in keys})
+    rows = rows_of(col, bench.name)
     multi_backbone = len({b for b, _ in rows}) > 1
     n = len(datasets)
     ncols = min(n, 3)
@@ -107,7 +107,8 @@ def _plot_curves(col: Collection, keys: List[Any], bench: str, names: Sequence[s
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("Few-shot fine-grained: test top-1 (mean ± std over seeds)")
+    name = (bench.table_layout.title or bench.title).replace(" (top-1 %)", "")
+    fig.suptitle(f"{name}: test top-1 (mean ± std over seeds)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

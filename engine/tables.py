@@ -490,8 +490,8 @@ def methods_table(col: Collection, bench: Benchmark) -> List[Tuple[str, Table]]:
     order = {d: i for i, d in enumerate(bench.dataset_names)}
     pairs = sorted({(k[1], k[3]) for k in keys}, key=lambda p: (p[0], order.get(p[1], len(order)), p[1]))
     rows = [[b, d, *(_cell_value(col.cells.get((bench.name, b, m, d, None))) for m in methods)] for b, d in pairs]
-    t = Table(_title(bench), ["Backbone", "Dataset", *methods], rows, [f"{bench.table_layout.note} {DASH} = no result."],
-              ["backbone", "dataset", *methods])
+    notes = [f"{bench.table_layout.note} {DASH} = no result."]
+    t = Table(_title(bench), ["Backbone", "Dataset", *methods], rows, notes, ["backbone", "dataset", *methods])
     t.mark_notes()
     return [(bench.table, t)]
 

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .plan import REPO, RUN_LOG, RunSpec, TableError, prepare, run_state
+from .plan import REPO, RUN_LOG, RunSpec, TableError, holder, prepare, run_state
 from .status import Outcome, Progress
 
 
@@ -147,6 +147,11 @@ def run_local(specs: Sequence[RunSpec], slots: Optional[int], gpus_per_job: int,
             for slot in range(slots):
                 if slot not in running and queue:
                     spec, cmd = queue.pop(0)
+                    who = holder(spec.out_dir)  # again: a queued run may have been started elsewhere since
+                    if who is not None:
+                        outcomes[spec.name] = Outcome(spec.name, "running elsewhere",
+                                                      detail=f"running elsewhere: {who}")
+                        continue
                     env = dict(job_env(gpus_per_job if gpus else 1), **cpu_env)
                     if gpus:
                         env["CUDA_VISIBLE_DEVICES"] = ",".join(pool[slot])

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Benchmark", "SeedPlan", "DataPlan", "DataRequest"]
+__all__ = ["Benchmark", "TableLayout", "SeedPlan", "DataPlan", "DataRequest"]
 
 
 @dataclass
@@ -53,6 +53,44 @@ class DataRequest:
     dataset_kwargs: Dict[str, Any] = field(default_factory=dict)  # for ListFileDataset (skip_bad_images)
 
 
+@dataclass(frozen=True)
+class TableLayout:
+    """How ``tools/aggregate.py`` lays out a benchmark's results table (every field has a default: a benchmark
+    without a layout gets one row per backbone + dataset and one column per method).
+
+    Attributes:
+        title: the table's title (default: the benchmark's ``title`` + `` (top-1 %)``).
+        columns: ``"methods"`` (rows: backbone + dataset, columns: methods), ``"datasets"`` (rows: backbone +
+            method, columns: the datasets in the benchmark's order, then their mean) or ``"shots"`` (rows:
+            backbone + method + dataset, an average row per backbone + method, columns: shots).
+        groups: ``"datasets"`` only: ``(key, label, datasets)`` groups; each group is followed by its mean, the
+            table gets the mean of the group means, a count column and a summary table.
+        labels: ``"datasets"`` only: ``(dataset, column label)`` for columns not headed by the dataset's name.
+        mean_excludes: ``"datasets"`` only: datasets left out of the plain mean (e.g. a source domain).
+        item: what a dataset is called in the mean's label (``Mean (19 tasks)``).
+        shots: ``"shots"`` only: shot columns shown even when no result has them.
+        note: the first footnote (what a cell is).
+        partial_note: the footnote of partial means, after ``† partial: `` (``{n}``: the number of datasets).
+        paper: ``"module:function"`` returning ``{(method, column): (published top-1, source)}``, imported only
+            for ``--paper``; empty: no published numbers.
+        paper_backbone: the backbone the published numbers are for.
+        paper_note: the footnote of the published numbers.
+    """
+
+    title: str = ""
+    columns: str = "methods"
+    groups: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = ()
+    labels: Tuple[Tuple[str, str], ...] = ()
+    mean_excludes: Tuple[str, ...] = ()
+    item: str = "datasets"
+    shots: Tuple[int, ...] = ()
+    note: str = "Cells: top-1 % on the test split (mean ± sample std over seeds when several)."
+    partial_note: str = "mean over the datasets present only."
+    paper: str = ""
+    paper_backbone: str = ""
+    paper_note: str = ""
+
+
 def _test_split(dataset: str, names: Sequence[str]) -> str:
     return "test"
 
@@ -87,6 +125,7 @@ class Benchmark:
         detect: whether a folder has this benchmark's layout.
         primary: (``--dataset``, evaluated split names) -> the split whose top-1 is the run's ``top1``.
         protocol: one line on what is trained, evaluated and selected (launcher comments, README).
+        table_layout: its results table (:class:`TableLayout`; default: datasets x methods).
     """
 
     name: str
@@ -112,6 +151,7 @@ class Benchmark:
     default_shot: Optional[int] = None
     default_eval_interval: Optional[int] = None
     primary: Callable[[str, Sequence[str]], str] = _test_split
+    table_layout: TableLayout = TableLayout()
 
     def train_transform_is_deterministic(self) -> bool:
         return not self.augment_train

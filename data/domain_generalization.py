@@ -23,7 +23,7 @@ import os
 from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
-from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
+from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan, TableLayout
 from .errors import DataError, UnknownNameError, require_root
 from .listcheck import CheckReport, check_list, first_path, select_names
 from .listfile import parse_list_file
@@ -216,4 +216,10 @@ BENCHMARK = Benchmark(
     build=build_dg_plan, primary=_primary_target, check_root=check_dg_root, detect=looks_like_dg_root,
     protocol=("seeds 0,1,2 in turn, trained on ImageNet 16-shot, evaluated on the target after the last\n"
               "epoch (add --target_dataset all to evaluate all five targets with the same models)."),
+    table_layout=TableLayout(
+        title="Domain generalisation (top-1 %)", columns="datasets", item="targets", mean_excludes=("imagenet",),
+        labels=(("imagenet", "ImageNet (source)"), ("imagenetv2", "-V2"), ("imagenet-sketch", "-Sketch"),
+                ("imagenet-adversarial", "-A"), ("imagenet-rendition", "-R")),
+        note="Source: ImageNet 16-shot. Cells: top-1 % (1000-way), mean ± sample std over seeds.",
+        partial_note="mean over the targets present only."),
 )

@@ -15,7 +15,7 @@ import os
 from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
-from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
+from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan, TableLayout
 from .errors import DataError, UnknownNameError, require_root
 from .listcheck import CheckReport, check_list, select_names
 
@@ -160,4 +160,8 @@ BENCHMARK = Benchmark(
     num_classes=lambda name: FGFS_DATASETS[canonical_fgfs_name(name)], build=build_fgfs_plan,
     check_root=check_fgfs_root, detect=looks_like_fgfs_root,
     protocol="seeds 0,1,2 in turn (fresh model each), validation every 10 epochs, best weights tested.",
+    table_layout=TableLayout(
+        title="Few-shot fine-grained (top-1 %)", columns="shots", shots=FGFS_SHOTS,
+        note="Cells: top-1 % on test_meta.list with the best-validation weights, mean ± sample std over seeds.",
+        partial_note="average over the datasets present only (of {n})."),
 )

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
-from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan
+from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan, TableLayout
 from .errors import DataError, UnknownNameError, require_root
 from .listcheck import CheckReport, check_list, select_names
 
@@ -190,4 +190,14 @@ BENCHMARK = Benchmark(
     num_classes=lambda name: get_vtab_task(name).num_classes, build=build_vtab_plan,
     check_root=check_vtab_root, detect=looks_like_vtab_root,
     protocol="train on train800val200, evaluate test once after the last epoch (no selection).",
+    table_layout=TableLayout(
+        columns="datasets", item="tasks",
+        groups=tuple((g, g.capitalize(), tuple(tasks)) for g, tasks in VTAB_GROUPS.items()),
+        note=("Cells: top-1 % on the test split (mean ± sample std over seeds when several). "
+              "**Mean (groups)** = mean of the three group means (the paper's VTAB number); "
+              "**Mean (19 tasks)** = plain mean over the 19 tasks."),
+        partial_note="mean over the tasks present only (not comparable with published means); – = no result.",
+        paper="tools.paper_numbers:vtab", paper_backbone="vit_base_patch16_224_in21k",
+        paper_note=("per-task DTL numbers from the DTL paper; means of the group means of DTL, DTL+ and the "
+                    "baselines as listed (with sources) in tools/plot_memory.py.")),
 )

@@ -19,6 +19,8 @@ from helpers_train import REPO
 sys.path.insert(0, str(REPO / "tools"))
 import aggregate  # noqa: E402
 import run_table  # noqa: E402
+from tools.runtable.plan import RunSpec, TableError, prepare  # noqa: E402
+from tools.runtable.slurm import parse_slurm_time  # noqa: E402
 
 RUN_TABLE = str(REPO / "tools" / "run_table.py")
 EUROSAT = "train_scripts/vit/vtab/eurosat/train_dtl.sh"
@@ -144,20 +146,20 @@ def test_bad_input_fails_before_anything_runs(env, tmp_path, monkeypatch, capsys
 
 
 def test_slurm_time_formats():
-    assert run_table.parse_slurm_time("90") == 90
-    assert run_table.parse_slurm_time("2:00:00") == 120
-    assert run_table.parse_slurm_time("1-12:00:00") == 2160
-    assert run_table.parse_slurm_time("1-0") == 1440
-    assert run_table.parse_slurm_time("0:30:01") == 31
-    with pytest.raises(run_table.TableError, match="--slurm_time"):
-        run_table.parse_slurm_time("two hours")
+    assert parse_slurm_time("90") == 90
+    assert parse_slurm_time("2:00:00") == 120
+    assert parse_slurm_time("1-12:00:00") == 2160
+    assert parse_slurm_time("1-0") == 1440
+    assert parse_slurm_time("0:30:01") == 31
+    with pytest.raises(TableError, match="--slurm_time"):
+        parse_slurm_time("two hours")
 
 
 def test_stale_folder_is_moved_aside(tmp_path):
-    spec = run_table.RunSpec(name="a", launcher=str(REPO / DTD), out_dir=str(tmp_path / "a"))
+    spec = RunSpec(name="a", launcher=str(REPO / DTD), out_dir=str(tmp_path / "a"))
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "summary.csv").write_text("seed,epoch\n")
-    cmd = run_table.prepare(spec)
+    cmd = prepare(spec).command
     assert cmd[-2:] == ["--output_dir", spec.out_dir] and "--resume" not in cmd
     aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("a.attempt-")]
     assert len(aside) == 1 and (tmp_path / aside[0] / "summary.csv").is_file()

@@ -5,17 +5,16 @@ every helper here degrades to a no-op. The backend is NCCL on CUDA and gloo on t
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
-import signal
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, List
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from .lifetime import exit_with_parent
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "barrier",
@@ -74,25 +73,6 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     elif device.type != "cpu":
         raise UsageError(f"--device {spec}: only cpu and cuda devices are supported")
     return device
-
-
-def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
-    """Ask Linux to send ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``).
-
-    Under ``torchrun`` the parent is the launcher's agent: a ``kill -9`` of the agent (or of the launcher, whose
-    PID the agent is) cannot be forwarded to the workers, which would otherwise keep training as orphans (torchrun
-    itself forwards SIGTERM/SIGINT). Returns whether the request was made (False off Linux)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
-            return False
-    except (OSError, AttributeError):
-        return False
-    if os.getppid() == 1:  # the parent died before the request: nobody will signal us
-        os.kill(os.getpid(), sig)
-    return True
 
 
 def init_distributed(device_spec: str = "auto", timeout_min: float = 30.0) -> DistInfo:

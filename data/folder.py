@@ -207,13 +207,13 @@ def _label_index(label: str, classes: FolderClasses, folder: bool) -> Tuple[Opti
     if index is not None:
         if 0 <= index < classes.count:
             return index, None
-        return None, (f"class index {index} is outside the {classes.count} classes of {classes.origin} (a class "
-                      f"without training images cannot be learned)")
+        return None, (f"class index {index} is outside the {classes.count} classes (from {classes.origin}); a "
+                      f"class without training images cannot be learned")
     if classes.names is None:
-        return None, (f"label {label!r} is not a class index (ASCII digits 0-9) and {classes.origin} name no "
-                      f"classes (write {CLASSES_FILE})")
-    return None, (f"class {label!r} is not among the {classes.count} classes of {classes.origin} (a class "
-                  f"without training images cannot be learned)")
+        return None, (f"label {label!r} is not a class index (ASCII digits 0-9), and the classes (from "
+                      f"{classes.origin}) have no names (write {CLASSES_FILE})")
+    return None, (f"class {label!r} is not among the {classes.count} classes (from {classes.origin}); a class "
+                  f"without training images cannot be learned")
 
 
 def split_entries(root: str, source: str, classes: FolderClasses) -> Tuple[List[ListEntry], List[str]]:

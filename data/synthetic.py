@@ -441,7 +441,8 @@ def make_dg_root(
     return root
 
 
-#: Class names of :func:`make_folder_root` (spaces and non-ASCII letters on purpose).
+#: Class names of :func:`make_folder_root` (spaces and non-ASCII letters on purpose; .txt lists need names
+#: without spaces).
 FOLDER_CLASSES: Tuple[str, ...] = ("red circle", "grün square", "blue triangle", "étoile")
 
 
@@ -465,6 +466,8 @@ def make_folder_root(
     Returns ``root``."""
     if layout not in ("folders", "txt", "csv"):
         raise ValueError(f"unknown layout {layout!r}; valid: folders, txt, csv")
+    if layout == "txt" and names and any(len(c.split()) != 1 for c in classes):
+        raise ValueError("a .txt list's label is its last field: class names with spaces need layout='csv'")
     factors = factors_for(len(classes))
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         rows: List[Tuple[str, str]] = []

@@ -364,7 +364,8 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
             args.eval_interval = bench.default_eval_interval
     elif args.eval_interval is not None:
         selecting = [b.name.replace("_", "-") for b in REGISTRY.values() if b.selects_on_val]
-        raise UsageError(f"--eval_interval applies to the {', '.join(selecting)} benchmark only ({bench.name} "
+        raise UsageError(f"--eval_interval applies to the {' and '.join(selecting)} benchmark"
+                         f"{'s' if len(selecting) > 1 else ''} only ({bench.name} "
                          f"evaluates once, after the last epoch, without model selection)")
     if bench.shot == "required" and args.shot is None and not args.eval_only:
         raise UsageError(f"--shot is required for the {bench.name.replace('_', '-')} benchmark ({bench.shot_help})")

@@ -1,7 +1,7 @@
 """What a benchmark is, for the rest of the program: :class:`Benchmark`, and the per-seed data it plans.
 
-Each benchmark module (``data/vtab.py``, ``data/few_shot.py``, ``data/domain_generalization.py``) defines one
-``BENCHMARK = Benchmark(...)``; :mod:`data.benchmarks` lists them. Everything that depends on the benchmark
+Each benchmark module (``data/vtab.py``, ``data/few_shot.py``, ``data/domain_generalization.py``, and
+``data/folder.py`` for your own data) defines one ``BENCHMARK = Benchmark(...)``; :mod:`data.benchmarks` lists them. Everything that depends on the benchmark
 (flag validation, transforms, the data of every seed, model selection, the primary metric, run-folder and
 launcher names, result tables) reads these fields instead of comparing benchmark names.
 

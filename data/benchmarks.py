@@ -27,7 +27,8 @@ for _b in REGISTRY.values():
 
 
 def canonical_benchmark(name: str) -> str:
-    """``vtab`` | ``few_shot`` | ``domain_generalization`` | ``folder`` (accepts e.g. ``few-shot``, ``fgfs``, ``dg``)."""
+    """``vtab`` | ``few_shot`` | ``domain_generalization`` | ``folder`` (accepts e.g. ``few-shot``, ``fgfs``,
+    ``dg``)."""
     key = name.strip().lower().replace("-", "_")
     if key not in _ALIASES:
         raise UnknownNameError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")

@@ -3,8 +3,8 @@
 Checks, for every list file a benchmark needs: the folders and list files exist, every line parses
 (``path label``, split on the last whitespace run), labels lie in ``[0, num_classes)``, every listed image file
 exists, no list holds an image twice (a warning for training lists, a problem for test lists), no test image
-is also a training image, and (optionally) every image decodes. Collects ALL problems instead of stopping at the first, and
-reports image and class counts per split. Few-shot / DG training lists are also checked to hold exactly ``k``
+is also a training image, and (optionally) every image decodes. Collects ALL problems instead of stopping at
+the first, and reports image and class counts per split. Few-shot / DG training lists are also checked to hold exactly ``k``
 images per class present (a warning otherwise). What a benchmark's root holds is checked by its own
 ``Benchmark.check_root`` (in its module), the layout is recognised by ``Benchmark.detect``.
 """

@@ -14,8 +14,9 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["ListEntry", "parse_index", "split_line", "read_lines", "iter_list_file", "parse_list_file", "parse_list_entries", "load_rgb", "to_rgb", "image_error",
-           "inspect_image", "missing_reason", "UnsupportedImageError", "SIXTEEN_BIT_MODES"]
+__all__ = ["ListEntry", "parse_index", "split_line", "read_lines", "iter_list_file", "parse_list_file",
+           "parse_list_entries", "load_rgb", "to_rgb", "image_error", "inspect_image", "missing_reason",
+           "UnsupportedImageError", "SIXTEEN_BIT_MODES"]
 
 _LINE_RE = re.compile(r"^(?P<path>.*?)\s+(?P<label>\S+)$")
 # A class index: ASCII digits only (Python's int() also reads '+3', '0_3' and full-width digits such as '３').

@@ -108,8 +108,8 @@ def repo_lines(up: str) -> List[str]:
     return [
         f'REPO="${{DTL_ROOT:-$(cd "$(dirname "${{BASH_SOURCE[0]}}")/{up}" && pwd)}}"  # DTL_ROOT: the repository',
         'if [[ ! -f "$REPO/train_scripts/launch_common.sh" ]]; then',
-        '  echo "error: no DTL repository at $REPO (the launcher was moved out of train_scripts/?): set DTL_ROOT to the '
-        'repository folder" >&2',
+        '  echo "error: no DTL repository at $REPO (the launcher was moved out of train_scripts/?): set DTL_ROOT to" \\',
+        '       "the repository folder" >&2',
         "  exit 2",
         "fi",
         'source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1',
@@ -171,14 +171,16 @@ COMMON = """\
 #   TORCHRUN_ARGS extra torchrun flags, e.g. "--nnodes 2 --node_rank 0 --master_addr host0 --master_port 29500"
 if [[ -n "${PYTHON:-}" ]]; then
   if ! command -v "$PYTHON" > /dev/null; then
-    echo "error: PYTHON=$PYTHON: no such interpreter (unset it to use $REPO/.venv, made by 'bash scripts/setup_env.sh')" >&2
+    echo "error: PYTHON=$PYTHON: no such interpreter (unset it to use $REPO/.venv, made by" \\
+         "'bash scripts/setup_env.sh')" >&2
     exit 2
   fi
 else
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
   # find_spec looks torch up without importing it (a few milliseconds)
   if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2> /dev/null; then
-    echo "error: $PYTHON cannot import torch: run 'bash scripts/setup_env.sh' (creates $REPO/.venv, which the launchers use), or set PYTHON= to an interpreter with requirements.txt installed" >&2
+    echo "error: $PYTHON cannot import torch: run 'bash scripts/setup_env.sh' (creates $REPO/.venv, which the" \\
+         "launchers use), or set PYTHON= to an interpreter with requirements.txt installed" >&2
     exit 2
   fi
 fi

@@ -21,7 +21,8 @@ NPROC="${NPROC-1}"
 set -euo pipefail
 REPO="${DTL_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)}"  # DTL_ROOT: the repository
 if [[ ! -f "$REPO/train_scripts/launch_common.sh" ]]; then
-  echo "error: no DTL repository at $REPO (the launcher was moved out of train_scripts/?): set DTL_ROOT to the repository folder" >&2
+  echo "error: no DTL repository at $REPO (the launcher was moved out of train_scripts/?): set DTL_ROOT to" \
+       "the repository folder" >&2
   exit 2
 fi
 source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1

@@ -108,7 +108,7 @@ def _folder_rows(root: str, folder: str) -> List[Row]:
                         f"{folder}/<class>/<image>)")
     rows: List[Row] = []
     for cls in _class_folders(folder):
-        for dirpath, dirs, files in os.walk(os.path.join(folder, cls)):
+        for dirpath, dirs, files in os.walk(os.path.join(folder, cls), followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if _is_image(name):
@@ -120,7 +120,7 @@ def _class_folders(folder: str) -> List[str]:
     return sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
 
 
-def _list_rows(root: str, path: str, known: Optional[Sequence[str]]) -> List[Row]:
+def _list_rows(root: str, path: str, known: Dict[str, int]) -> List[Row]:
     """The ``(path, label, line)`` rows of a ``.txt`` or ``.csv`` list, without its header line if any."""
     lines = read_lines(path)
     rows: List[Row] = []
@@ -146,15 +146,15 @@ def _list_rows(root: str, path: str, known: Optional[Sequence[str]]) -> List[Row
     return rows
 
 
-def _is_header(root: str, rows: Sequence[Row], known: Optional[Sequence[str]]) -> bool:
+def _is_header(root: str, rows: Sequence[Row], known: Dict[str, int]) -> bool:
     """Whether the first row is a header: its path is no file, its label no index, no known class name and no
     label of another row."""
     path, label, _ = rows[0]
     return (not os.path.isfile(os.path.join(root, path)) and parse_index(label) is None
-            and not (known and label in known) and all(label != other for _, other, _ in rows[1:]))
+            and label not in known and all(label != other for _, other, _ in rows[1:]))
 
 
-def _rows(root: str, source: str, known: Optional[Sequence[str]]) -> List[Row]:
+def _rows(root: str, source: str, known: Dict[str, int]) -> List[Row]:
     rows = _folder_rows(root, source) if os.path.isdir(source) else _list_rows(root, source, known)
     if not rows:
         raise DataError(f"{source}: no images" + (" (no <class>/<image> below it)" if os.path.isdir(source) else ""))
@@ -170,6 +170,9 @@ class FolderClasses:
     count: int
     origin: str
 
+    def __post_init__(self) -> None:
+        self.index_of: Dict[str, int] = {n: i for i, n in enumerate(self.names or ())}
+
 
 def folder_classes(root: str, train_source: str) -> FolderClasses:
     """The classes: classes.txt, else train's folder names, else the training list's names or indices."""
@@ -181,7 +184,7 @@ def folder_classes(root: str, train_source: str) -> FolderClasses:
         if not names:
             raise DataError(f"{train_source}: no class folders (expected {train_source}/<class>/<image>)")
         return FolderClasses(names, len(names), f"the folders of {train_source}")
-    rows = _rows(root, train_source, None)
+    rows = _rows(root, train_source, {})
     indices = [parse_index(label) for _, label, _ in rows]
     if all(i is not None for i in indices):
         return FolderClasses(None, max(indices) + 1, f"the labels of {train_source}")
@@ -197,7 +200,7 @@ def folder_classes(root: str, train_source: str) -> FolderClasses:
 def _label_index(label: str, classes: FolderClasses, folder: bool) -> Tuple[Optional[int], Optional[str]]:
     """``(index, None)`` of a label (a class folder's name: by name when classes are named), or
     ``(None, problem)``."""
-    by_name = classes.names.index(label) if classes.names and label in classes.names else None
+    by_name = classes.index_of.get(label)
     index = parse_index(label) if not (folder and classes.names) else None
     if by_name is not None and index is not None and by_name != index:
         return None, (f"label {label!r} is both class index {index} and the name of class {by_name} "
@@ -222,7 +225,7 @@ def split_entries(root: str, source: str, classes: FolderClasses) -> Tuple[List[
     entries: List[ListEntry] = []
     problems: List[str] = []
     folder = os.path.isdir(source)
-    for path, label, line in _rows(root, source, classes.names):
+    for path, label, line in _rows(root, source, classes.index_of):
         index, problem = _label_index(label, classes, folder)
         if problem is None:
             entries.append(ListEntry(path, index, line))

@@ -11,14 +11,13 @@ import sys
 
 import pytest
 
+from data.benchmark import DataRequest
 from data.check import check_data_root
 from data.errors import DataError
 from data.listfile import parse_list_file
 from data.vtab import BENCHMARK as VTAB
 from helpers_train import single_thread  # noqa: F401 - autouse fixture
 from helpers_train import REPO, TINY, copy_root, vtab_root
-from data.benchmark import DataRequest
-from utils.errors import DataError as BaseDataError
 
 
 @pytest.fixture(scope="session")
@@ -109,9 +108,9 @@ def test_a_listed_directory_is_named_as_one(vtab, tmp_path):
 def test_data_error_unwraps_the_worker_message():
     wrapped = ("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 3, in f\n    raise DataError(m)\nutils.errors.DataError: /d/a.png: unreadable\n')
-    assert str(BaseDataError(wrapped)) == "/d/a.png: unreadable"
-    assert str(BaseDataError("plain message")) == "plain message"
-    assert str(pickle.loads(pickle.dumps(BaseDataError(wrapped)))) == "/d/a.png: unreadable"
+    assert str(DataError(wrapped)) == "/d/a.png: unreadable"
+    assert str(DataError("plain message")) == "plain message"
+    assert str(pickle.loads(pickle.dumps(DataError(wrapped)))) == "/d/a.png: unreadable"
 
 
 def _truncate_an_image(root):

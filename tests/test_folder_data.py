@@ -84,7 +84,6 @@ def test_quoted_csv_paths_with_commas(tmp_path):
     root = make_folder_root(str(tmp_path / "r"), n_train=1, n_test=1)
     for split in ("train", "test"):
         os.rename(os.path.join(root, split, "étoile"), os.path.join(root, split, "étoile, big"))
-    rows = []
     for split in ("train", "test"):
         rows = [f'"{split}/{c}/bild 00 ü.png",{c}' for c in ("red circle", "grün square")]
         rows.append(f'"{split}/étoile, big/bild 00 ü.png","étoile, big"')

@@ -1,4 +1,4 @@
-"""Data for the three DTL benchmarks: list-file datasets, transforms, synthetic roots, data checks.
+"""Data for the three DTL benchmarks and your own data: list-file datasets, transforms, synthetic roots, data checks.
 
 Names are imported lazily (``from data import build_transform`` works), so tools that only need the light
 modules (``data.check``, ``data.vtab`` tables) start without importing torch/timm.

@@ -1,18 +1,20 @@
 """What a benchmark is, for the rest of the program: :class:`Benchmark`, and the per-seed data it plans.
 
-Each benchmark module (``data/vtab.py``, ``data/few_shot.py``, ``data/domain_generalization.py``) defines one
-``BENCHMARK = Benchmark(...)``; :mod:`data.benchmarks` lists them. Everything that depends on the benchmark
+Each benchmark module (``data/vtab.py``, ``data/few_shot.py``, ``data/domain_generalization.py``, and
+``data/folder.py`` for your own data) defines one ``BENCHMARK = Benchmark(...)``; :mod:`data.benchmarks` lists them. Everything that depends on the benchmark
 (flag validation, transforms, the data of every seed, model selection, the primary metric, run-folder and
 launcher names, result tables) reads these fields instead of comparing benchmark names.
 
-This module is a leaf (no project imports), so every other module may import it.
+This module imports only :mod:`utils.errors` (a leaf), so every other module may import it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Benchmark", "TableLayout", "SeedPlan", "DataPlan", "DataRequest"]
+from utils.errors import UsageError
+
+__all__ = ["Benchmark", "TableLayout", "SeedPlan", "DataPlan", "DataRequest", "check_num_classes"]
 
 
 @dataclass
@@ -30,12 +32,21 @@ class SeedPlan:
 @dataclass
 class DataPlan:
     """The datasets of a whole run: ``num_classes``, one :class:`SeedPlan` per seed, the canonical ``dataset``
-    name results.json records, and ``info`` (source/target/shot entries of results.json)."""
+    name results.json records, ``info`` (source/target/shot entries of results.json), and ``class_names``
+    (label ``i`` is ``class_names[i]``; ``None`` where the data does not name its classes)."""
 
     num_classes: int
     seeds: List[SeedPlan]
     dataset: str
     info: Dict[str, Any] = field(default_factory=dict)
+    class_names: Optional[List[str]] = None
+
+
+def check_num_classes(plan: DataPlan, given: Optional[int]) -> None:
+    """:class:`UsageError` naming ``--num_classes`` when ``given`` (``None``: not given) differs from the class
+    count the data holds."""
+    if given is not None and given != plan.num_classes:
+        raise UsageError(f"--num_classes {given}: the data of {plan.dataset!r} has {plan.num_classes} classes")
 
 
 @dataclass
@@ -51,6 +62,7 @@ class DataRequest:
     test_transform: Callable
     need_train: bool  # False for --eval_only
     dataset_kwargs: Dict[str, Any] = field(default_factory=dict)  # for ListFileDataset (skip_bad_images)
+    allow_overlap: bool = False  # an image in a training and a test list is refused unless this is set
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,8 @@ class Benchmark:
         primary: (``--dataset``, evaluated split names) -> the split whose top-1 is the run's ``top1``.
         protocol: one line on what is trained, evaluated and selected (launcher comments, README).
         table_layout: its results table (:class:`TableLayout`; default: datasets x methods).
+        any_dataset_name: ``--dataset`` is any name the user chooses (it only names the run); such a benchmark
+            is chosen with ``--benchmark``, never inferred from ``--dataset``.
     """
 
     name: str
@@ -152,6 +166,7 @@ class Benchmark:
     default_eval_interval: Optional[int] = None
     primary: Callable[[str, Sequence[str]], str] = _test_split
     table_layout: TableLayout = TableLayout()
+    any_dataset_name: bool = False
 
     def train_transform_is_deterministic(self) -> bool:
         return not self.augment_train

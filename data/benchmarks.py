@@ -1,4 +1,5 @@
-"""The registry of benchmarks: one :class:`~data.benchmark.Benchmark` per module, looked up by name or alias.
+"""The registry of benchmarks: one :class:`~data.benchmark.Benchmark` per module, looked up by name or alias
+(the paper's three, and ``folder``: your own data).
 
 Adding a benchmark: write ``data/<name>.py`` with its datasets and a ``BENCHMARK = Benchmark(...)`` (see
 :mod:`data.benchmark` for the fields), add it to ``_MODULES`` below, and test it (see the README).
@@ -7,13 +8,13 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from . import domain_generalization, few_shot, vtab
+from . import domain_generalization, few_shot, folder, vtab
 from .benchmark import Benchmark
 from .errors import UnknownNameError
 
 __all__ = ["BENCHMARKS", "REGISTRY", "get_benchmark", "canonical_benchmark"]
 
-_MODULES = (vtab, few_shot, domain_generalization)
+_MODULES = (vtab, few_shot, domain_generalization, folder)
 
 #: canonical name -> Benchmark, in table order.
 REGISTRY: Dict[str, Benchmark] = {m.BENCHMARK.name: m.BENCHMARK for m in _MODULES}
@@ -26,7 +27,8 @@ for _b in REGISTRY.values():
 
 
 def canonical_benchmark(name: str) -> str:
-    """``vtab`` | ``few_shot`` | ``domain_generalization`` (accepts e.g. ``few-shot``, ``fgfs``, ``dg``)."""
+    """``vtab`` | ``few_shot`` | ``domain_generalization`` | ``folder`` (accepts e.g. ``few-shot``, ``fgfs``,
+    ``dg``)."""
     key = name.strip().lower().replace("-", "_")
     if key not in _ALIASES:
         raise UnknownNameError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")

@@ -2,8 +2,9 @@
 
 Checks, for every list file a benchmark needs: the folders and list files exist, every line parses
 (``path label``, split on the last whitespace run), labels lie in ``[0, num_classes)``, every listed image file
-exists, and (optionally) every image decodes. Collects ALL problems instead of stopping at the first, and
-reports image and class counts per split. Few-shot / DG training lists are also checked to hold exactly ``k``
+exists, no list holds an image twice (a warning for training lists, a problem for test lists), no test image
+is also a training image, and (optionally) every image decodes. Collects ALL problems instead of stopping at
+the first, and reports image and class counts per split. Few-shot / DG training lists are also checked to hold exactly ``k``
 images per class present (a warning otherwise). What a benchmark's root holds is checked by its own
 ``Benchmark.check_root`` (in its module), the layout is recognised by ``Benchmark.detect``.
 """
@@ -15,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 from .benchmarks import REGISTRY, get_benchmark
 from .errors import DataError, require_root
-from .listcheck import CheckReport, ListReport, cap_list, check_list
+from .listcheck import CheckReport, ListReport, cap_list, check_list, report_overlap
 from .listfile import inspect_image
 from .vtab import VTAB_SPLITS
 
@@ -36,8 +37,9 @@ def detect_benchmark(root: str) -> str:
         raise DataError(f"{root}: this looks like ONE VTAB task folder; pass the VTAB root that holds the task "
                         f"folders (its parent, {os.path.dirname(os.path.abspath(root))})")
     raise DataError(f"{root}: cannot tell the benchmark from the layout (expected VTAB task folders such as "
-                    f"cifar/train800val200.txt, a few-shot root with few-shot_split/, or a DG root with "
-                    f"imagenet/annotations/); pass --benchmark")
+                    f"cifar/train800val200.txt, a few-shot root with few-shot_split/, a DG root with "
+                    f"imagenet/annotations/, or your own data: train/<class>/<image> and test/<class>/<image>, "
+                    f"or train.txt / train.csv and test.txt / test.csv); pass --benchmark")
 
 
 def _decode_all(report: CheckReport, workers: Optional[int]) -> None:
@@ -68,17 +70,20 @@ def check_data_root(
         tasks: Optional[Sequence[str]] = None,
         check_images: Union[bool, str] = "auto",
         workers: Optional[int] = None,
+        allow_overlap: bool = False,
 ) -> CheckReport:
     """Check a data root and return a :class:`CheckReport` (never raises for data problems).
 
     Args:
-        root: the data root (VTAB-1k root, FGFS root or DG root).
-        benchmark: ``vtab`` / ``few_shot`` / ``domain_generalization``; ``None``: detected from the layout.
+        root: the data root (VTAB-1k root, FGFS root, DG root or a root of your own data).
+        benchmark: ``vtab`` / ``few_shot`` / ``domain_generalization`` / ``folder``; ``None``: detected from the
+            layout.
         tasks: VTAB tasks / few-shot datasets / DG targets to check; ``None``: those present (absent ones are
             noted, not errors). Named ones must be present.
         check_images: decode every image (``True``), never (``False``), or ``"auto"``: when the root lists at
             most :data:`AUTO_IMAGE_CHECK_LIMIT` distinct files.
         workers: threads for decoding.
+        allow_overlap: images in both a training and a test list are a warning instead of a problem.
     """
     detected = benchmark is None
     if detected:
@@ -97,6 +102,7 @@ def check_data_root(
         rep.errors.append(str(e))
         return rep
     get_benchmark(bench).check_root(root, tasks, rep)
+    report_overlap(rep, allow_overlap)
     n_files = len({p for r in rep.lists for p, _ in r.files})
     if check_images == "auto":
         do = n_files <= AUTO_IMAGE_CHECK_LIMIT

@@ -1,4 +1,4 @@
-"""List-file image datasets shared by the three benchmarks (VTAB-1k, few-shot FGFS, domain generalisation).
+"""List-file image datasets shared by the benchmarks (VTAB-1k, few-shot FGFS, domain generalisation, your own data).
 
 A list file holds one sample per line: ``relative/path label``. Paths may contain spaces, so each line is split
 on its LAST whitespace run. Blank lines are ignored. Every problem is reported as a :class:`DataError` whose
@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .listfile import (ListEntry, UnsupportedImageError, image_error, iter_list_file, load_rgb, parse_list_entries,
-                       parse_list_file)
+from .listfile import (ListEntry, UnsupportedImageError, image_error, iter_list_file, load_rgb, missing_reason,
+                       parse_list_entries, parse_list_file)
 
 __all__ = [
     "DataError", "ListEntry", "parse_list_file", "iter_list_file", "ListFileDataset", "load_rgb", "image_error",
@@ -36,6 +36,8 @@ class ListFileDataset(Dataset):
         skip_bad_images: drop missing files at construction and (through :meth:`verify_images`) unreadable
             ones, counting them in ``num_skipped``, instead of failing.
         check_files: verify at construction that every listed file exists (fast ``os.path.isfile``).
+        entries: the samples, already parsed (``--benchmark folder``: class-name labels, CSV, image folders);
+            ``list_path`` then only names their source in messages.
 
     Attributes: ``samples`` (list of ``(absolute path, label)``), ``targets``, ``num_classes``, ``list_path``,
     ``image_root``, ``num_skipped``, ``skipped`` (list of ``(path, line_no, reason)``).
@@ -49,6 +51,7 @@ class ListFileDataset(Dataset):
             transform: Optional[Callable] = None,
             skip_bad_images: bool = False,
             check_files: bool = True,
+            entries: Optional[Sequence[ListEntry]] = None,
     ) -> None:
         if not os.path.isdir(image_root):
             raise DataError(f"{image_root}: image folder not found (images of list file {list_path})")
@@ -59,7 +62,8 @@ class ListFileDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.num_skipped = 0
         self.skipped: List[Tuple[str, int, str]] = []
-        entries = parse_list_entries(list_path, num_classes)
+        if entries is None:
+            entries = parse_list_entries(list_path, num_classes)
         if not entries:
             raise DataError(f"{list_path}: list file has no samples")
         samples = [(os.path.normpath(os.path.join(self.image_root, e.path)), e.label) for e in entries]
@@ -70,10 +74,11 @@ class ListFileDataset(Dataset):
                 if not skip_bad_images:
                     i = missing[0]
                     more = f" ({len(missing)} of {len(samples)} listed files are missing)" if len(missing) > 1 else ""
-                    raise DataError(f"{samples[i][0]}: image file not found (listed at {list_path}:{lines[i]}){more}")
+                    raise DataError(f"{samples[i][0]}: {missing_reason(samples[i][0])} (listed at {list_path}:"
+                                    f"{lines[i]}){more}")
                 drop = set(missing)
                 for i in missing:
-                    self.skipped.append((samples[i][0], lines[i], "file not found"))
+                    self.skipped.append((samples[i][0], lines[i], missing_reason(samples[i][0])))
                 samples = [s for i, s in enumerate(samples) if i not in drop]
                 lines = [n for i, n in enumerate(lines) if i not in drop]
                 self.num_skipped = len(missing)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan, TableLayout
 from .errors import DataError, UnknownNameError, require_root
-from .listcheck import CheckReport, check_list, first_path, select_names
+from .listcheck import CheckReport, check_list, check_plan, first_path, select_names
 from .listfile import parse_list_file
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
@@ -172,7 +172,9 @@ def build_dg_plan(req: DataRequest) -> DataPlan:
         seeds.append(SeedPlan(i, s, train, None, tests))
     info = {"source": f"{DG_SOURCE}-{req.shot}shot", "target": targets[0] if len(targets) == 1 else targets,
             "shot": req.shot}
-    return DataPlan(DG_NUM_CLASSES, seeds, req.dataset, info)
+    plan = DataPlan(DG_NUM_CLASSES, seeds, req.dataset, info)
+    check_plan(plan, req.allow_overlap)
+    return plan
 
 
 def _primary_target(dataset: str, names) -> str:
@@ -200,7 +202,7 @@ def check_dg_root(root: str, targets, report: CheckReport, seeds=DG_SEEDS, shot=
     for t in names:
         lp = dg_target_list_path(root, t)
         image_root = resolve_dg_target_image_root(root, t, first_path(lp) if os.path.isfile(lp) else None)
-        report.lists.append(check_list(f"{t} (target)", "val", image_root, lp, DG_NUM_CLASSES))
+        report.lists.append(check_list(f"{t} (target)", "val", image_root, lp, DG_NUM_CLASSES, role="test"))
 
 
 def looks_like_dg_root(root: str) -> bool:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan, TableLayout
 from .errors import DataError, UnknownNameError, require_root
-from .listcheck import CheckReport, check_list, select_names
+from .listcheck import CheckReport, check_list, check_plan, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
     from .datasets import ListFileDataset
@@ -122,7 +122,9 @@ def build_fgfs_plan(req: DataRequest) -> DataPlan:
         train = (build_fgfs_dataset(req.data_dir, name, "train", shot=req.shot, seed=s, transform=req.train_transform,
                                     **kw) if req.need_train else None)
         seeds.append(SeedPlan(i, s, train, val, {"test": test}))
-    return DataPlan(FGFS_DATASETS[name], seeds, req.dataset, {"shot": req.shot})
+    plan = DataPlan(FGFS_DATASETS[name], seeds, req.dataset, {"shot": req.shot})
+    check_plan(plan, req.allow_overlap)
+    return plan
 
 
 def check_fgfs_root(root: str, datasets, report: CheckReport, shots=FGFS_SHOTS, seeds=FGFS_SEEDS) -> None:

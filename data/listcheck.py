@@ -3,15 +3,23 @@ list file, :class:`CheckReport` collects the results of a data root. The benchma
 layouts with these (``Benchmark.check_root``); :mod:`data.check` runs them."""
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .benchmark import DataPlan
 from .errors import DataError
-from .listfile import iter_list_file
+from .listfile import iter_list_file, missing_reason
 
-__all__ = ["ListReport", "CheckReport", "check_list", "select_names", "first_path"]
+__all__ = ["ListReport", "CheckReport", "check_list", "select_names", "first_path", "check_plan", "split_role",
+           "report_overlap", "OVERLAP_FLAG"]
+
+_logger = logging.getLogger(__name__)
+
+#: The train.py flag that accepts images in both a training and a test list.
+OVERLAP_FLAG = "--allow_train_test_overlap"
 
 _MAX_SHOWN = 5  # problems of one kind listed per list file before "... and N more"
 
@@ -24,6 +32,7 @@ class ListReport:
     split: str
     list_path: str
     num_classes: int
+    role: str = "train"  # "train", "val" or "test" (duplicates are refused in test lists; overlap train/test)
     n_samples: int = 0
     n_classes_seen: int = 0
     errors: List[str] = field(default_factory=list)
@@ -97,10 +106,26 @@ def cap_list(items: List[str], what: str) -> List[str]:
     return items[:_MAX_SHOWN] + [f"... and {len(items) - _MAX_SHOWN} more {what}"]
 
 
+def split_role(split: str) -> str:
+    """``train`` for a split named ``train...``, ``val`` for ``val...``, else ``test``."""
+    return "train" if split.startswith("train") else "val" if split.startswith("val") else "test"
+
+
+def _duplicate_problem(list_path: str, role: str, repeats: List[Tuple[str, int, int]]) -> str:
+    path, line, first = repeats[0]
+    what = (f"{list_path}:{line}: {path} is listed again (first at line {first}; {len(repeats)} duplicate "
+            f"line(s) in this list)")
+    if role == "test":
+        return what + ": a test list must hold each image once (a duplicate counts it twice in the measure)"
+    return what + ": the image is seen more often per epoch"
+
+
 def check_list(group: str, split: str, image_root: str, list_path: str, num_classes: int,
-               expected_per_class: Optional[int] = None) -> ListReport:
-    """Check one list file (parsing, label range, file existence); images are decoded later, all at once."""
-    rep = ListReport(group, split, list_path, num_classes)
+               expected_per_class: Optional[int] = None, role: Optional[str] = None) -> ListReport:
+    """Check one list file (parsing, label range, file existence, duplicate lines: a warning in training and
+    validation lists, a problem in test lists; ``role`` defaults to :func:`split_role`); images are decoded
+    later, all at once."""
+    rep = ListReport(group, split, list_path, num_classes, role or split_role(split))
     if not os.path.isfile(list_path):
         rep.errors.append(f"{list_path}: list file not found")
         return rep
@@ -108,6 +133,8 @@ def check_list(group: str, split: str, image_root: str, list_path: str, num_clas
         rep.errors.append(f"{image_root}: image folder not found (images of {list_path})")
         return rep
     bad_lines, missing = [], []
+    first_line: Dict[str, int] = {}
+    repeats: List[Tuple[str, int, int]] = []
     labels: Counter = Counter()
     try:
         for line_no, entry, problem in iter_list_file(list_path, num_classes):
@@ -118,15 +145,21 @@ def check_list(group: str, split: str, image_root: str, list_path: str, num_clas
             labels[entry.label] += 1
             path = os.path.normpath(os.path.join(image_root, entry.path))
             where = f"{list_path}:{line_no}"
+            if path in first_line:
+                repeats.append((path, line_no, first_line[path]))
+                continue
+            first_line[path] = line_no
             if os.path.isfile(path):
                 rep.files.append((path, where))
             else:
-                missing.append(f"{path}: image file not found (listed at {where})")
+                missing.append(f"{path}: {missing_reason(path)} (listed at {where})")
     except DataError as e:
         rep.errors.append(str(e))
         return rep
     rep.errors += cap_list(bad_lines, "malformed lines")
     rep.errors += cap_list(missing, "missing files")
+    if repeats:
+        (rep.errors if rep.role == "test" else rep.warnings).append(_duplicate_problem(list_path, rep.role, repeats))
     if rep.n_samples == 0 and not bad_lines:
         rep.errors.append(f"{list_path}: list file has no samples")
     rep.n_classes_seen = len(labels)
@@ -166,3 +199,73 @@ def first_path(list_path: str) -> Optional[str]:
     except DataError:
         pass
     return None
+
+
+def report_overlap(report: CheckReport, allow_overlap: bool = False) -> None:
+    """Add to ``report`` every test list that shares images (the same resolved path) with a training list: a
+    problem, or a warning with ``allow_overlap``."""
+    trained: Dict[str, str] = {}
+    for r in report.lists:
+        if r.role == "train":
+            for path, where in r.files:
+                trained.setdefault(path, where)
+    for r in report.lists:
+        if r.role != "test":
+            continue
+        shared = [(p, where) for p, where in r.files if p in trained]
+        if shared:
+            msg = _overlap_message(r.list_path, len(shared), shared[0][0], shared[0][1], trained[shared[0][0]])
+            (r.warnings if allow_overlap else r.errors).append(msg)
+
+
+def _overlap_message(test_list: str, n: int, path: str, test_where: str, train_where: str) -> str:
+    return (f"{test_list}: {n} image(s) are also in a training list, e.g. {path} (listed at {test_where} and "
+            f"{train_where}): testing on training images inflates the measure ({OVERLAP_FLAG} if intended)")
+
+
+def _paths(ds: Any) -> List[str]:
+    return [p for p, _ in ds.samples]
+
+
+def _duplicates(ds: Any) -> List[Tuple[str, int, int]]:
+    """``(path, line, first line)`` of every repeated sample of a list dataset."""
+    first: Dict[str, int] = {}
+    out = []
+    for i, path in enumerate(_paths(ds)):
+        if path in first:
+            out.append((path, ds.line_no(i), ds.line_no(first[path])))
+        else:
+            first[path] = i
+    return out
+
+
+def check_plan(plan: DataPlan, allow_overlap: bool = False) -> None:
+    """Duplicates and train/test overlap in the datasets of a run (each dataset has ``samples``, ``list_path``
+    and ``line_no``): a repeated image in a training or validation list is a warning with the count, in a test
+    list a :class:`DataError`; an image in both a seed's training list and one of its test lists (the same
+    resolved path) is a :class:`DataError` unless ``allow_overlap`` (then a warning)."""
+    seen: Dict[int, str] = {}
+    for seed in plan.seeds:
+        roles = [("train", seed.train), ("val", seed.val), *[("test", t) for t in seed.tests.values()]]
+        for role, ds in roles:
+            if ds is None or id(ds) in seen:
+                continue
+            seen[id(ds)] = role
+            repeats = _duplicates(ds)
+            if repeats and role == "test":
+                raise DataError(_duplicate_problem(ds.list_path, role, repeats))
+            if repeats:
+                _logger.warning("%s", _duplicate_problem(ds.list_path, role, repeats))
+        if seed.train is None:
+            continue
+        trained = {p: i for i, p in enumerate(_paths(seed.train))}
+        for test in seed.tests.values():
+            shared = [(i, trained[p]) for i, p in enumerate(_paths(test)) if p in trained]
+            if not shared:
+                continue
+            i, j = shared[0]
+            msg = _overlap_message(test.list_path, len(shared), _paths(test)[i], f"{test.list_path}:{test.line_no(i)}",
+                                   f"{seed.train.list_path}:{seed.train.line_no(j)}")
+            if not allow_overlap:
+                raise DataError(msg)
+            _logger.warning("%s", msg)

@@ -14,10 +14,19 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["ListEntry", "iter_list_file", "parse_list_file", "parse_list_entries", "load_rgb", "to_rgb", "image_error",
-           "inspect_image", "UnsupportedImageError", "SIXTEEN_BIT_MODES"]
+__all__ = ["ListEntry", "parse_index", "split_line", "read_lines", "iter_list_file", "parse_list_file",
+           "parse_list_entries", "load_rgb", "to_rgb", "image_error", "inspect_image", "missing_reason",
+           "UnsupportedImageError", "SIXTEEN_BIT_MODES"]
 
 _LINE_RE = re.compile(r"^(?P<path>.*?)\s+(?P<label>\S+)$")
+# A class index: ASCII digits only (Python's int() also reads '+3', '0_3' and full-width digits such as '３').
+_INDEX_RE = re.compile(r"-?[0-9]+")
+
+
+def parse_index(text: str) -> Optional[int]:
+    """``text`` as a class index when it is ASCII digits (a leading ``-`` is read, to be refused as out of
+    range), else ``None``."""
+    return int(text) if _INDEX_RE.fullmatch(text) else None
 
 
 class ListEntry(tuple):
@@ -41,7 +50,7 @@ class ListEntry(tuple):
         return self[2]
 
 
-def _read_lines(list_path: str) -> List[str]:
+def read_lines(list_path: str) -> List[str]:
     if not os.path.exists(list_path):
         raise DataError(f"{list_path}: list file not found")
     if not os.path.isfile(list_path):
@@ -55,17 +64,24 @@ def _read_lines(list_path: str) -> List[str]:
         raise DataError(f"{list_path}: cannot read list file ({e})") from None
 
 
+def split_line(line: str) -> Optional[Tuple[str, str]]:
+    """``(path, label)`` of a ``path label`` line, split on its last whitespace run; ``None`` without a label."""
+    m = _LINE_RE.match(line.strip())
+    if m is None or not m.group("path"):
+        return None
+    return m.group("path"), m.group("label")
+
+
 def _parse_line(line: str, num_classes: Optional[int]) -> Tuple[Optional[Tuple[str, int]], Optional[str]]:
     """Parse one non-blank line; return ``((path, label), None)`` or ``(None, problem)``."""
     text = line.strip()
-    m = _LINE_RE.match(text)
-    if m is None or not m.group("path"):
+    fields = split_line(text)
+    if fields is None:
         return None, f"expected '<relative/path> <integer label>', got {text!r} (no label)"
-    path, label_s = m.group("path"), m.group("label")
-    try:
-        label = int(label_s)
-    except ValueError:
-        return None, f"label {label_s!r} is not an integer (line {text!r})"
+    path, label_s = fields
+    label = parse_index(label_s)
+    if label is None:
+        return None, f"label {label_s!r} is not an integer of ASCII digits 0-9 (line {text!r})"
     if label < 0 or (num_classes is not None and label >= num_classes):
         rng = f"[0, {num_classes})" if num_classes is not None else ">= 0"
         return None, f"label {label} is outside the class range {rng} (line {text!r})"
@@ -79,7 +95,7 @@ def iter_list_file(list_path: str, num_classes: Optional[int]
     Used by the data checker to collect all problems; :func:`parse_list_file` stops at the first one.
     Raises :class:`DataError` only when the file itself cannot be read.
     """
-    for i, line in enumerate(_read_lines(list_path), start=1):
+    for i, line in enumerate(read_lines(list_path), start=1):
         if not line.strip():
             continue
         parsed, problem = _parse_line(line, num_classes)
@@ -132,6 +148,12 @@ def to_rgb(img: Image.Image, path: str = "") -> Image.Image:
     return img.convert("RGB")
 
 
+def missing_reason(path: str) -> str:
+    """Why a listed ``path`` that is not a regular file cannot be used: ``is a directory, not an image file`` or
+    ``image file not found``."""
+    return "is a directory, not an image file" if os.path.isdir(path) else "image file not found"
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image with PIL and convert it to 8-bit RGB with :func:`to_rgb` (this decodes the whole file)."""
     with open(path, "rb") as f:
@@ -149,6 +171,8 @@ def inspect_image(path: str) -> Tuple[Optional[str], Optional[str]]:
             to_rgb(img, path)
     except FileNotFoundError:
         return "file not found", None
+    except IsADirectoryError:
+        return "is a directory, not an image file", None
     except UnidentifiedImageError:
         return "unreadable image (not a recognised image format)", None
     except UnsupportedImageError as e:

@@ -1,4 +1,4 @@
-"""Small generated data roots in the real layouts of the three benchmarks (tests, the README demo).
+"""Small generated data roots in the real layouts of the three benchmarks and of your own data (tests, the demo).
 
 Everything is deterministic given ``seed``. Images are real PNG/JPEG files. With ``kind="shapes"`` (default)
 the images are LEARNABLE procedural scenes in the spirit of VTAB's dSprites/CLEVR tasks: each class fixes some
@@ -33,7 +33,7 @@ from .vtab import get_vtab_task
 
 __all__ = [
     "TASK_FACTORS", "GENERIC_FACTORS", "factors_for", "spread_labels", "render_scene", "make_image",
-    "make_vtab_root", "make_fgfs_root", "make_dg_root",
+    "make_vtab_root", "make_fgfs_root", "make_dg_root", "make_folder_root", "FOLDER_CLASSES",
 ]
 
 Factors = Tuple[Tuple[str, int], ...]
@@ -438,6 +438,54 @@ def make_dg_root(
     _write_note(root, f"Synthetic DG-layout data written by data/synthetic.py (kind={kind}, seed={seed}, "
                       f"img_size={img_size}); {len(used)} of 1000 classes; targets: {', '.join(targets)}. "
                       f"Not the real benchmark.\n")
+    return root
+
+
+#: Class names of :func:`make_folder_root` (spaces and non-ASCII letters on purpose; .txt lists need names
+#: without spaces).
+FOLDER_CLASSES: Tuple[str, ...] = ("red circle", "grün square", "blue triangle", "étoile")
+
+
+def make_folder_root(
+        root: str,
+        classes: Sequence[str] = FOLDER_CLASSES,
+        layout: str = "folders",
+        n_train: int = 4,
+        n_val: int = 0,
+        n_test: int = 2,
+        header: bool = False,
+        names: bool = True,
+        classes_file: bool = False,
+        img_size: int = 32,
+        seed: int = 0,
+) -> str:
+    """Write a root of "your own data" (``--benchmark folder``): ``n_*`` images per class and split under
+    ``<split>/<class>/`` (file names with spaces and unicode), plus, for ``layout`` ``txt`` / ``csv``, the list
+    files ``<split>.txt`` / ``<split>.csv`` pointing at them (with a ``header`` line; labels as class ``names``
+    or indices). ``classes_file`` writes ``classes.txt`` (in the given order). ``n_val = 0``: no val split.
+    Returns ``root``."""
+    if layout not in ("folders", "txt", "csv"):
+        raise ValueError(f"unknown layout {layout!r}; valid: folders, txt, csv")
+    if layout == "txt" and names and any(len(c.split()) != 1 for c in classes):
+        raise ValueError("a .txt list's label is its last field: class names with spaces need layout='csv'")
+    factors = factors_for(len(classes))
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        rows: List[Tuple[str, str]] = []
+        for c, name in enumerate(classes):
+            rng = _rng(seed, "folder", split, c)
+            for j in range(n):
+                rel = f"{split}/{name}/bild {j:02d} ü.png"
+                _save(make_image(c, factors, img_size, rng), os.path.join(root, rel), "png")
+                rows.append((rel, name if names else str(c)))
+        if not rows or layout == "folders":
+            continue
+        if layout == "csv":
+            text = "".join(f'"{p}",{y}\n' for p, y in [("path", "label")] * header + rows)
+        else:
+            text = "".join(f"{p} {y}\n" for p, y in [("path", "label")] * header + rows)
+        atomic_write_text(os.path.join(root, f"{split}.{layout}"), text)
+    if classes_file:
+        atomic_write_text(os.path.join(root, "classes.txt"), "".join(f"{c}\n" for c in classes))
     return root
 
 

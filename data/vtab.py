@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from .benchmark import Benchmark, DataPlan, DataRequest, SeedPlan, TableLayout
 from .errors import DataError, UnknownNameError, require_root
-from .listcheck import CheckReport, check_list, select_names
+from .listcheck import CheckReport, check_list, check_plan, select_names
 
 if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
     from .datasets import ListFileDataset
@@ -153,7 +153,9 @@ def build_vtab_plan(req: DataRequest) -> DataPlan:
     train = (build_vtab_dataset(req.data_dir, task, VTAB_TRAIN_SPLIT, transform=req.train_transform, **kw)
              if req.need_train else None)
     seeds = [SeedPlan(i, s, train, None, {"test": test}) for i, s in enumerate(req.seeds)]
-    return DataPlan(task.num_classes, seeds, task.name)
+    plan = DataPlan(task.num_classes, seeds, task.name)
+    check_plan(plan, req.allow_overlap)
+    return plan
 
 
 def check_vtab_root(root: str, tasks, report: CheckReport) -> None:

@@ -231,7 +231,7 @@ def test_config_yaml_gives_defaults_and_flags_win(tmp_path):
     (["--dataset", "cifar_100", "--shot", "2"], "--shot does not apply"),
     (["--dataset", "cifar_100", "--eval_only"], "--eval_only needs --checkpoint"),
     (["--dataset", "cifar_100", "--checkpoint", "x.pth"], "only used with --eval_only"),
-    (["--dataset", "cifar_100", "--eval_interval", "5"], "few-shot benchmark only"),
+    (["--dataset", "cifar_100", "--eval_interval", "5"], "few-shot and folder benchmarks only"),
     (["--dataset", "cifar_100", "--target_dataset", "all"], "domain_generalization benchmark only"),
     (["--dataset", "cifar_100", "--mixup", "0.8", "--batch_size", "7"], "even batch"),
     (["--dataset", "not_a_task"], "unknown dataset"),

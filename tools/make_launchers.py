@@ -102,6 +102,20 @@ def _flags(row: Dict[str, str]) -> List[Tuple[str, str]]:
     return flags
 
 
+def repo_lines(up: str) -> List[str]:
+    """The lines of a launcher ``up`` folders below the repository that find it (``DTL_ROOT`` when set) and
+    source ``launch_common.sh``; a launcher copied elsewhere without ``DTL_ROOT`` stops with one line."""
+    return [
+        f'REPO="${{DTL_ROOT:-$(cd "$(dirname "${{BASH_SOURCE[0]}}")/{up}" && pwd)}}"  # DTL_ROOT: the repository',
+        'if [[ ! -f "$REPO/train_scripts/launch_common.sh" ]]; then',
+        '  echo "error: no DTL repository at $REPO (the launcher was moved out of train_scripts/?): set DTL_ROOT to" \\',
+        '       "the repository folder" >&2',
+        "  exit 2",
+        "fi",
+        'source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1',
+    ]
+
+
 def render(row: Dict[str, str]) -> str:
     """The text of one launcher."""
     model, default_load, bb_name = BACKBONES[row["backbone"]]
@@ -127,15 +141,15 @@ def render(row: Dict[str, str]) -> str:
         load_doc,
         "#   NPROC       processes (GPUs) on this machine; >1 runs torchrun (--batch_size stays the global batch).",
         "#   Environment variables of the same names override the values below; so do PYTHON and TORCHRUN_ARGS",
-        "#   (extra torchrun flags for several nodes: --nnodes --node_rank --master_addr --master_port).",
+        "#   (extra torchrun flags for several nodes: --nnodes --node_rank --master_addr --master_port) and DTL_ROOT",
+        "#   (the repository, for a launcher copied elsewhere).",
         "",
         f'DATA_DIR="${{DATA_DIR-{bench.launcher_data_dir}}}"',
         f'LOAD_PATH="${{LOAD_PATH-{default_load}}}"',
         'NPROC="${NPROC-1}"',
         "",
         "set -euo pipefail",
-        'REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"',
-        'source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1',
+        *repo_lines("../../../.."),
         "",
         '# exec: this PID becomes the training (or torchrun) process, so signals sent to the launcher reach it.',
         'exec "${LAUNCH[@]}" "$REPO/train.py" \\',
@@ -152,11 +166,23 @@ COMMON = """\
 # Sourced by every launcher: picks the Python interpreter and builds LAUNCH (an array) from NPROC.
 # The launcher then `exec`s "${LAUNCH[@]}" train.py ...: its PID becomes the Python (or torchrun) process, so
 # signals sent to the launcher reach the training.
-#   PYTHON        interpreter (default: the repository's .venv, else python3)
+#   PYTHON        interpreter (default: the repository's .venv, else python3, which must have torch)
 #   NPROC         processes on this node; > 1 -> python -m torch.distributed.run --nproc_per_node NPROC
 #   TORCHRUN_ARGS extra torchrun flags, e.g. "--nnodes 2 --node_rank 0 --master_addr host0 --master_port 29500"
-if [[ -z "${PYTHON:-}" ]]; then
+if [[ -n "${PYTHON:-}" ]]; then
+  if ! command -v "$PYTHON" > /dev/null; then
+    echo "error: PYTHON=$PYTHON: no such interpreter (unset it to use $REPO/.venv, made by" \\
+         "'bash scripts/setup_env.sh')" >&2
+    exit 2
+  fi
+else
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+  # find_spec looks torch up without importing it (a few milliseconds)
+  if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2> /dev/null; then
+    echo "error: $PYTHON cannot import torch: run 'bash scripts/setup_env.sh' (creates $REPO/.venv, which the" \\
+         "launchers use), or set PYTHON= to an interpreter with requirements.txt installed" >&2
+    exit 2
+  fi
 fi
 if ! [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then
   echo "NPROC must be a positive integer, got '${NPROC}'" >&2

@@ -300,13 +300,15 @@ def _dataset_check(benchmark: str, dataset: str) -> Optional[str]:
 
 def infer_benchmark(dataset: str) -> str:
     """The benchmark a dataset name belongs to; :class:`UsageError` when unknown or ambiguous."""
-    checks = {b: _dataset_check(b, dataset) for b in REGISTRY}
+    checks = {b: _dataset_check(b, dataset) for b, bench in REGISTRY.items() if not bench.any_dataset_name}
     found = [b for b, err in checks.items() if err is None]
     if len(found) == 1:
         return found[0]
     if not found:
+        own = [b for b, bench in REGISTRY.items() if bench.any_dataset_name]
         raise UsageError(f"--dataset {dataset!r}: unknown dataset, neither a VTAB-1k task, a few-shot dataset nor a "
-                         f"DG target:\n  " + "\n  ".join(checks.values()))
+                         f"DG target:\n  " + "\n  ".join(checks.values())
+                         + "".join(f"\n  (your own data: --benchmark {b})" for b in own))
     raise UsageError(f"--dataset {dataset!r} exists in several benchmarks ({', '.join(found)}): pass --benchmark")
 
 
@@ -362,7 +364,8 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
             args.eval_interval = bench.default_eval_interval
     elif args.eval_interval is not None:
         selecting = [b.name.replace("_", "-") for b in REGISTRY.values() if b.selects_on_val]
-        raise UsageError(f"--eval_interval applies to the {', '.join(selecting)} benchmark only ({bench.name} "
+        raise UsageError(f"--eval_interval applies to the {' and '.join(selecting)} benchmark"
+                         f"{'s' if len(selecting) > 1 else ''} only ({bench.name} "
                          f"evaluates once, after the last epoch, without model selection)")
     if bench.shot == "required" and args.shot is None and not args.eval_only:
         raise UsageError(f"--shot is required for the {bench.name.replace('_', '-')} benchmark ({bench.shot_help})")

@@ -11,14 +11,20 @@
 #               empty = random initialisation (a loud warning; for tests only).
 #   NPROC       processes (GPUs) on this machine; >1 runs torchrun (--batch_size stays the global batch).
 #   Environment variables of the same names override the values below; so do PYTHON and TORCHRUN_ARGS
-#   (extra torchrun flags for several nodes: --nnodes --node_rank --master_addr --master_port).
+#   (extra torchrun flags for several nodes: --nnodes --node_rank --master_addr --master_port) and DTL_ROOT
+#   (the repository, for a launcher copied elsewhere).
 
 DATA_DIR="${DATA_DIR-/path/to/FGFS}"
 LOAD_PATH="${LOAD_PATH-/path/to/ViT-B_16.npz}"
 NPROC="${NPROC-1}"
 
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"
+REPO="${DTL_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)}"  # DTL_ROOT: the repository
+if [[ ! -f "$REPO/train_scripts/launch_common.sh" ]]; then
+  echo "error: no DTL repository at $REPO (the launcher was moved out of train_scripts/?): set DTL_ROOT to" \
+       "the repository folder" >&2
+  exit 2
+fi
 source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1
 
 # exec: this PID becomes the training (or torchrun) process, so signals sent to the launcher reach it.

@@ -214,7 +214,7 @@ def four_gpus(monkeypatch):
 
 
 def test_each_rank_gets_its_own_gpu(four_gpus, monkeypatch):
-    from utils.args import UsageError
+    from utils.errors import UsageError
     from utils.distributed import init_distributed, resolve_device
 
     assert resolve_device("cuda", 0) == torch.device("cuda", 0)

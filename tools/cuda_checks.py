@@ -163,7 +163,7 @@ def check_scaler(device: torch.device) -> Dict:
 
 def check_devices(device: torch.device) -> Dict:
     _need_cuda(device)
-    from utils.args import UsageError
+    from utils.errors import UsageError
     from utils.distributed import resolve_device
 
     n = torch.cuda.device_count()

@@ -148,7 +148,7 @@ def dry_run(launcher: str, extra: Sequence[str], env: Dict[str, str]) -> List[st
 
 def describe(launcher: str, extra: Sequence[str], env: Dict[str, str]) -> Dict[str, Any]:
     """benchmark, dataset, method, shot, model, data_dir, load_path of a launcher (train.py's own parser)."""
-    from utils.args import parse_args, resolved_method  # here: it imports torch, which --collect does not need
+    from cli.specs import parse_args, resolved_method  # here: it imports torch, which --collect does not need
 
     argv = dry_run(launcher, extra, env)
     try:

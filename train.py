@@ -116,8 +116,7 @@ def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState],
         resuming = resume is not None and plan.index == start_seed and state.trainer is not None
         model = first_model if plan.index == start_seed else None
         train_seed(ctx, data, plan, state, resuming, plan.index == start_seed, epoch_times, model)
-    return run_results(exp, method=exp.model.method, backbone=backbone_label(exp.model.backbone,
-                                                                             exp.model.backbone_kwargs),
+    return run_results(exp, method=exp.model.method, backbone=backbone_label(exp.model),
                        per_seed=state.completed, epochs=epochs, counts=state.counts,
                        train_time=state.train_time_s, train_images=state.train_images, cache_info=state.cache_info,
                        info=data.info, peaks=ctx.peaks, precision=exp.run.precision,
@@ -274,8 +273,7 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, model: torch.nn.Module, se
     for k, v in final.items():
         _logger.info("eval %s: top-1 %.2f, top-5 %.2f (%d images)", k, v["top1"], v["top5"], v["n"])
     primary = get_benchmark(exp.data.benchmark).primary(exp.data.dataset, list(final))
-    return run_results(exp, method=exp.model.method, backbone=backbone_label(exp.model.backbone,
-                                                                             exp.model.backbone_kwargs),
+    return run_results(exp, method=exp.model.method, backbone=backbone_label(exp.model),
                        per_seed=[seed_result(seed, final, primary)], epochs=0,
                        counts=parameter_counts(count_parameters(model)), train_time=0.0, train_images=0,
                        cache_info=CacheInfo(), info=data.info, peaks=ctx.peaks, precision=exp.run.precision,

@@ -326,12 +326,12 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
             raise UsageError(f"--config {path}: unknown key {_short(k)} (keys are train.py flag names, e.g. lr, "
                              f"epochs)")
         action = actions[key]
-        if v is None and action.default is not None:
-            raise UsageError(f"--config {path}: {_short(k)} has no value; write {key}: VALUE, or leave the key out "
-                             f"for the default ({_short(action.default)})")
         if isinstance(action, _BOOL_ACTIONS):
             out[key] = _config_bool(path, k, v)
             continue
+        if v is None and action.default is not None:
+            raise UsageError(f"--config {path}: {_short(k)} has no value; write {key}: VALUE, or leave the key out "
+                             f"for the default ({_short(action.default)})")
         if v is not None and action.type is not None and not isinstance(v, bool):
             try:
                 if isinstance(v, dict):

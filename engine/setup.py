@@ -23,7 +23,7 @@ from models import ModelSettingsError, create_tuned_model
 from models.backbones import default_normalization
 from models.initial import InitialCheckpoint, check_initial_checkpoint
 from models.methods import get_method
-from models.spec import ModelSpec
+from models.spec import ModelSpec, thaw
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from engine.run_folder import CacheInfo
 from engine.spec import Experiment, OptimSpec, RunSpec
@@ -117,12 +117,13 @@ def _verify_all(seeds: Sequence[SeedPlan]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-def backbone_label(model_name: str, extra: Optional[Mapping[str, Any]]) -> str:
+def backbone_label(spec: ModelSpec) -> str:
     """``results.json``'s ``backbone``: the model name, with ``--model_kwargs`` when given (so that tables keep
     differently sized backbones apart)."""
+    extra = thaw(spec.backbone_kwargs)
     if not extra:
-        return model_name
-    return model_name + "[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
+        return spec.backbone
+    return spec.backbone + "[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
 
 
 def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) -> nn.Module:

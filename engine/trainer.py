@@ -22,7 +22,7 @@ from utils.optim import TrainableEMA, create_losses, create_mixup, create_optimi
 
 from .spec import OptimSpec
 
-__all__ = ["Trainer", "NonFiniteError", "effective_precision", "PRECISIONS"]
+__all__ = ["Trainer", "NonFiniteError", "effective_precision", "load_scaler_state", "PRECISIONS"]
 
 _logger = logging.getLogger("train")
 
@@ -44,6 +44,22 @@ def effective_precision(amp: bool, amp_dtype: str, device: torch.device) -> str:
 
 #: The precisions a run trains in: float32, fp16 autocast with a gradient scaler, bf16 autocast.
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: Dict[str, Any], precision: str, source: str) -> None:
+    """Load the fp16 gradient scaler's ``state`` of checkpoint ``source`` into ``scaler`` (of a run training in
+    ``precision``). A checkpoint of a run without fp16 autocast holds none (a disabled scaler saves ``{}``, which
+    ``GradScaler.load_state_dict`` refuses): the scaler then starts fresh, with a warning. (train.py refuses a
+    precision change before this point for checkpoints that record their precision; this covers older ones.)"""
+    if scaler.is_enabled():
+        if state:
+            scaler.load_state_dict(state)
+        else:
+            _logger.warning("%s has no fp16 gradient-scaler state (the interrupted run did not train with fp16 "
+                            "autocast): the scaler starts fresh (scale %.0f), so the resumed run differs from "
+                            "an uninterrupted one", source, scaler.get_scale())
+    elif state:
+        _logger.warning("%s holds fp16 gradient-scaler state, but this run trains in %s: ignored", source, precision)
 
 
 class Trainer:
@@ -216,20 +232,7 @@ class Trainer:
             self.ema.load_state_dict(sd["ema"], source)
 
     def _load_scaler(self, scaler_sd: Dict[str, Any], source: str) -> None:
-        """The fp16 gradient scaler's state. A checkpoint of a run without fp16 autocast holds none (a disabled
-        scaler saves ``{}``, which ``GradScaler.load_state_dict`` refuses): the scaler then starts fresh, with a
-        warning. (train.py refuses a precision change before this point for checkpoints that record their
-        precision; this covers older ones.)"""
-        if self.scaler.is_enabled():
-            if scaler_sd:
-                self.scaler.load_state_dict(scaler_sd)
-            else:
-                _logger.warning("%s has no fp16 gradient-scaler state (the interrupted run did not train with fp16 "
-                                "autocast): the scaler starts fresh (scale %.0f), so the resumed run differs from "
-                                "an uninterrupted one", source, self.scaler.get_scale())
-        elif scaler_sd:
-            _logger.warning("%s holds fp16 gradient-scaler state, but this run trains in %s: ignored", source,
-                            self.precision)
+        load_scaler_state(self.scaler, scaler_sd, self.precision, source)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

@@ -102,11 +102,11 @@ def test_eval_only_reproduces_the_accuracy(launcher_run, root, tmp_path):
 
 def _build(argv):
     import train
-    from cli.flags import parse_args
+    from cli.specs import build_experiment, parse_args
 
-    args = parse_args(["--dataset", TASK, *argv])
+    spec = build_experiment(parse_args(["--dataset", TASK, *argv])).model.replace(num_classes=N_CLASSES)
     with torch.device("meta"):
-        return train.build_model(args, N_CLASSES, weights=False)
+        return train.build_model(spec, weights=False)
 
 
 def test_defaults_are_the_backbones():

@@ -144,17 +144,17 @@ def check_host_cache(device: torch.device) -> Dict:
 
 def check_scaler(device: torch.device) -> Dict:
     _need_cuda(device)
+    from engine.spec import OptimSpec
     from engine.trainer import Trainer
+    from utils.distributed import DistInfo
 
-    trainer = Trainer.__new__(Trainer)
-    trainer.precision = "fp16"
-    trainer.scaler = torch.amp.GradScaler("cuda", enabled=True)
+    trainer = Trainer(torch.nn.Linear(4, 2), OptimSpec(amp=True), "fp16", DistInfo(device=device), 2)
     records: List[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("train").addHandler(handler)
     try:
-        trainer._load_scaler({}, "fp32-run/last.pth")
+        trainer.load_state_dict({**trainer.state_dict(), "scaler": {}}, "fp32-run/last.pth")
     finally:
         logging.getLogger("train").removeHandler(handler)
     warned = any("starts fresh" in r.getMessage() for r in records)

@@ -310,6 +310,9 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     try:
         with open(path, "r", encoding="utf-8") as f:
             cfg = yaml.load(f, Loader=_ConfigLoader) or {}
+    except yaml.MarkedYAMLError as e:
+        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark is not None else ""
+        raise UsageError(f"--config {path}: not valid YAML: {where}{str(e.problem)[:_MAX_REPR]}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML: " + " ".join(str(e).split())[:_MAX_REPR]) from None
     except (OSError, UnicodeDecodeError) as e:

@@ -251,7 +251,9 @@ class Loaders:
         self.device = dist_info.device
 
     def _device_normalised(self, loader):
-        return CudaPrefetcher(loader, self.device, self.mean, self.std) if self.prefetch else loader
+        if not self.prefetch:
+            return loader
+        return CudaPrefetcher(loader, self.device, Uint8Normalizer(self.mean, self.std, self.device))
 
     def train(self, dataset, seed: int, cache: Optional[PrefixCache] = None):
         per_proc = self.batch_size // self.dist.world_size

@@ -253,7 +253,7 @@ def test_normaliser_divides_like_to_tensor(monkeypatch):
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 20, 3), dtype=np.uint8))
     ref = T.Compose([T.ToTensor(), T.Normalize(mean=torch.tensor(DTL_MEAN), std=torch.tensor(DTL_STD))])(img)
     u = T.PILToTensor()(img).unsqueeze(0)
-    pre = CudaPrefetcher([], torch.device("cpu"), DTL_MEAN, DTL_STD)  # the arithmetic of the CUDA path
+    pre = CudaPrefetcher([], torch.device("cpu"), Uint8Normalizer(DTL_MEAN, DTL_STD, torch.device("cpu")))  # CUDA's arithmetic
     # the constants exist once: no tensor is made from Python numbers per batch (a blocking copy on CUDA)
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor called per batch"))
     monkeypatch.setattr(torch, "full", lambda *a, **k: pytest.fail("torch.full called per batch"))

@@ -71,14 +71,14 @@ def check_prefetcher(device: torch.device) -> Dict:
     _need_cuda(device)
     from torch.utils.data import DataLoader, TensorDataset
 
-    from data.transforms import DTL_MEAN, DTL_STD, normalize_uint8_batch
+    from data.transforms import DTL_MEAN, DTL_STD, Uint8Normalizer, normalize_uint8_batch
     from utils.loader import CudaPrefetcher
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8, generator=g)
     y = torch.arange(20)
     loader = DataLoader(TensorDataset(x, y), batch_size=6, pin_memory=True)
-    got = list(CudaPrefetcher(loader, device, DTL_MEAN, DTL_STD))
+    got = list(CudaPrefetcher(loader, device, Uint8Normalizer(DTL_MEAN, DTL_STD, device)))
     torch.cuda.synchronize(device)
     ok = len(got) == 4
     for (gx, gy), (cx, cy) in zip(got, loader):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
@@ -82,8 +82,7 @@ def build_experiment(args: argparse.Namespace, world_size: int = 1) -> Experimen
     run = RunSpec(world_size=world_size, **{name: getattr(args, name) for name in RunSpec.__dataclass_fields__
                                             if name not in ("precision", "world_size")})
     num_classes = bench.num_classes(bench.canonical_dataset(args.dataset))
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
-    return Experiment(model_spec(args, num_classes), data, optim, run, flags)
+    return Experiment(model_spec(args, num_classes), data, optim, run, vars(args))
 
 
 def with_data(exp: Experiment, dataset: str, num_classes: int) -> Experiment:
@@ -133,6 +132,6 @@ def _model_flags(spec: ModelSpec) -> Dict[str, Any]:
     return out
 
 
-def resolved_method(args: argparse.Namespace) -> Optional[str]:
+def resolved_method(args: argparse.Namespace) -> str:
     """results.json's ``method`` of parsed flags (``--method dtl --fusion_size 3``: ``dtl+``)."""
     return get_method(args.method).results_name(_method_config(args))

@@ -289,7 +289,7 @@ class RunFolder:
             except OSError as e:
                 raise write_error(os.path.join(self.out_dir, "events.out.tfevents.*"), e) from e
             if not (run.resume and os.path.exists(self.path("config.yaml"))):
-                cfg = {**flag_values(exp.flags), "specs": exp.sections()}
+                cfg = {**{k: v for k, v in flag_values(exp.flags).items() if k != "config"}, "specs": exp.sections()}
                 note = f"# effective precision: {run.precision}\n" if run.precision else ""
                 atomic_write_text(self.path("config.yaml"), "# resolved train.py flags (usable as --config); "
                                   "specs: the run's model/data/optim/run specs\n"

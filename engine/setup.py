@@ -151,12 +151,11 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
 
 
 def spec_from_delta(ckpt: Mapping[str, Any], source: str) -> ModelSpec:
-    """The :class:`~models.spec.ModelSpec` a delta checkpoint was trained with: its ``model_spec`` when it has
-    one, otherwise (deltas written before specs) rebuilt from its ``backbone``, ``model_kwargs``,
-    ``model_config`` and ``method``. The weights are the checkpoint's record only; the caller decides which
-    backbone weights to build on."""
-    if ckpt.get("model_spec") is not None:
-        return ModelSpec.from_dict(ckpt["model_spec"], source=source)
+    """The :class:`~models.spec.ModelSpec` a delta checkpoint was trained with, from the keys every delta has
+    (``backbone``, ``model_kwargs``, ``model_config``, ``method``: the structure its tensors were saved from);
+    the input normalisation from its ``model_spec`` (deltas written before specs: the backbone's,
+    :func:`models.backbones.default_normalization`). The weights are left to the caller, who decides which
+    backbone to build on."""
     try:
         method = get_method(ckpt["method"])
     except ValueError as e:
@@ -165,6 +164,9 @@ def spec_from_delta(ckpt: Mapping[str, Any], source: str) -> ModelSpec:
     kwargs = dict(ckpt.get("model_kwargs") or {})
     img_size, drop_path = kwargs.pop("img_size", 224), kwargs.pop("drop_path_rate", 0.0)
     mean, std = default_normalization(ckpt["backbone"])
+    if ckpt.get("model_spec") is not None:
+        stored = ModelSpec.from_dict(ckpt["model_spec"], source=source)
+        mean, std = stored.mean, stored.std
     try:
         return ModelSpec(backbone=ckpt["backbone"], method=ckpt["method"], num_classes=cfg.get("num_classes"),
                          img_size=img_size, drop_path_rate=drop_path, backbone_kwargs=kwargs,

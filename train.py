@@ -11,7 +11,8 @@ What each benchmark trains on, evaluates and selects is its :class:`data.benchma
 * Domain generalisation: for each data seed, train on the ImageNet k-shot source, evaluate the target(s)
   after the last epoch (``--target_dataset all``: all five).
 
-The program: parse and check the flags -> read (and verify) the checkpoints named on the command line -> build
+The program: parse and check the flags -> build the run's frozen specs once (:mod:`cli.specs`: model, data, optim,
+run; later steps derive new ones, nothing mutates them) -> read (and verify) the checkpoints named on the command line -> build
 and check the data of every seed (on --resume: the same data, and a finished run ends here) -> check the model
 flags on a meta-device model -> build the first model (backbone weights, fingerprint checks) -> open and lock the
 run folder -> for each seed: build the model, train, select, evaluate, stage its delta -> results.json. Nothing
@@ -52,7 +53,6 @@ from engine.trainer import Trainer
 from models import ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
 from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from models.pretrained import check_backbone_match, check_weights_file, weights_record
-from models.spec import ModelSpec
 from utils.atomic import WriteError
 from utils.checkpoint import (
     CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,

@@ -11,7 +11,8 @@ What each benchmark trains on, evaluates and selects is its :class:`data.benchma
 * Domain generalisation: for each data seed, train on the ImageNet k-shot source, evaluate the target(s)
   after the last epoch (``--target_dataset all``: all five).
 
-The program: parse and check the flags -> read (and verify) the checkpoints named on the command line -> build
+The program: parse and check the flags -> build the run's frozen specs once (:mod:`cli.specs`: model, data, optim,
+run; later steps derive new ones, nothing mutates them) -> read (and verify) the checkpoints named on the command line -> build
 and check the data of every seed (on --resume: the same data, and a finished run ends here) -> check the model
 flags on a meta-device model -> build the first model (backbone weights, fingerprint checks) -> open and lock the
 run folder -> for each seed: build the model, train, select, evaluate, stage its delta -> results.json. Nothing
@@ -29,44 +30,40 @@ Examples::
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from timm.utils import AverageMeter, random_seed
 
+from cli.specs import build_experiment, on_device, parse_args, with_data, with_model
 from data.benchmark import DataPlan, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
-from engine.run_folder import (
-    CacheInfo, ResumeState, RunFolder, SeedProgress, data_fingerprint, flag_value, run_is_complete,
-)
+from engine.run_folder import CacheInfo, ResumeState, RunFolder, SeedProgress, data_fingerprint, run_is_complete
 from engine.setup import (
-    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, model_kwargs,
+    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, spec_from_delta,
 )
-from engine.trainer import Trainer, resolve_precision
-from models import DTLConfig, ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
-from models.baselines import baseline_settings
-from models.config import format_blocks
+from engine.spec import Experiment
+from engine.trainer import Trainer
+from models import ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
 from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from models.pretrained import check_backbone_match, check_weights_file, weights_record
-from utils.args import UsageError, parse_args, resolved_method
 from utils.atomic import WriteError
 from utils.checkpoint import (
     CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,
 )
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
+from utils.errors import UsageError
 from utils.loader import set_epoch
 from utils.logger import close_file_logs, format_duration, log_to_files, setup_logging
 from utils.determinism import configure_backends
 from utils.metrics import PeakMemory
 from utils.runlock import RunLockedError
-from utils.optim import total_epochs
 
 _logger = logging.getLogger("train")
 
@@ -82,14 +79,21 @@ RUN_ERRORS = (WriteError, FloatingPointError)
 class Context:
     """What every step of a run shares."""
 
-    args: argparse.Namespace
+    exp: Experiment  # the run's specs (with the loaded backbone's fingerprint)
     dist: DistInfo
     folder: RunFolder
     loaders: Loaders
-    method: str  # results.json's method: dtl, dtl+ or a baseline
-    precision: str  # what training actually runs in: fp32, fp16 or bf16
     peaks: PeakMemory  # CUDA memory peaks per phase (training / evaluation / cache build)
     initial: Optional[InitialCheckpoint] = None  # --initial_checkpoint: every seed starts from its tensors
+
+
+def with_weights(exp: Experiment, model: torch.nn.Module) -> Experiment:
+    """``exp`` with the fingerprint of the backbone tensors ``model`` was built with (random: none)."""
+    record = weights_record(model)
+    if record is None or exp.model.weights.kind == "random":
+        return exp
+    return exp.replace(model=exp.model.replace(weights=replace(exp.model.weights,
+                                                               fingerprint=record.get("fingerprint"))))
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -97,35 +101,35 @@ def train_all(ctx: Context, data: DataPlan, resume: Optional[ResumeState],
               first_model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Train every seed of ``data`` (continuing ``resume``), return results.json's body. ``first_model``: the
     model of the first seed to train, built (by :func:`build_first_model`) before the run folder existed."""
-    args = ctx.args
+    exp = ctx.exp
     state = resume if resume is not None else ResumeState()
-    start_seed, epochs = state.seed_index, total_epochs(args)
+    start_seed, epochs = state.seed_index, exp.optim.total_epochs
     if resume is not None and start_seed >= len(data.seeds):
-        _logger.info("resuming from %s: every seed is trained; writing the results", args.resume)
+        _logger.info("resuming from %s: every seed is trained; writing the results", exp.run.resume)
     elif resume is not None:
-        _logger.info("resuming from %s: seed %d/%d, %d/%d epochs done", args.resume, start_seed + 1,
+        _logger.info("resuming from %s: seed %d/%d, %d/%d epochs done", exp.run.resume, start_seed + 1,
                      len(data.seeds), state.epoch, epochs)
-    state.precision = ctx.precision
+    state.precision = exp.run.precision
     ctx.peaks = PeakMemory(ctx.dist.device, initial=state.memory_peaks)
     epoch_times = AverageMeter()
     for plan in data.seeds[start_seed:]:
         resuming = resume is not None and plan.index == start_seed and state.trainer is not None
         model = first_model if plan.index == start_seed else None
         train_seed(ctx, data, plan, state, resuming, plan.index == start_seed, epoch_times, model)
-    return run_results(args, method=ctx.method, backbone=backbone_label(args.model, args.model_kwargs),
+    return run_results(exp, method=exp.model.method, backbone=backbone_label(exp.model),
                        per_seed=state.completed, epochs=epochs, counts=state.counts,
                        train_time=state.train_time_s, train_images=state.train_images, cache_info=state.cache_info,
-                       info=data.info, peaks=ctx.peaks, precision=ctx.precision,
+                       info=data.info, peaks=ctx.peaks, precision=exp.run.precision,
                        initial_checkpoint=ctx.initial.record() if ctx.initial is not None else None)
 
 
-def build_first_model(args: argparse.Namespace, data: DataPlan, start_seed: int) -> Optional[torch.nn.Module]:
+def build_first_model(exp: Experiment, data: DataPlan, start_seed: int) -> Optional[torch.nn.Module]:
     """The model of the first seed to train, built before the run folder exists (so that bad backbone weights
     leave no folder behind), exactly as :func:`train_seed` would build it."""
     if start_seed >= len(data.seeds):
         return None
-    random_seed(args.seed + data.seeds[start_seed].data_seed)
-    return build_model(args, data.num_classes, lean=args.lean)
+    random_seed(exp.optim.seed + data.seeds[start_seed].data_seed)
+    return build_model(exp.model, lean=exp.run.lean)
 
 
 def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState, resuming: bool, first: bool,
@@ -133,31 +137,33 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     """One seed: a fresh model (``model``: already built), every epoch (validation, final evaluation,
     last.pth), the staged delta. ``resuming``: continue ``state``'s trainer; ``first``: the first seed of this
     invocation."""
-    args, dist = ctx.args, ctx.dist
-    epochs, n_seeds = total_epochs(args), len(data.seeds)
-    rng_seed = args.seed + plan.data_seed
+    exp, dist = ctx.exp, ctx.dist
+    optim, run = exp.optim, exp.run
+    epochs, n_seeds = optim.total_epochs, len(data.seeds)
+    rng_seed = optim.seed + plan.data_seed
     if model is None:
         random_seed(rng_seed)  # the same model initialisation on every rank
-        model = build_model(args, data.num_classes, lean=args.lean)
+        model = build_model(exp.model, lean=run.lean)
     if ctx.initial is not None:
         n = load_initial_checkpoint(model, ctx.initial)
         _logger.info("trainable tensors from --initial_checkpoint %s (%s): %d loaded, %d frozen ignored",
                      ctx.initial.path, ctx.initial.kind, n["loaded"], n["ignored_frozen"])
     if first:
         state.counts = parameter_counts(count_parameters(model))
-        _logger.info("model %s, method %s:\n%s", args.model, ctx.method, trainable_report(model))
-    trainer = Trainer(args, model, data.num_classes, dist)
+        _logger.info("model %s, method %s:\n%s", exp.model.backbone, exp.model.method, trainable_report(model))
+    trainer = Trainer(model, optim, run.precision, dist, exp.model.num_classes,
+                      find_unused_parameters=run.find_unused_parameters)
     random_seed(rng_seed, dist.rank)  # training randomness differs per rank
     progress, start_epoch = SeedProgress(), 0
     if resuming:
-        trainer.load_state_dict(state.trainer, args.resume)
+        trainer.load_state_dict(state.trainer, run.resume)
         progress, start_epoch = state.progress or SeedProgress(), state.epoch
         if len(state.rng_states) == dist.world_size:
             restore_rng_state(state.rng_states[dist.rank])
     cache = None
-    if args.cache_prefix:
+    if run.cache_prefix:
         with ctx.peaks.phase("cache_build"):
-            cache = build_prefix_cache(args, trainer.model, plan.train, dist, ctx.loaders.prefetch,
+            cache = build_prefix_cache(exp, trainer.model, plan.train, dist, ctx.loaders.prefetch,
                                        trainer.autocast_dtype, state.cache_info)
     loader = ctx.loaders.train(plan.train, rng_seed, cache)
     tests = {k: ctx.loaders.eval(v) for k, v in plan.tests.items()}
@@ -177,7 +183,7 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
                                "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 2)}
         last = epoch + 1 == epochs
         note = ""
-        if val_loader is not None and ((epoch + 1) % args.eval_interval == 0 or last):
+        if val_loader is not None and ((epoch + 1) % optim.eval_interval == 0 or last):
             with ctx.peaks.phase("eval"):
                 val = trainer.evaluate(val_loader)
             row["val_top1"] = val["top1"]
@@ -205,15 +211,15 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     if progress.final is None:  # resumed from a checkpoint written before the final evaluation
         with ctx.peaks.phase("eval"):
             progress.final = final_evaluation(trainer, tests, progress)
-    primary = get_benchmark(args.benchmark).primary(args.dataset, list(progress.final))
+    primary = get_benchmark(exp.data.benchmark).primary(exp.data.dataset, list(progress.final))
     result = seed_result(plan.data_seed, progress.final, primary, progress.best_val, progress.best_epoch)
     state.completed.append(result)
     if dist.is_main:
         delta = progress.best_delta if progress.best_delta is not None else trainer.delta()
         ctx.folder.stage_delta(plan.data_seed, make_delta_checkpoint(
-            delta, trainer.model.model_config(), ctx.method, args.model, model_kwargs(args),
-            benchmark=args.benchmark, dataset=args.dataset, shot=args.shot, seed=plan.data_seed, top1=result["top1"],
-            backbone_weights=weights_record(trainer.model)))
+            delta, trainer.model.model_config(), exp.model.method, exp.model.backbone, exp.model.timm_kwargs(),
+            benchmark=exp.data.benchmark, dataset=exp.data.dataset, shot=exp.data.shot, seed=plan.data_seed,
+            top1=result["top1"], backbone_weights=weights_record(trainer.model), model_spec=exp.model.to_dict()))
     state.seed_index, state.epoch, state.trainer, state.progress = plan.index + 1, 0, None, None
     ctx.folder.save_resume(state)
     if cache is not None:
@@ -231,126 +237,102 @@ def final_evaluation(trainer: Trainer, loaders: Dict[str, Any], progress: SeedPr
 
 
 # ---------------------------------------------------------------------------------------------- eval only
-def read_eval_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
-    """--eval_only: the delta checkpoint (read before any data work); its image size wins over --img_size, and
-    its model (method, fusion size, DTL settings, backbone) replaces the launcher's in the recorded flags."""
-    ckpt = read_delta_checkpoint(args.checkpoint)
-    saved_img = ckpt.get("model_kwargs", {}).get("img_size")
-    if saved_img is not None and saved_img != args.img_size:
-        _logger.info("--img_size %d from the checkpoint (was %d)", saved_img, args.img_size)
-        args.img_size = int(saved_img)
-    dtl = ckpt.get("model_config", {}).get("dtl") if ckpt["method"] in ("dtl", "dtl+") else None
-    args.method = "dtl" if ckpt["method"] in ("dtl", "dtl+") else ckpt["method"]
-    if ckpt["backbone"] != args.model:
-        _logger.info("--model %s from the checkpoint (was %s)", ckpt["backbone"], args.model)
-    args.model = ckpt["backbone"]
-    if isinstance(dtl, dict):
-        args.fusion_size = int(dtl.get("fusion_size") or 0)
-        args.r, args.beta = dtl.get("r", args.r), float(dtl.get("beta", args.beta))
-        for flag, key in (("lora_before_blocks", "csn_blocks"), ("add_after_blocks", "add_back_blocks")):
-            if dtl.get(key) is not None:
-                setattr(args, flag, format_blocks(dtl[key]))
-    else:
-        args.fusion_size = 0
-        args.r = args.lora_before_blocks = args.add_after_blocks = None
-    return ckpt
-
-
-@dataclass
-class EvalModel:
-    """--eval_only: the checkpoint's model with its delta loaded (built before the run folder exists)."""
-
-    model: torch.nn.Module
-    kwargs: Dict[str, Any]
-
-
-def build_eval_model(args: argparse.Namespace, data: DataPlan, ck: Dict[str, Any]) -> EvalModel:
-    """--eval_only: rebuild the checkpoint's model on the given backbone weights (refusing other weights than the
-    delta was trained on unless --allow_backbone_mismatch) and load its delta."""
-    cfg = ck["model_config"]
-    if cfg.get("num_classes") != data.num_classes:
-        raise CheckpointError(f"{args.checkpoint}: the checkpoint's head has {cfg.get('num_classes')} classes, but "
-                              f"--dataset {args.dataset} has {data.num_classes}")
-    method = "dtl" if ck["method"] in ("dtl", "dtl+") else ck["method"]
-    dtl = DTLConfig.from_dict(cfg["dtl"]) if method == "dtl" and "dtl" in cfg else None
-    kwargs = dict(ck.get("model_kwargs", {}))
-    if method != "dtl" and baseline_settings(cfg):  # a baseline's own settings (e.g. LoRA's rank)
-        kwargs["settings"] = baseline_settings(cfg)
-    random_seed(args.seed)
-    model = build_model(args, data.num_classes, method=method, model_name=ck["backbone"], dtl=dtl, kwargs=kwargs)
-    if flag_value(model.model_config()) != flag_value(cfg):
-        raise CheckpointError(f"{args.checkpoint}: stored model configuration {cfg} does not match the rebuilt "
+def build_eval_model(exp: Experiment, ck: Dict[str, Any]) -> torch.nn.Module:
+    """--eval_only: rebuild the model of the delta checkpoint ``ck`` (``exp.model``: its spec, from
+    :func:`engine.setup.spec_from_delta`) on the given backbone weights (refusing other weights than the delta
+    was trained on unless --allow_backbone_mismatch) and load its delta."""
+    path, cfg = exp.run.checkpoint, ck["model_config"]
+    random_seed(exp.optim.seed)
+    model = build_model(exp.model)
+    if _plain(model.model_config()) != _plain(cfg):
+        raise CheckpointError(f"{path}: stored model configuration {cfg} does not match the rebuilt "
                               f"model {model.model_config()}")
-    check_backbone_match(ck.get("backbone_weights"), weights_record(model), args.checkpoint,
-                         args.allow_backbone_mismatch)
+    check_backbone_match(ck.get("backbone_weights"), weights_record(model), path, exp.run.allow_backbone_mismatch)
     try:
-        load_delta_state_dict(model, ck["delta"], source=args.checkpoint)
+        load_delta_state_dict(model, ck["delta"], source=path)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    return EvalModel(model, kwargs)
+    return model
 
 
-def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any], built: EvalModel) -> Dict[str, Any]:
-    """--eval_only: evaluate the rebuilt model on the test split(s)."""
-    args, model, kwargs = ctx.args, built.model, built.kwargs
-    _logger.info("model %s, method %s:\n%s", ck["backbone"], ck["method"], trainable_report(model))
-    trainer = Trainer(args, model, data.num_classes, ctx.dist)
+def _plain(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def evaluate_checkpoint(ctx: Context, data: DataPlan, model: torch.nn.Module, seed: Optional[int]) -> Dict[str, Any]:
+    """--eval_only: evaluate the rebuilt model (trained on data seed ``seed``) on the test split(s)."""
+    exp = ctx.exp
+    _logger.info("model %s, method %s:\n%s", exp.model.backbone, exp.model.method, trainable_report(model))
+    trainer = Trainer(model, exp.optim, exp.run.precision, ctx.dist, exp.model.num_classes)
     with ctx.peaks.phase("eval"):
         final = {k: trainer.evaluate(ctx.loaders.eval(v)) for k, v in data.seeds[0].tests.items()}
     for k, v in final.items():
         _logger.info("eval %s: top-1 %.2f, top-5 %.2f (%d images)", k, v["top1"], v["top5"], v["n"])
-    primary = get_benchmark(args.benchmark).primary(args.dataset, list(final))
-    extra = {k: v for k, v in kwargs.items() if k not in ("drop_path_rate", "img_size", "settings")}
-    return run_results(args, method=ck["method"], backbone=backbone_label(ck["backbone"], extra),
-                       per_seed=[seed_result(ck.get("seed"), final, primary)], epochs=0,
+    primary = get_benchmark(exp.data.benchmark).primary(exp.data.dataset, list(final))
+    return run_results(exp, method=exp.model.method, backbone=backbone_label(exp.model),
+                       per_seed=[seed_result(seed, final, primary)], epochs=0,
                        counts=parameter_counts(count_parameters(model)), train_time=0.0, train_images=0,
-                       cache_info=CacheInfo(), info=data.info, peaks=ctx.peaks, precision=ctx.precision,
-                       checkpoint=os.path.abspath(args.checkpoint))
+                       cache_info=CacheInfo(), info=data.info, peaks=ctx.peaks, precision=exp.run.precision,
+                       checkpoint=os.path.abspath(exp.run.checkpoint))
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> None:
-    """Parse -> plan -> train (or evaluate) -> results; every check that can fail does so before long work, and
-    before the run folder exists."""
-    prefetch = bool(args.prefetcher) and dist_info.device.type == "cuda"
-    if args.prefetcher and not prefetch:
+def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
+    """Specs -> plan -> build -> train (or evaluate) -> results; every check that can fail does so before long
+    work, and before the run folder exists."""
+    run_spec = exp.run
+    prefetch = run_spec.prefetcher and dist_info.device.type == "cuda"
+    if run_spec.prefetcher and not prefetch:
         _logger.info("--prefetcher is for CUDA devices; loading normally on %s", dist_info.device)
-    precision = resolve_precision(args, dist_info.device)  # fp16 --amp on a CPU: fp32, said once, recorded
-    if args.load_path and args.load_path != "timm":
-        check_weights_file(args.load_path)
-    resume = ResumeState.from_checkpoint(read_resume_checkpoint(args.resume)) if args.resume else None
-    initial = read_initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint else None
-    eval_ckpt = read_eval_checkpoint(args) if args.eval_only else None
-    data = build_data(args, normalize=not prefetch)
-    args.dataset = data.dataset
-    fingerprint = data_fingerprint(data) if not args.eval_only else None
+    exp = on_device(exp, dist_info.device)  # fp16 --amp on a CPU: fp32, said once, recorded
+    if exp.model.weights.kind == "file":
+        check_weights_file(exp.model.weights.source)
+    resume = ResumeState.from_checkpoint(read_resume_checkpoint(run_spec.resume)) if run_spec.resume else None
+    initial = read_initial_checkpoint(run_spec.initial_checkpoint) if run_spec.initial_checkpoint else None
+    eval_ckpt = read_delta_checkpoint(run_spec.checkpoint) if run_spec.eval_only else None
+    if eval_ckpt is not None:  # the checkpoint's model replaces the flags' (read before any data work)
+        exp = with_model(exp, spec_from_delta(eval_ckpt, run_spec.checkpoint))
+    data = build_data(exp.data, exp.model, need_train=not run_spec.eval_only, normalize=not prefetch,
+                      batch_size=exp.optim.batch_size)
+    if run_spec.eval_only and exp.model.num_classes != data.num_classes:
+        raise CheckpointError(f"{run_spec.checkpoint}: the checkpoint's head has {exp.model.num_classes} classes, "
+                              f"but --dataset {exp.data.dataset} has {data.num_classes}")
+    exp = with_data(exp, data.dataset, data.num_classes)
+    fingerprint = data_fingerprint(data) if not run_spec.eval_only else None
     if resume is not None:
-        resume.check_matches(args, dist_info.world_size, args.resume, precision)
-        resume.check_data(fingerprint, args.resume)
-        folder_of_run = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.resume)))
+        resume.check_matches(exp, run_spec.resume)
+        resume.check_data(fingerprint, run_spec.resume)
+        folder_of_run = os.path.abspath(run_spec.output_dir or os.path.dirname(os.path.abspath(run_spec.resume)))
         if run_is_complete(folder_of_run, resume, len(data.seeds)):
             _logger.info("the run in %s is complete (every seed trained, results.json written): nothing to do; "
                          "start a new run to train again", folder_of_run)
             return
-    check_model_flags(args, data.num_classes, initial)
-    method = eval_ckpt["method"] if eval_ckpt is not None else resolved_method(args)
-    folder = RunFolder(args, dist_info, precision)
+    check_model_flags(exp, initial)
+    folder = RunFolder(exp, dist_info)
     folder.precheck()
     if eval_ckpt is not None:
-        built = build_eval_model(args, data, eval_ckpt)
+        first_model = build_eval_model(exp, eval_ckpt)
     else:
-        first_model = build_first_model(args, data, resume.seed_index if resume is not None else 0)
+        first_model = build_first_model(exp, data, resume.seed_index if resume is not None else 0)
         if initial is not None and initial.kind == "delta" and first_model is not None:
             check_backbone_match(initial.info.get("backbone_weights"), weights_record(first_model),
-                                 f"--initial_checkpoint {initial.path}", args.allow_backbone_mismatch)
+                                 f"--initial_checkpoint {initial.path}", run_spec.allow_backbone_mismatch)
+    if first_model is not None:
+        exp = with_weights(exp, first_model)
+        if resume is not None:
+            resume.check_weights(exp, run_spec.resume)
     try:
         folder.data_fingerprint = fingerprint
-        folder.open(get_benchmark(args.benchmark).run_name(method, args.shot, args.eval_only), argv,
-                    resume.summary_rows if resume is not None else None)
-        ctx = Context(args, dist_info, folder, Loaders(args, dist_info, prefetch), method, precision,
+        folder.open(get_benchmark(exp.data.benchmark).run_name(exp.model.method, exp.data.shot, run_spec.eval_only),
+                    argv, exp, resume.summary_rows if resume is not None else None)
+        ctx = Context(exp, dist_info, folder, Loaders(exp.optim, exp.run, exp.model, dist_info, prefetch),
                       PeakMemory(dist_info.device), initial)
         if eval_ckpt is not None:
-            folder.write_results(evaluate_checkpoint(ctx, data, eval_ckpt, built))
+            folder.write_results(evaluate_checkpoint(ctx, data, first_model, eval_ckpt.get("seed")))
             return
         results = train_all(ctx, data, resume, first_model)
         folder.publish_deltas([plan.data_seed for plan in data.seeds])
@@ -363,10 +345,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 1 other failure)."""
     setup_logging(int(os.environ.get("RANK", "0")))
     try:
-        args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        dist_info = init_distributed(args.device)
-        configure_backends(args.deterministic, dist_info.device)  # cudnn.benchmark, or --deterministic
-        run(args, dist_info, sys.argv[1:] if argv is None else argv)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        exp = build_experiment(parse_args(argv, world_size=world_size), world_size)
+        dist_info = init_distributed(exp.run.device)
+        configure_backends(exp.run.deterministic, dist_info.device)  # cudnn.benchmark, or --deterministic
+        run(exp, dist_info, sys.argv[1:] if argv is None else argv)
         return 0
     except USER_ERRORS as e:
         _logger.error("error: %s", e)

@@ -13,15 +13,16 @@ whole invocation, everything included: what ``peak_memory_mib`` meant before), `
 ``images_per_s``, ``per_seed`` (``seed``, ``top1``, ``best_val``, ``best_epoch``, ``n_test_images``[, ``targets``]),
 ``n_test_images``, ``lean``, ``cache_prefix``, ``cache_build_s``, ``cache_mib``, ``cache_storage``,
 ``cache_approximate``, the benchmark's ``info`` (``shot``, DG ``source``/``target``), ``per_target`` when several
-splits were evaluated; :class:`engine.run_folder.RunFolder` adds ``versions``, ``args``, ``output_dir``,
+splits were evaluated; :class:`engine.run_folder.RunFolder` adds ``versions``, ``args``, ``specs`` (the four
+spec sections), ``output_dir``,
 ``world_size`` and ``finished_at``.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any, Dict, List, Mapping, Optional
 
 from engine.run_folder import CacheInfo
+from engine.spec import Experiment, RunSpec
 from utils.distributed import all_gather_object
 from utils.metrics import PeakMemory, mean_std, peak_rss_mib
 
@@ -58,26 +59,26 @@ def resources(peaks: PeakMemory, eval_only: bool = False) -> Dict[str, Any]:
             "peak_rss_mib": round(max(g[1] for g in gathered), 1)}
 
 
-def memory_flags(args: argparse.Namespace, cache_info: CacheInfo) -> Dict[str, Any]:
+def memory_flags(run: RunSpec, cache_info: CacheInfo) -> Dict[str, Any]:
     """``lean``/``cache_prefix`` and, with the cache, its build time (all seeds, not in ``train_time_s``),
     size (MiB, one seed's cache), storage and whether it was approximate."""
-    on = bool(args.cache_prefix) and not args.eval_only
-    return {"lean": bool(args.lean) and not args.eval_only, "cache_prefix": on,
+    on = run.cache_prefix and not run.eval_only
+    return {"lean": run.lean and not run.eval_only, "cache_prefix": on,
             "cache_build_s": round(float(cache_info.build_s), 3) if on else None,
             "cache_mib": round(float(cache_info.mib), 3) if on and cache_info.mib is not None else None,
             "cache_storage": cache_info.storage if on else None,
             "cache_approximate": cache_info.approximate if on else None}
 
 
-def run_results(args: argparse.Namespace, *, method: str, backbone: str, per_seed: List[Dict[str, Any]],
+def run_results(exp: Experiment, *, method: str, backbone: str, per_seed: List[Dict[str, Any]],
                 epochs: int, counts: Mapping[str, int], train_time: float, train_images: int,
                 cache_info: CacheInfo, info: Mapping[str, Any], peaks: PeakMemory, precision: str,
                 **extra: Any) -> Dict[str, Any]:
     """The whole results.json body (see the module docstring); ``extra`` entries go before ``info``'s."""
     stats = mean_std([c["top1"] for c in per_seed])
     res: Dict[str, Any] = {
-        "benchmark": args.benchmark,
-        "dataset": args.dataset,
+        "benchmark": exp.data.benchmark,
+        "dataset": exp.data.dataset,
         "backbone": backbone,
         "method": method,
         "top1": stats["mean"],
@@ -85,12 +86,12 @@ def run_results(args: argparse.Namespace, *, method: str, backbone: str, per_see
         "epochs": epochs,
         **counts,
         "precision": precision,
-        **resources(peaks, eval_only=bool(args.eval_only)),
+        **resources(peaks, eval_only=exp.run.eval_only),
         "train_time_s": round(train_time, 3),
         "images_per_s": round(train_images / train_time, 2) if train_time > 0 else None,
         "per_seed": per_seed,
         "n_test_images": per_seed[-1]["n_test_images"] if per_seed else None,
-        **memory_flags(args, cache_info),
+        **memory_flags(exp.run, cache_info),
         **extra,
         **info,
     }

@@ -1,6 +1,7 @@
 """The run folder, shared by training and ``--eval_only``, and the resume state kept in its ``last.pth``.
 
-Folder: ``log.txt`` (appended), ``config.yaml`` (the resolved flags), ``summary.csv`` (one row per epoch),
+Folder: ``log.txt`` (appended), ``config.yaml`` (the resolved flags, usable as ``--config``, and under ``specs``
+the run's four spec sections), ``summary.csv`` (one row per epoch),
 TensorBoard events, ``last.pth`` (:class:`ResumeState`, rewritten after every epoch), ``partial/`` (the deltas
 of finished seeds) and -- only when the whole run succeeds -- ``delta.pth`` / ``delta_seed<k>.pth`` (with
 ``--delta_folder`` also ``delta/`` / ``delta_seed<k>/``, delta-only folders of :mod:`models.hub`) and
@@ -10,7 +11,6 @@ run or resume in the same folder is refused, naming the holder.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -18,30 +18,33 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
 from data.benchmarks import get_benchmark
 from models.hub import delta_folder_next_to
-from utils.args import UsageError
 from utils.atomic import write_error
 from utils.checkpoint import (
     RESUME_FORMAT, CheckpointError, atomic_write_json, atomic_write_text, capture_rng_state, save_checkpoint,
 )
+from utils.errors import UsageError
 from utils.distributed import DistInfo, all_gather_object, barrier, broadcast_object
 from utils.hashing import file_sha256
 from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, format_duration
 from utils.metrics import versions
 from utils.runlock import RunLock, RunLockedError
 
-__all__ = ["RunFolder", "ResumeState", "SeedProgress", "CacheInfo", "RESUME_MUST_MATCH", "flag_value",
+from .spec import Experiment, spec_differences
+
+__all__ = ["RunFolder", "ResumeState", "SeedProgress", "CacheInfo", "LEGACY_RESUME_FLAGS", "flag_value",
            "data_fingerprint", "run_is_complete"]
 
 _logger = logging.getLogger("train")
 
-# Flags that must be equal when a run is resumed (everything that changes what is trained or measured).
-RESUME_MUST_MATCH = (
+# last.pth files written before the specs hold only the flags: these must be equal when such a file is resumed
+# (everything that changed what was trained or measured). Files with specs are compared section by section.
+LEGACY_RESUME_FLAGS = (
     "benchmark", "dataset", "shot", "seeds", "target_dataset", "model", "method", "fusion_size", "r", "beta",
     "lora_before_blocks", "add_after_blocks", "drop_path", "img_size", "model_kwargs", "lr", "weight_decay", "epochs",
     "warmup_epochs", "min_lr", "warmup_lr", "batch_size", "mixup", "cutmix", "mixup_prob", "smoothing", "ema",
@@ -54,13 +57,14 @@ def flag_value(v: Any) -> Any:
     """A JSON-friendly, comparable form of a flag value (tuples become lists)."""
     if isinstance(v, (tuple, list)):
         return [flag_value(x) for x in v]
-    if isinstance(v, dict):
+    if isinstance(v, Mapping):
         return {k: flag_value(x) for k, x in v.items()}
     return v
 
 
-def flag_values(args: argparse.Namespace) -> Dict[str, Any]:
-    return {k: flag_value(v) for k, v in vars(args).items()}
+def flag_values(flags: Mapping[str, Any]) -> Dict[str, Any]:
+    """The plain (YAML/JSON) form of a flag record (:attr:`engine.spec.Experiment.flags`)."""
+    return {k: flag_value(v) for k, v in flags.items()}
 
 
 def _file_sha256(path: str) -> Optional[str]:
@@ -128,13 +132,15 @@ class ResumeState:
 
     ``seed_index``/``epoch``: the seed being trained and its completed epochs (after a seed ends: the next seed,
     epoch 0, ``trainer`` None). ``trainer``: model delta and optimiser/schedule/scaler/EMA states.
-    ``completed``: results of the finished seeds. ``counts``: parameter counts. ``cache_info``: the prefix
+    ``args``: the flag record; ``specs``: the run's spec sections (:meth:`engine.spec.Experiment.sections`;
+    ``None`` in files written before specs). ``completed``: results of the finished seeds. ``counts``: parameter counts. ``cache_info``: the prefix
     cache's build time and size. ``rng_states``: every rank's generators. ``precision``: what training ran in
     (``fp32``/``fp16``/``bf16``; ``None`` in files written before it was recorded). ``memory_peaks``: the CUDA
     memory maxima so far (bytes per phase, :class:`utils.metrics.PeakMemory`).
     """
 
     args: Dict[str, Any] = field(default_factory=dict)
+    specs: Optional[Dict[str, Dict[str, Any]]] = None
     world_size: int = 1
     seed_index: int = 0
     epoch: int = 0
@@ -171,26 +177,42 @@ class ResumeState:
         kw["seed_index"], kw["epoch"] = int(kw.get("seed_index", 0)), int(kw.get("epoch", 0))
         return cls(**kw)
 
-    def check_matches(self, args: argparse.Namespace, world_size: int, path: str,
-                      precision: Optional[str] = None) -> None:
-        """A resumed run must use the settings of the interrupted one, including the effective precision
-        (``precision``: this run's, see :func:`engine.trainer.effective_precision`)."""
-        saved = self.args
-        diffs = [f"--{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k)!r}"
-                 for k in RESUME_MUST_MATCH if k in saved and flag_value(saved.get(k)) != flag_value(getattr(args, k))]
-        if precision is not None and self.precision is not None and precision != self.precision:
-            diffs.append(f"precision: the checkpoint trained in {self.precision}, this run would train in "
-                         f"{precision} ({self.precision} = {_precision_flags(self.precision)}; resume with the "
-                         f"interrupted run's --amp/--amp_dtype on the same kind of device)")
+    def check_matches(self, exp: Experiment, path: str) -> None:
+        """A resumed run must use the specs of the interrupted one, section by section (the run-local fields
+        aside: :data:`engine.spec.RUN_LOCAL_FIELDS`), including the effective precision and the backbone weights'
+        kind and source (their tensors: :meth:`check_weights`). A file written before specs is compared on the
+        flags it recorded (:data:`LEGACY_RESUME_FLAGS`)."""
+        diffs: List[str] = []
+        if self.specs is None:
+            _logger.info("note: %s predates the run specs (written by an older version): comparing the flags it "
+                         "recorded", path)
+            saved, now = self.args, exp.flags
+            diffs += [f"--{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in LEGACY_RESUME_FLAGS
+                      if k in saved and flag_value(saved.get(k)) != flag_value(now.get(k))]
+            if self.precision is not None and exp.run.precision != self.precision:
+                diffs.append(_precision_difference(self.precision, exp.run.precision))
+            if not diffs and saved.get("load_path") != now.get("load_path"):
+                _logger.warning("resuming with --load_path %r (the interrupted run used %r)", now.get("load_path"),
+                                saved.get("load_path"))
+        else:
+            for d in spec_differences(self.specs, exp):
+                diffs.append(_precision_difference(d.saved, d.current) if d.field == "precision" else d.describe())
         if diffs:
             raise CheckpointError(f"{path} was written by a run with other settings; resume with the "
                                   f"same flags (or start a new run): " + "; ".join(diffs))
-        if saved.get("load_path") != args.load_path:
-            _logger.warning("resuming with --load_path %r (the interrupted run used %r)", args.load_path,
-                            saved.get("load_path"))
-        if self.world_size != world_size:
+        if self.world_size != exp.run.world_size:
             _logger.warning("resuming a %d-process run with %d processes: the random stream differs from an "
-                            "uninterrupted run", self.world_size, world_size)
+                            "uninterrupted run", self.world_size, exp.run.world_size)
+
+    def check_weights(self, exp: Experiment, path: str) -> None:
+        """The backbone tensors of the resumed run (``exp.model.weights.fingerprint``, known once loaded) must be
+        those of the interrupted one; a file without specs is not checked."""
+        if self.specs is None:
+            return
+        diffs = [d for d in spec_differences(self.specs, exp, compare_fingerprint=True) if d.field == "weights"]
+        if diffs:
+            raise CheckpointError(f"{path} was trained on other backbone weights: " + "; ".join(
+                d.describe() for d in diffs) + " (resume with the interrupted run's --load_path file)")
 
     def check_data(self, current: Dict[str, Dict[str, Any]], path: str) -> None:
         """A resumed run must train and evaluate on the data of the interrupted one (:func:`data_fingerprint`)."""
@@ -219,7 +241,13 @@ class ResumeState:
                                   "new run)")
 
 
-def _precision_flags(precision: str) -> str:
+def _precision_difference(saved: Optional[str], current: Optional[str]) -> str:
+    return (f"precision: the checkpoint trained in {saved}, this run would train in {current} ({saved} = "
+            f"{_precision_flags(saved)}; resume with the interrupted run's --amp/--amp_dtype on the same kind of "
+            f"device)")
+
+
+def _precision_flags(precision: Optional[str]) -> str:
     return {"fp32": "--no-amp, or --amp with float16 on a CPU", "fp16": "--amp --amp_dtype float16 on CUDA",
             "bf16": "--amp --amp_dtype bfloat16"}.get(precision, precision)
 
@@ -227,20 +255,23 @@ def _precision_flags(precision: str) -> str:
 class RunFolder:
     """The folder of one invocation of train.py (see the module docstring); rank 0 writes, all ranks call."""
 
-    def __init__(self, args: argparse.Namespace, dist_info: DistInfo, precision: Optional[str] = None) -> None:
-        self.args = args
+    def __init__(self, exp: Experiment, dist_info: DistInfo) -> None:
+        """``exp``: the run's specs (:meth:`open` takes the final ones, with the loaded weights' fingerprint)."""
+        self.exp = exp
         self.dist = dist_info
-        self.precision = precision  # the effective precision, noted in config.yaml
         self.out_dir = ""
         self.tb = TensorBoardLogger(None)
         self.summary = SummaryTable(None)
         self.lock: Optional[RunLock] = None
         self.data_fingerprint: Optional[Dict[str, Dict[str, Any]]] = None
 
-    def open(self, run_name: str, argv: Sequence[str], summary_rows: Optional[List[Dict[str, Any]]] = None) -> None:
+    def open(self, run_name: str, argv: Sequence[str], exp: Experiment,
+             summary_rows: Optional[List[Dict[str, Any]]] = None) -> None:
         """Choose and create the folder (``--output_dir``, the resumed run's, or
-        ``output/<benchmark>/<dataset>/<run_name>/<time>``); refuse a folder that holds another run."""
-        args = self.args
+        ``output/<benchmark>/<dataset>/<run_name>/<time>``) for the run ``exp``; refuse a folder that holds another
+        run."""
+        self.exp = exp
+        run = exp.run
         out, error = None, None
         if self.dist.is_main:
             out, error = self._choose(run_name)
@@ -254,13 +285,14 @@ class RunFolder:
             except OSError as e:
                 raise write_error(self.path("log.txt"), e) from e
             try:
-                self.tb = TensorBoardLogger(self.out_dir if args.tensorboard else None)
+                self.tb = TensorBoardLogger(self.out_dir if run.tensorboard else None)
             except OSError as e:
                 raise write_error(os.path.join(self.out_dir, "events.out.tfevents.*"), e) from e
-            if not (args.resume and os.path.exists(self.path("config.yaml"))):
-                cfg = {k: v for k, v in vars(args).items() if k != "config"}
-                note = f"# effective precision: {self.precision}\n" if self.precision else ""
-                atomic_write_text(self.path("config.yaml"), "# resolved train.py flags (usable as --config)\n"
+            if not (run.resume and os.path.exists(self.path("config.yaml"))):
+                cfg = {**{k: v for k, v in flag_values(exp.flags).items() if k != "config"}, "specs": exp.sections()}
+                note = f"# effective precision: {run.precision}\n" if run.precision else ""
+                atomic_write_text(self.path("config.yaml"), "# resolved train.py flags (usable as --config); "
+                                  "specs: the run's model/data/optim/run specs\n"
                                   + note + yaml.safe_dump(cfg, sort_keys=False))
             self.summary = SummaryTable(self.path("summary.csv"), summary_rows)
         _logger.info("run folder: %s", self.out_dir)
@@ -269,10 +301,10 @@ class RunFolder:
     def precheck(self) -> None:
         """Before anything is built: refuse a named folder (``--output_dir``, a resumed run's) that holds another
         run or that a live process is using (rank 0 checks; creates nothing)."""
-        args = self.args
+        run = self.exp.run
         error = None
-        if self.dist.is_main and (args.output_dir or args.resume):
-            out = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.resume)))
+        if self.dist.is_main and (run.output_dir or run.resume):
+            out = os.path.abspath(run.output_dir or os.path.dirname(os.path.abspath(run.resume)))
             if os.path.exists(out) and not os.path.isdir(out):
                 error = f"could not write {out}: it exists and is not a folder (--output_dir)"
             try:
@@ -281,7 +313,7 @@ class RunFolder:
             except RunLockedError as e:
                 error = str(e)
             taken = [n for n in ("results.json", "last.pth", "summary.csv") if os.path.exists(os.path.join(out, n))]
-            if error is None and taken and not args.resume:
+            if error is None and taken and not run.resume:
                 error = (f"--output_dir {out} already holds a run ({', '.join(taken)}); choose another folder, or "
                          f"continue that run with --resume {os.path.join(out, 'last.pth')}")
         error = broadcast_object(error)
@@ -289,14 +321,14 @@ class RunFolder:
             raise UsageError(error)
 
     def _choose(self, run_name: str):
-        args = self.args
-        if args.output_dir:
-            out = args.output_dir
-        elif args.resume:
-            out = os.path.dirname(os.path.abspath(args.resume))
+        run, data = self.exp.run, self.exp.data
+        if run.output_dir:
+            out = run.output_dir
+        elif run.resume:
+            out = os.path.dirname(os.path.abspath(run.resume))
         else:
-            base = os.path.join("output", args.benchmark, args.dataset, run_name,
-                                ("eval_" if args.eval_only else "") + time.strftime("%Y%m%d-%H%M%S"))
+            base = os.path.join("output", data.benchmark, data.dataset, run_name,
+                                ("eval_" if run.eval_only else "") + time.strftime("%Y%m%d-%H%M%S"))
             out, k = base, 1
             while os.path.exists(out):
                 out, k = f"{base}-{k}", k + 1
@@ -312,7 +344,7 @@ class RunFolder:
             return out, str(e)
         self.lock = lock
         taken = [n for n in ("results.json", "last.pth", "summary.csv") if os.path.exists(os.path.join(out, n))]
-        if taken and not args.resume:
+        if taken and not run.resume:
             self.close()
             return out, (f"--output_dir {out} already holds a run ({', '.join(taken)}); choose another folder, or "
                          f"continue that run with --resume {os.path.join(out, 'last.pth')}")
@@ -338,7 +370,8 @@ class RunFolder:
         state.rng_states = all_gather_object(capture_rng_state())
         if not self.dist.is_main:
             return
-        state.args = flag_values(self.args)
+        state.args = flag_values(self.exp.flags)
+        state.specs = self.exp.sections()
         state.world_size = self.dist.world_size
         state.summary_rows = self.summary.rows
         if self.data_fingerprint is not None:
@@ -368,7 +401,7 @@ class RunFolder:
                     raise write_error(final, e) from e
             elif not os.path.exists(final):
                 raise CheckpointError(f"{self._staged(s)}: the delta of seed {s} is missing from the run folder")
-            if self.args.delta_folder:  # run/delta/: config.json + delta.safetensors
+            if self.exp.run.delta_folder:  # run/delta/: config.json + delta.safetensors
                 delta_folder_next_to(final)
         shutil.rmtree(self.path("partial"), ignore_errors=True)
 
@@ -376,7 +409,8 @@ class RunFolder:
         """Complete and write ``results.json``, close TensorBoard and log the summary (rank 0)."""
         if not self.dist.is_main:
             return
-        results.update(versions=versions(), args=flag_values(self.args), output_dir=self.out_dir,
+        results.update(versions=versions(), args=flag_values(self.exp.flags), specs=self.exp.sections(),
+                       output_dir=self.out_dir,
                        world_size=self.dist.world_size, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_json(self.path("results.json"), results)
         self.tb.close()

@@ -1,14 +1,14 @@
-"""Everything a run builds before and around training: the data of every seed (checked before any model
-exists), the tuned model, the ``--initial_checkpoint``/``--lean``/``--cache_prefix`` pre-checks, the
-frozen-prefix cache and the loaders."""
+"""Everything a run builds before and around training, from its specs: the data of every seed (checked before
+any model exists), the tuned model (from a :class:`~models.spec.ModelSpec`; ``--eval_only``: from the spec of a
+delta checkpoint), the ``--initial_checkpoint``/``--lean``/``--cache_prefix`` pre-checks, the frozen-prefix cache
+and the loaders."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,46 +17,53 @@ from PIL import Image
 from data.benchmark import DataPlan, DataRequest, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError
-from data.transforms import DTL_MEAN, DTL_STD, Uint8Normalizer, build_transform
-from models import DTLConfig, ModelSettingsError, create_tuned_model
-from models.backbones import backbone_arch, default_rank
+from data.spec import DataSpec
+from data.transforms import Uint8Normalizer, build_transform
+from models import ModelSettingsError, create_tuned_model
+from models.backbones import default_normalization
 from models.initial import InitialCheckpoint, check_initial_checkpoint
+from models.methods import get_method
+from models.spec import ModelSpec, thaw
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from engine.run_folder import CacheInfo
-from utils.args import UsageError
+from engine.spec import Experiment, OptimSpec, RunSpec
+from utils.errors import CheckpointError, UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
 
-__all__ = ["build_data", "dtl_config", "model_kwargs", "backbone_label", "build_model", "check_model_flags",
+__all__ = ["build_data", "backbone_label", "build_model", "spec_from_delta", "check_model_flags",
            "build_prefix_cache", "Loaders"]
 
 _logger = logging.getLogger("train")
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def build_data(args: argparse.Namespace, normalize: bool) -> DataPlan:
+def build_data(data: DataSpec, model: ModelSpec, *, need_train: bool, normalize: bool, batch_size: int) -> DataPlan:
     """Build (and cheaply check) every dataset of the run before any model exists.
 
     Missing folders / list files, malformed lines, out-of-range labels and missing image files raise
     :class:`DataError` naming the file and line; with ``--skip_bad_images`` every image is decoded once and the
     unreadable ones are dropped and counted. Unknown dataset/target names raise
-    :class:`~data.errors.UnknownNameError`.
+    :class:`~data.errors.UnknownNameError`. The transforms normalise with the model's ``mean``/``std``
+    (``normalize=False``: uint8 images, normalised on the device); ``batch_size`` is the global training batch.
     """
-    bench = get_benchmark(args.benchmark)
+    bench = get_benchmark(data.benchmark)
+    norm = dict(normalize=normalize, mean=model.mean, std=model.std)
     request = DataRequest(
-        data_dir=args.data_dir, dataset=args.dataset, seeds=args.seeds, shot=args.shot, target=args.target_dataset,
-        train_transform=build_transform(bench.name, True, img_size=args.img_size, normalize=normalize),
-        test_transform=build_transform(bench.name, False, img_size=args.img_size, normalize=normalize),
-        need_train=not args.eval_only, dataset_kwargs={"skip_bad_images": args.skip_bad_images})
+        data_dir=data.data_dir, dataset=data.dataset, seeds=list(data.seeds), shot=data.shot,
+        target=data.target_dataset,
+        train_transform=build_transform(bench.name, True, img_size=data.img_size, **norm),
+        test_transform=build_transform(bench.name, False, img_size=data.img_size, **norm),
+        need_train=need_train, dataset_kwargs={"skip_bad_images": data.skip_bad_images})
     plan = bench.build(request)  # unknown names: data.errors.UnknownNameError, a user error
-    if args.skip_bad_images:
+    if data.skip_bad_images:
         plan.info["skipped_images"] = _verify_all(plan.seeds)
-    elif args.check_images:
+    elif data.check_images:
         _check_headers(plan.seeds)
     for seed in plan.seeds:
-        if seed.train is not None and len(seed.train) < args.batch_size:
+        if seed.train is not None and len(seed.train) < batch_size:
             raise DataError(f"{seed.train.list_path}: {len(seed.train)} training images are fewer than one batch "
-                            f"of {args.batch_size} (incomplete batches are dropped); lower --batch_size")
+                            f"of {batch_size} (incomplete batches are dropped); lower --batch_size")
     return plan
 
 
@@ -110,99 +117,91 @@ def _verify_all(seeds: Sequence[SeedPlan]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-def dtl_config(args: argparse.Namespace, model_name: str) -> DTLConfig:
-    """DTL settings from the flags (``--lora_before_blocks`` -> ``csn_blocks``, ``--add_after_blocks`` ->
-    ``add_back_blocks``); ``--r`` and the block flags left out (None) mean the backbone's defaults."""
-    try:
-        arch = backbone_arch(model_name)
-    except ModelSettingsError as e:
-        raise UsageError(f"--model: {e}") from None
-    r = args.r if args.r is not None else default_rank(arch)
-    return DTLConfig(r=r, beta=args.beta, fusion_size=args.fusion_size, csn_blocks=args.lora_before_blocks,
-                     add_back_blocks=args.add_after_blocks)
-
-
-def backbone_label(model_name: str, extra: Optional[Dict[str, Any]]) -> str:
+def backbone_label(spec: ModelSpec) -> str:
     """``results.json``'s ``backbone``: the model name, with ``--model_kwargs`` when given (so that tables keep
     differently sized backbones apart)."""
+    extra = thaw(spec.backbone_kwargs)
     if not extra:
-        return model_name
-    return model_name + "[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
+        return spec.backbone
+    return spec.backbone + "[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
 
 
-def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """timm keyword arguments of the backbone (stored in delta checkpoints)."""
-    return {**(args.model_kwargs or {}), "drop_path_rate": float(args.drop_path), "img_size": int(args.img_size)}
-
-
-def build_model(
-    args: argparse.Namespace,
-    num_classes: int,
-    method: Optional[str] = None,
-    model_name: Optional[str] = None,
-    dtl: Optional[DTLConfig] = None,
-    kwargs: Optional[Dict[str, Any]] = None,
-    lean: bool = False,
-    weights: bool = True,
-) -> nn.Module:
-    """The tuned model (frozen backbone + trainable part) with the backbone weights of ``--load_path``
-    (``weights=False``: without them, e.g. on the meta device to check settings); ``lean`` = ``--lean``."""
-    method = method or args.method
-    model_name = model_name or args.model
-    load_path, pretrained = (args.load_path if weights else ""), False
-    if weights and load_path == "timm":
-        load_path, pretrained = None, True
-        _logger.info("backbone: timm's published weights for %s (downloaded to timm's cache if needed)", model_name)
-    elif weights and not load_path:
+def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) -> nn.Module:
+    """The tuned model of ``spec`` (frozen backbone + trainable part) with the backbone weights of
+    ``spec.weights`` (``weights=False``: without them, e.g. on the meta device to check settings);
+    ``lean`` = ``--lean``."""
+    load_path, pretrained = None, False
+    if weights and spec.weights.kind == "timm":
+        pretrained = True
+        _logger.info("backbone: timm's published weights for %s (downloaded to timm's cache if needed)", spec.backbone)
+    elif weights and spec.weights.kind == "file":
+        load_path = spec.weights.source
+    elif weights:
         _logger.warning("!" * 100)
         _logger.warning("!! --load_path is empty: the backbone is RANDOMLY INITIALISED (no pre-trained weights). "
                         "Results will be far below the paper's.")
         _logger.warning("!" * 100)
-    if method == "dtl" and dtl is None:
-        dtl = dtl_config(args, model_name)
-    if method != "dtl":
-        dtl_flags = [f"--{k}" for k in ("r", "lora_before_blocks", "add_after_blocks") if getattr(args, k) is not None]
-        if dtl_flags and weights:
-            _logger.info("%s are DTL settings: --method %s ignores them and uses its own configuration",
-                         ", ".join(dtl_flags), method)
+    method = get_method(spec.method)
     try:
-        return create_tuned_model(method, model_name, num_classes, dtl=dtl if method == "dtl" else None,
-                                  load_path=load_path or None, pretrained=pretrained, lean=lean,
-                                  **(kwargs if kwargs is not None else model_kwargs(args)))
+        return create_tuned_model(method.name, spec.backbone, spec.num_classes,
+                                  settings=method.config_from_dict(spec.method_config), load_path=load_path,
+                                  pretrained=pretrained, lean=lean, **spec.timm_kwargs())
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
-        raise UsageError(f"cannot build --model {model_name} --method {method}: {e}") from e
+        raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}") from e
 
 
-def check_model_flags(args: argparse.Namespace, num_classes: int,
-                      initial: Optional[InitialCheckpoint] = None) -> None:
-    """DTL's block selection, --initial_checkpoint, --lean, --cache_prefix: check them on the model's structure
+def spec_from_delta(ckpt: Mapping[str, Any], source: str) -> ModelSpec:
+    """The :class:`~models.spec.ModelSpec` a delta checkpoint was trained with, from the keys every delta has
+    (``backbone``, ``model_kwargs``, ``model_config``, ``method``: the structure its tensors were saved from);
+    the input normalisation from its ``model_spec`` (deltas written before specs: the backbone's,
+    :func:`models.backbones.default_normalization`). The weights are left to the caller, who decides which
+    backbone to build on."""
+    try:
+        method = get_method(ckpt["method"])
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    cfg = dict(ckpt.get("model_config") or {})
+    kwargs = dict(ckpt.get("model_kwargs") or {})
+    img_size, drop_path = kwargs.pop("img_size", 224), kwargs.pop("drop_path_rate", 0.0)
+    mean, std = default_normalization(ckpt["backbone"])
+    if ckpt.get("model_spec") is not None:
+        stored = ModelSpec.from_dict(ckpt["model_spec"], source=source)
+        mean, std = stored.mean, stored.std
+    try:
+        return ModelSpec(backbone=ckpt["backbone"], method=ckpt["method"], num_classes=cfg.get("num_classes"),
+                         img_size=img_size, drop_path_rate=drop_path, backbone_kwargs=kwargs,
+                         method_config=method.config_from_model(cfg), mean=mean, std=std)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot read the model it was trained with: {e}") from None
+
+
+def check_model_flags(exp: Experiment, initial: Optional[InitialCheckpoint] = None) -> None:
+    """The method's wiring, --initial_checkpoint, --lean, --cache_prefix: check them on the model's structure
     (built on the meta device: no memory, no weights) before the run folder, the data loaders or the real model
-    exist. A block selection in which no tap (``--lora_before_blocks``) reaches an add-back block
-    (``--add_after_blocks``; Swin: of the same stage) would train the head alone, a linear probe recorded as DTL."""
-    if args.eval_only:
-        used = [f for f, on in (("--lean", args.lean), ("--cache_prefix", args.cache_prefix)) if on]
+    exist. The method's own check (:attr:`models.methods.Method.check`; DTL: a block selection in which no tap
+    reaches an add-back block would train the head alone, a linear probe recorded as DTL) runs whenever the
+    model is built here."""
+    run, spec = exp.run, exp.model
+    if run.eval_only:
+        used = [f for f, on in (("--lean", run.lean), ("--cache_prefix", run.cache_prefix)) if on]
         if used:
             _logger.info("%s only change training; --eval_only ignores them", " and ".join(used))
         return
     if initial is not None:
-        check_initial_checkpoint(initial, lambda: build_model(args, num_classes, weights=False))
-    if args.method != "dtl" and not (args.lean or args.cache_prefix):
+        check_initial_checkpoint(initial, lambda: build_model(spec, weights=False))
+    method = get_method(spec.method)
+    if method.check is None and not (run.lean or run.cache_prefix):
         return
     with torch.device("meta"):
-        model = build_model(args, num_classes, lean=args.lean, weights=False)
-    if args.method == "dtl" and not any(n.endswith("lora_A") and ".taps." in f".{n}"
-                                        for n, _ in model.named_parameters()):
-        cfg = model.model_config().get("dtl", {})
-        raise UsageError(
-            f"--lora_before_blocks {args.lora_before_blocks or cfg.get('csn_blocks')} and --add_after_blocks "
-            f"{args.add_after_blocks or cfg.get('add_back_blocks')}: no tapped block comes at or before an add-back "
-            f"block (of its stage, for Swin), so the side network would add nothing and only the head would train; "
-            f"tap earlier blocks or add back after later ones")
-    if args.cache_prefix:
-        deterministic = get_benchmark(args.benchmark).train_transform_is_deterministic()
+        model = build_model(spec, lean=run.lean, weights=False)
+    problem = method.check(model) if method.check is not None else None
+    if problem:
+        raise UsageError(problem)
+    if run.cache_prefix:
+        deterministic = get_benchmark(exp.data.benchmark).train_transform_is_deterministic()
         try:
             reasons = PrefixCache.check_exact(model, deterministic=deterministic,
-                                              allow_approximate=args.cache_prefix_approx)
+                                              allow_approximate=run.cache_prefix_approx)
         except PrefixCacheError as e:
             raise UsageError(f"--cache_prefix: {e}") from None
         for r in reasons:
@@ -210,7 +209,7 @@ def check_model_flags(args: argparse.Namespace, num_classes: int,
 
 
 # --------------------------------------------------------------------------------------------- prefix cache
-def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, dist_info: DistInfo, prefetch: bool,
+def build_prefix_cache(exp: Experiment, model: nn.Module, dataset, dist_info: DistInfo, prefetch: bool,
                        autocast_dtype: Optional[torch.dtype], info: CacheInfo) -> PrefixCache:
     """--cache_prefix: the frozen prefix over a seed's training images, computed once (rebuilt on resume) and
     added to ``info`` (the resume state's ``cache_info``). Every process builds its own cache; the RAM/disk
@@ -218,15 +217,16 @@ def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, dist
 
     Built inside ``fork_rng``, so the random stream of training is the one of an uncached run."""
     device = dist_info.device
-    preprocess = Uint8Normalizer(DTL_MEAN, DTL_STD, device) if prefetch else None
+    run = exp.run
+    preprocess = Uint8Normalizer(exp.model.mean, exp.model.std, device) if prefetch else None
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         try:
             cache = PrefixCache.build(
-                model, dataset, batch_size=args.batch_size_test, device=device,
-                storage=args.cache_storage, dir=args.cache_dir, dtype=getattr(torch, args.cache_dtype),
-                deterministic=get_benchmark(args.benchmark).train_transform_is_deterministic(),
-                allow_approximate=args.cache_prefix_approx, num_workers=args.num_workers, preprocess=preprocess,
+                model, dataset, batch_size=exp.optim.batch_size_test, device=device,
+                storage=run.cache_storage, dir=run.cache_dir, dtype=getattr(torch, run.cache_dtype),
+                deterministic=get_benchmark(exp.data.benchmark).train_transform_is_deterministic(),
+                allow_approximate=run.cache_prefix_approx, num_workers=run.num_workers, preprocess=preprocess,
                 autocast_dtype=autocast_dtype, log=_logger.info, budget_share=dist_info.local_world_size,
             )
         except PrefixCacheError as e:
@@ -242,24 +242,31 @@ def build_prefix_cache(args: argparse.Namespace, model: nn.Module, dataset, dist
 # -------------------------------------------------------------------------------------------------- loaders
 class Loaders:
     """The loaders of a run: the training loader of a seed (images or the prefix cache, same sampler) and the
-    evaluation loaders; with ``--prefetcher`` on CUDA, uint8 batches normalised on the device."""
+    evaluation loaders; with ``prefetch`` (``--prefetcher`` on CUDA), uint8 batches normalised on the device
+    with the model's ``mean``/``std``."""
 
-    def __init__(self, args: argparse.Namespace, dist_info: DistInfo, prefetch: bool) -> None:
-        self.args, self.dist, self.prefetch = args, dist_info, prefetch
+    def __init__(self, optim: OptimSpec, run: RunSpec, model: ModelSpec, dist_info: DistInfo, prefetch: bool) -> None:
+        self.batch_size, self.batch_size_test = optim.batch_size, optim.batch_size_test
+        self.num_workers = run.num_workers
+        self.mean, self.std = model.mean, model.std
+        self.dist, self.prefetch = dist_info, prefetch
         self.device = dist_info.device
 
+    def _device_normalised(self, loader):
+        if not self.prefetch:
+            return loader
+        return CudaPrefetcher(loader, self.device, Uint8Normalizer(self.mean, self.std, self.device))
+
     def train(self, dataset, seed: int, cache: Optional[PrefixCache] = None):
-        per_proc = self.args.batch_size // self.dist.world_size
+        per_proc = self.batch_size // self.dist.world_size
         if cache is not None:  # same sampler as below: the same images in the same batches
             return build_cache_train_loader(cache, per_proc, self.dist, seed,
                                             pin_memory=self.device.type == "cuda")
-        loader = build_train_loader(dataset, per_proc, self.dist, seed, self.args.num_workers,
-                                    pin_memory=self.device.type == "cuda")
-        return CudaPrefetcher(loader, self.device, DTL_MEAN, DTL_STD) if self.prefetch else loader
+        return self._device_normalised(build_train_loader(dataset, per_proc, self.dist, seed, self.num_workers,
+                                                          pin_memory=self.device.type == "cuda"))
 
     def eval(self, dataset):
         if dataset is None:
             return None
-        loader = build_eval_loader(dataset, self.args.batch_size_test, self.dist, self.args.num_workers,
-                                   pin_memory=self.device.type == "cuda")
-        return CudaPrefetcher(loader, self.device, DTL_MEAN, DTL_STD) if self.prefetch else loader
+        return self._device_normalised(build_eval_loader(dataset, self.batch_size_test, self.dist, self.num_workers,
+                                                         pin_memory=self.device.type == "cuda"))

@@ -3,7 +3,6 @@ AdamW without weight decay on biases, timm's cosine schedule with warm-up steppe
 with a gradient scaler under ``--amp``)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -21,7 +20,9 @@ from utils.loader import CudaPrefetcher
 from utils.metrics import TopKCounter
 from utils.optim import TrainableEMA, create_losses, create_mixup, create_optimizer, create_scheduler
 
-__all__ = ["Trainer", "NonFiniteError", "effective_precision", "resolve_precision"]
+from .spec import OptimSpec
+
+__all__ = ["Trainer", "NonFiniteError", "effective_precision", "load_scaler_state", "PRECISIONS"]
 
 _logger = logging.getLogger("train")
 
@@ -41,44 +42,58 @@ def effective_precision(amp: bool, amp_dtype: str, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
-    """The effective precision of the run (:func:`effective_precision`). When ``--amp`` cannot be honoured
-    (float16 off CUDA) it says so once and turns ``args.amp`` off, so that config.yaml, results.json's ``args``
-    and ``last.pth`` record what was actually used."""
-    precision = effective_precision(bool(args.amp), args.amp_dtype, device)
-    if args.amp and precision == "fp32":
-        _logger.warning("--amp with float16 needs CUDA: training in float32 on %s (use --amp_dtype bfloat16 for "
-                        "CPU autocast); recorded as --no-amp", device)
-        args.amp = False
-    return precision
+#: The precisions a run trains in: float32, fp16 autocast with a gradient scaler, bf16 autocast.
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: Dict[str, Any], precision: str, source: str) -> None:
+    """Load the fp16 gradient scaler's ``state`` of checkpoint ``source`` into ``scaler`` (of a run training in
+    ``precision``). A checkpoint of a run without fp16 autocast holds none (a disabled scaler saves ``{}``, which
+    ``GradScaler.load_state_dict`` refuses): the scaler then starts fresh, with a warning. (train.py refuses a
+    precision change before this point for checkpoints that record their precision; this covers older ones.)"""
+    if scaler.is_enabled():
+        if state:
+            scaler.load_state_dict(state)
+        else:
+            _logger.warning("%s has no fp16 gradient-scaler state (the interrupted run did not train with fp16 "
+                            "autocast): the scaler starts fresh (scale %.0f), so the resumed run differs from "
+                            "an uninterrupted one", source, scaler.get_scale())
+    elif state:
+        _logger.warning("%s holds fp16 gradient-scaler state, but this run trains in %s: ignored", source, precision)
 
 
 class Trainer:
     """``train_one_epoch`` runs :meth:`train_step` on every batch and steps the schedule; ``evaluate`` counts
     correct predictions over all ranks. A batch is images or a prefix-cache batch ``{block: inputs}``."""
 
-    def __init__(self, args: argparse.Namespace, model: nn.Module, num_classes: int, dist_info: DistInfo) -> None:
-        self.args = args
-        self.dist = dist_info
-        self.device = dist_info.device
+    def __init__(self, model: nn.Module, optim: OptimSpec, precision: str, dist: DistInfo, num_classes: int,
+                 find_unused_parameters: bool = False) -> None:
+        """``model`` trains with the recipe ``optim`` in ``precision`` (one of :data:`PRECISIONS`, the effective
+        one: :func:`effective_precision`) on ``dist.device``; ``num_classes`` is the head's (mixup's one-hot
+        targets); ``find_unused_parameters`` goes to DDP."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.optim = optim
+        self.dist = dist
+        self.device = dist.device
         self.model = model.to(self.device)
-        self.optimizer = create_optimizer(self.model, args.lr, args.weight_decay)
-        self.scheduler = create_scheduler(self.optimizer, args)
-        self.mixup = create_mixup(args, num_classes)
-        self.train_loss_fn, self.eval_loss_fn = create_losses(args, self.mixup is not None)
-        self.amp_dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
-        self.precision = effective_precision(bool(args.amp), args.amp_dtype, self.device)
-        self.amp = self.precision != "fp32"
-        if args.amp and not self.amp:
-            _logger.warning("--amp with float16 needs CUDA: training in float32 on %s (use --amp_dtype bfloat16 "
-                            "for CPU autocast)", self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
-        self.ema = TrainableEMA(self.model, args.ema_decay) if args.ema else None
+        self.optimizer = create_optimizer(self.model, optim.lr, optim.weight_decay)
+        self.scheduler = create_scheduler(self.optimizer, epochs=optim.epochs, warmup_epochs=optim.warmup_epochs,
+                                          min_lr=optim.min_lr, warmup_lr=optim.warmup_lr)
+        self.mixup = create_mixup(num_classes, mixup=optim.mixup, cutmix=optim.cutmix, prob=optim.mixup_prob,
+                                  smoothing=optim.smoothing)
+        self.train_loss_fn, self.eval_loss_fn = create_losses(smoothing=optim.smoothing,
+                                                              mixup_active=self.mixup is not None)
+        self.precision = precision
+        self.amp = precision != "fp32"
+        self.amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.ema = TrainableEMA(self.model, optim.ema_decay) if optim.ema else None
         self.ddp_model: nn.Module = self.model
-        if dist_info.distributed:
+        if dist.distributed:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=args.find_unused_parameters)
+                find_unused_parameters=find_unused_parameters)
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
@@ -217,20 +232,7 @@ class Trainer:
             self.ema.load_state_dict(sd["ema"], source)
 
     def _load_scaler(self, scaler_sd: Dict[str, Any], source: str) -> None:
-        """The fp16 gradient scaler's state. A checkpoint of a run without fp16 autocast holds none (a disabled
-        scaler saves ``{}``, which ``GradScaler.load_state_dict`` refuses): the scaler then starts fresh, with a
-        warning. (train.py refuses a precision change before this point for checkpoints that record their
-        precision; this covers older ones.)"""
-        if self.scaler.is_enabled():
-            if scaler_sd:
-                self.scaler.load_state_dict(scaler_sd)
-            else:
-                _logger.warning("%s has no fp16 gradient-scaler state (the interrupted run did not train with fp16 "
-                                "autocast): the scaler starts fresh (scale %.0f), so the resumed run differs from "
-                                "an uninterrupted one", source, self.scaler.get_scale())
-        elif scaler_sd:
-            _logger.warning("%s holds fp16 gradient-scaler state, but this run trains in %s: ignored", source,
-                            self.precision)
+        load_scaler_state(self.scaler, scaler_sd, self.precision, source)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

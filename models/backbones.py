@@ -11,7 +11,7 @@ Default DTL rank: ViT ``r = 2``, Swin ``r = 4`` (the paper's settings).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch.nn as nn
@@ -20,7 +20,7 @@ from timm.models import SwinTransformer, VisionTransformer
 from .config import ModelSettingsError
 from .pretrained import weights_fingerprint
 
-__all__ = ["ORIGINAL_VIT_NAMES", "ORIGINAL_SWIN_NAMES", "VIT_DEFAULT_RANK", "SWIN_DEFAULT_RANK", "backbone_arch",
+__all__ = ["default_normalization", "ORIGINAL_VIT_NAMES", "ORIGINAL_SWIN_NAMES", "VIT_DEFAULT_RANK", "SWIN_DEFAULT_RANK", "backbone_arch",
            "default_rank", "create_vit_backbone", "create_swin_backbone", "create_backbone"]
 
 VIT_DEFAULT_RANK = 2
@@ -62,6 +62,12 @@ def backbone_arch(model_name: str) -> str:
         f"unsupported backbone {model_name!r}: use a timm ViT (vision_transformer, e.g. vit_base_patch16_224) "
         f"or Swin (swin_transformer, e.g. swin_base_patch4_window7_224) architecture name"
     )
+
+
+def default_normalization(model_name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` per channel the backbone ``model_name`` is trained and evaluated with when ``--mean`` /
+    ``--std`` are not given: the original recipe's 0.5 / 0.5 for every backbone."""
+    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def default_rank(arch: str) -> int:

@@ -7,16 +7,16 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from .backbones import backbone_arch, create_backbone
-from .baselines import BASELINE_METHODS, create_baseline_model
 from .config import DTLConfig, ModelSettingsError
 from .dtl_swin import DTLSwinTransformer
 from .dtl_vit import DTLVisionTransformer
+from .methods import get_method, method_names
 from .pretrained import load_backbone_weights
 
 __all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS", "DTL_WRAPPERS"]
 
-# --method choices of train.py: DTL (with --fusion_size > 0: DTL+) and the baseline tuning methods.
-METHODS = ("dtl", *BASELINE_METHODS)
+# --method choices of train.py: the registered methods (DTL, with --fusion_size > 0 DTL+, and the baselines).
+METHODS = method_names()
 #: The DTL wrapper of each backbone architecture (:func:`models.backbones.backbone_arch`).
 DTL_WRAPPERS = {"vit": DTLVisionTransformer, "swin": DTLSwinTransformer}
 
@@ -49,15 +49,19 @@ def create_dtl_model(
 
 
 def create_tuned_model(
-    method: str, model_name: str, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False, **kwargs: Any
+    method: str, model_name: str, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False,
+    settings: Optional[Any] = None, **kwargs: Any
 ) -> nn.Module:
-    """The model of tuning method ``method`` (``'dtl'`` or a baseline of :mod:`models.baselines`); ``kwargs``
-    are those of :func:`create_dtl_model` / :func:`~models.baselines.create_baseline_model` (``load_path``,
-    ``pretrained``, timm's backbone arguments; a baseline's ``settings``). ``lean=True`` is DTL only."""
-    if method == "dtl":
-        return create_dtl_model(model_name, num_classes, dtl, lean=lean, **kwargs)
-    if method not in METHODS:
-        raise ModelSettingsError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
-    if lean:
+    """The model of tuning method ``method`` (a name of :mod:`models.methods`); its configuration is ``dtl`` (DTL)
+    or ``settings`` (a baseline's, e.g. LoRA's rank; the method's object or its dict form), ``kwargs`` are
+    ``load_path``, ``pretrained`` and timm's backbone arguments. ``lean=True`` needs a method with lean mode."""
+    try:
+        entry = get_method(method)
+    except ValueError as e:
+        raise ModelSettingsError(str(e)) from None
+    if lean and not entry.lean:
         raise ModelSettingsError(f"lean mode (--lean) is implemented for DTL only, not for --method {method}")
-    return create_baseline_model(method, model_name, num_classes, **kwargs)
+    config = dtl if dtl is not None else settings
+    if config is None or isinstance(config, dict):
+        config = entry.config_from_dict(config or {})
+    return entry.build(model_name, num_classes, config, lean=lean, **kwargs)

@@ -185,21 +185,16 @@ def _fake_enabled_scaler():
 def test_scaler_state_of_another_precision_starts_fresh(caplog):
     """last.pth files that do not record their precision: an fp16 resume of a scaler-less run starts the scaler
     fresh with a warning (no traceback); an fp32 resume of an fp16 run ignores the scaler state."""
-    from engine.trainer import Trainer
+    from engine.trainer import load_scaler_state
 
-    trainer = Trainer.__new__(Trainer)
-    trainer.precision = "fp16"
-    trainer.scaler = _fake_enabled_scaler()
-    trainer._load_scaler({}, "old/last.pth")
+    scaler = _fake_enabled_scaler()
+    load_scaler_state(scaler, {}, "fp16", "old/last.pth")
     assert "has no fp16 gradient-scaler state" in caplog.text and "starts fresh" in caplog.text
-    trainer._load_scaler({"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                          "_growth_tracker": 3}, "new/last.pth")
-    assert trainer.scaler.get_scale() == 1024.0
+    load_scaler_state(scaler, {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                               "_growth_tracker": 3}, "fp16", "new/last.pth")
+    assert scaler.get_scale() == 1024.0
     caplog.clear()
-    plain = Trainer.__new__(Trainer)
-    plain.precision = "fp32"
-    plain.scaler = torch.amp.GradScaler("cuda", enabled=False)
-    plain._load_scaler({"scale": 1024.0}, "fp16/last.pth")
+    load_scaler_state(torch.amp.GradScaler("cuda", enabled=False), {"scale": 1024.0}, "fp32", "fp16/last.pth")
     assert "holds fp16 gradient-scaler state, but this run trains in fp32: ignored" in caplog.text
 
 
@@ -214,7 +209,7 @@ def four_gpus(monkeypatch):
 
 
 def test_each_rank_gets_its_own_gpu(four_gpus, monkeypatch):
-    from utils.args import UsageError
+    from utils.errors import UsageError
     from utils.distributed import init_distributed, resolve_device
 
     assert resolve_device("cuda", 0) == torch.device("cuda", 0)
@@ -258,7 +253,7 @@ def test_normaliser_divides_like_to_tensor(monkeypatch):
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 20, 3), dtype=np.uint8))
     ref = T.Compose([T.ToTensor(), T.Normalize(mean=torch.tensor(DTL_MEAN), std=torch.tensor(DTL_STD))])(img)
     u = T.PILToTensor()(img).unsqueeze(0)
-    pre = CudaPrefetcher([], torch.device("cpu"), DTL_MEAN, DTL_STD)  # the arithmetic of the CUDA path
+    pre = CudaPrefetcher([], torch.device("cpu"), Uint8Normalizer(DTL_MEAN, DTL_STD, torch.device("cpu")))  # CUDA's arithmetic
     # the constants exist once: no tensor is made from Python numbers per batch (a blocking copy on CUDA)
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor called per batch"))
     monkeypatch.setattr(torch, "full", lambda *a, **k: pytest.fail("torch.full called per batch"))
@@ -328,9 +323,10 @@ def test_cache_budget_is_shared_by_the_processes_of_a_node(monkeypatch, tmp_path
 
 
 def test_train_passes_the_local_world_size(monkeypatch):
-    import argparse
-
     import engine.setup as setup
+    from data.spec import DataSpec
+    from engine.spec import Experiment, OptimSpec, RunSpec
+    from models.spec import ModelSpec
     from utils.distributed import DistInfo
 
     seen = {}
@@ -340,10 +336,10 @@ def test_train_passes_the_local_world_size(monkeypatch):
         raise setup.PrefixCacheError("stop here")
 
     monkeypatch.setattr(setup.PrefixCache, "build", staticmethod(fake_build))
-    args = argparse.Namespace(batch_size_test=4, cache_storage="host", cache_dir=None, cache_dtype="float16",
-                              benchmark="vtab", cache_prefix_approx=False, num_workers=0)
+    exp = Experiment(ModelSpec("vit_tiny_patch16_224", "dtl", 2), DataSpec("vtab", "dtd"), OptimSpec(batch_size_test=4),
+                     RunSpec(cache_prefix=True, cache_storage="host", num_workers=0))
     with pytest.raises(setup.UsageError, match="stop here"):
-        setup.build_prefix_cache(args, None, None, DistInfo(local_world_size=3), False, None, {})
+        setup.build_prefix_cache(exp, None, None, DistInfo(local_world_size=3), False, None, {})
     assert seen["budget_share"] == 3 and seen["device"] == torch.device("cpu")
 
 

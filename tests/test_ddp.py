@@ -92,7 +92,7 @@ def test_only_rank_zero_writes(ddp_run):
 
 
 def test_batch_must_split_evenly(vtab, tmp_path, monkeypatch):
-    from utils.args import UsageError, parse_args
+    from cli.flags import UsageError, parse_args
 
     with pytest.raises(UsageError, match="not divisible by the 2 processes"):
         parse_args(["--dataset", "cifar_100", "--batch_size", "7"], world_size=2)

@@ -13,7 +13,7 @@ import models
 from helpers_train import TINY, read_results, run_train, single_thread, vtab_root  # noqa: F401
 from models import DTLConfig, create_dtl_model, delta_state_dict
 from tools import predict
-from utils.args import UsageError, parse_args
+from cli.flags import UsageError, parse_args
 from utils.checkpoint import make_delta_checkpoint
 
 

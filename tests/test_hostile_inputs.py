@@ -19,7 +19,7 @@ from conftest import REPO
     ('"yes"', True), ('"TRUE"', True), ("1", True), ('" on "', True),
 ])
 def test_config_booleans_parsed_strictly(tmp_path, text, expected):
-    from utils.args import parse_args
+    from cli.flags import parse_args
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"dataset: dtd\nskip_bad_images: {text}\ntensorboard: {text}\namp: {text}\n")
@@ -29,7 +29,7 @@ def test_config_booleans_parsed_strictly(tmp_path, text, expected):
 
 @pytest.mark.parametrize("text", ['"maybe"', "2", "", "[true]", '"n"', "0.0", '"truee"'])
 def test_config_bad_boolean_refused_naming_the_key(tmp_path, text):
-    from utils.args import UsageError, parse_args
+    from cli.flags import UsageError, parse_args
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"dataset: dtd\ntensorboard: {text}\n")
@@ -39,7 +39,7 @@ def test_config_bad_boolean_refused_naming_the_key(tmp_path, text):
 
 def test_config_boolean_and_command_line_flag(tmp_path):
     """A config's false is a default the command line can still turn on (and the reverse)."""
-    from utils.args import parse_args
+    from cli.flags import parse_args
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text('dataset: dtd\ntensorboard: "no"\nprefetcher: "yes"\n')

@@ -86,7 +86,7 @@ def _expect(row):
 
 
 def test_every_launcher_passes_the_tables_settings(tmp_path):
-    from utils.args import parse_args
+    from cli.flags import parse_args
 
     defaults = {"vtab": "/path/to/VTAB/vtab-1k", "few_shot": "/path/to/FGFS", "domain_generalization": "/path/to/DG"}
     for row in ROWS:
@@ -117,7 +117,7 @@ def test_paper_numbers_in_vit_vtab_dtl_launchers():
 
 
 def test_environment_overrides_and_pass_through(tmp_path):
-    from utils.args import parse_args
+    from cli.flags import parse_args
 
     rel = "train_scripts/vit/vtab/cifar_100/train_dtl.sh"
     other = tmp_path / "elsewhere"
@@ -146,7 +146,7 @@ def test_every_launcher_survives_torchruns_parser(tmp_path):
     reads its options and hands train.py the launcher's flags untouched ("--r" and every other train.py flag are
     not taken for abbreviations of torchrun options), and train.py's parser reads the table's settings."""
     from torch.distributed.run import parse_args as torchrun_parse
-    from utils.args import parse_args
+    from cli.flags import parse_args
 
     for row in ROWS:
         rel = make_launchers.launcher_path(row)

@@ -102,11 +102,11 @@ def test_eval_only_reproduces_the_accuracy(launcher_run, root, tmp_path):
 
 def _build(argv):
     import train
-    from utils.args import parse_args
+    from cli.specs import build_experiment, parse_args
 
-    args = parse_args(["--dataset", TASK, *argv])
+    spec = build_experiment(parse_args(["--dataset", TASK, *argv])).model.replace(num_classes=N_CLASSES)
     with torch.device("meta"):
-        return train.build_model(args, N_CLASSES, weights=False)
+        return train.build_model(spec, weights=False)
 
 
 def test_defaults_are_the_backbones():
@@ -165,7 +165,7 @@ def test_lean_and_prefix_cache_train_swin_like_the_default(default_runs):
 def test_model_kwargs_take_lists():
     import argparse
 
-    from utils.args import model_kwargs_type
+    from cli.flags import model_kwargs_type
 
     assert model_kwargs_type(SWIN_KWARGS) == {"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2],
                                               "patch_size": 2, "window_size": 2}

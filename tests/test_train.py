@@ -2,7 +2,6 @@
 AMP), --eval_only, the YAML config and the flag checks."""
 from __future__ import annotations
 
-import argparse
 import sys
 import json
 import math
@@ -131,9 +130,8 @@ def test_longer_schedule_values():
     """The default 100 + 10 epochs: warm-up from 1e-7, cosine without restart, last 10 epochs at 1e-8."""
     from utils.optim import create_scheduler
 
-    args = argparse.Namespace(epochs=100, warmup_epochs=10, min_lr=1e-8, warmup_lr=1e-7)
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
-    sched = create_scheduler(opt, args)
+    sched = create_scheduler(opt, epochs=100, warmup_epochs=10, min_lr=1e-8, warmup_lr=1e-7)
     lrs = []
     for epoch in range(110):
         lrs.append(opt.param_groups[0]["lr"])
@@ -169,13 +167,13 @@ def test_losses_and_mixup_choice():
 
     from utils.optim import create_losses, create_mixup
 
-    ns = lambda **kw: argparse.Namespace(**{"mixup": 0.0, "cutmix": 0.0, "mixup_prob": 1.0, "smoothing": 0.0, **kw})
-    assert isinstance(create_losses(ns(), False)[0], nn.CrossEntropyLoss)
-    assert isinstance(create_losses(ns(smoothing=0.1), False)[0], LabelSmoothingCrossEntropy)
-    assert create_mixup(ns(), 10) is None
-    mix = create_mixup(ns(mixup=0.8, smoothing=0.1), 10)
+    mk = lambda **kw: {"mixup": 0.0, "cutmix": 0.0, "prob": 1.0, "smoothing": 0.0, **kw}  # noqa: E731
+    assert isinstance(create_losses(smoothing=0.0, mixup_active=False)[0], nn.CrossEntropyLoss)
+    assert isinstance(create_losses(smoothing=0.1, mixup_active=False)[0], LabelSmoothingCrossEntropy)
+    assert create_mixup(10, **mk()) is None
+    mix = create_mixup(10, **mk(mixup=0.8, smoothing=0.1))
     assert mix is not None and mix.label_smoothing == 0.1
-    assert isinstance(create_losses(ns(mixup=0.8), True)[0], SoftTargetCrossEntropy)
+    assert isinstance(create_losses(smoothing=0.0, mixup_active=True)[0], SoftTargetCrossEntropy)
 
 
 def test_trainable_ema_update_and_swap():
@@ -213,7 +211,7 @@ def test_options_mixup_smoothing_ema_bf16_run(vtab, tmp_path):
 
 
 def test_config_yaml_gives_defaults_and_flags_win(tmp_path):
-    from utils.args import UsageError, parse_args
+    from cli.flags import UsageError, parse_args
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset: dtd\nlr: 0.02\nlora_before_blocks: 0-5\nseeds: [1, 2]\namp: true\n")
@@ -239,14 +237,14 @@ def test_config_yaml_gives_defaults_and_flags_win(tmp_path):
     (["--dataset", "cifar_100", "--method", "linear", "--fusion_size", "3"], r"DTL\+ setting"),
 ])
 def test_flag_errors(argv, message):
-    from utils.args import UsageError, parse_args
+    from cli.flags import UsageError, parse_args
 
     with pytest.raises(UsageError, match=message):
         parse_args(argv)
 
 
 def test_parser_rejects_abbreviations_and_bad_ranges(capsys):
-    from utils.args import parse_args
+    from cli.flags import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--dataset", "cifar_100", "--warmup", "3"])  # no abbreviation of --warmup_epochs
@@ -256,7 +254,7 @@ def test_parser_rejects_abbreviations_and_bad_ranges(capsys):
 
 
 def test_benchmark_inference():
-    from utils.args import infer_benchmark
+    from cli.flags import infer_benchmark
 
     assert infer_benchmark("cifar_100") == "vtab"
     assert infer_benchmark("oxford_iiit_pet") == "vtab"
@@ -265,7 +263,7 @@ def test_benchmark_inference():
 
 
 def test_few_shot_and_dg_defaults():
-    from utils.args import parse_args
+    from cli.flags import parse_args
 
     fs = parse_args(["--dataset", "food101-FS", "--shot", "4"])
     assert fs.seeds == [0, 1, 2] and fs.eval_interval == 10

@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 from models import DTLConfig, backbone_arch, create_dtl_model  # noqa: E402
 from models.baselines import create_baseline_model  # noqa: E402
 from models.trainable import count_parameters  # noqa: E402
-from utils.args import model_kwargs_type  # noqa: E402
+from cli.flags import model_kwargs_type  # noqa: E402
 from utils.atomic import atomic_write_json  # noqa: E402
 from utils.memory import MIB, SavedTensorMeter  # noqa: E402
 from utils.metrics import peak_rss_mib  # noqa: E402

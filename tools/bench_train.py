@@ -51,9 +51,9 @@ from data.synthetic import make_vtab_root  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
 from data.vtab import build_vtab_dataset, get_vtab_task  # noqa: E402
 from engine.prefix_cache import PrefixCache  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from engine.spec import OptimSpec  # noqa: E402
+from engine.trainer import Trainer, effective_precision  # noqa: E402
 from models import DTLConfig, create_dtl_model  # noqa: E402
-from utils.args import parse_args as parse_train_args  # noqa: E402
 from utils.atomic import atomic_write_json  # noqa: E402
 from utils.determinism import configure_backends  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
@@ -113,12 +113,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def trainer_args(args: argparse.Namespace):
-    """train.py's flags for the recipe timed here (the Trainer reads its settings from them)."""
-    amp = {"none": [], "fp16": ["--amp", "--amp_dtype", "float16"], "bf16": ["--amp", "--amp_dtype", "bfloat16"]}
-    return parse_train_args(["--dataset", args.dataset, "--lr", str(args.lr), "--weight_decay", "0.05",
-                             "--epochs", str(args.epochs), "--warmup_epochs", "0", "--batch_size", str(args.batch_size),
-                             *amp[args.amp]])
+def recipe(args: argparse.Namespace) -> OptimSpec:
+    """The recipe timed here: train.py's defaults (AdamW, weight decay 0.05 except biases) with this tool's
+    learning rate, epochs (no warm-up), batch and autocast."""
+    amp_dtype = "bfloat16" if args.amp == "bf16" else "float16"
+    return OptimSpec(lr=args.lr, weight_decay=0.05, epochs=args.epochs, warmup_epochs=0, batch_size=args.batch_size,
+                     amp=args.amp != "none", amp_dtype=amp_dtype)
 
 
 def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
@@ -140,7 +140,9 @@ def run_worker(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
     dtl = DTLConfig(r=args.r, fusion_size=args.fusion_size, csn_blocks=args.csn_blocks, add_back_blocks=args.add_back_blocks)
     model = create_dtl_model(args.model, task.num_classes, dtl, load_path=args.load_path, img_size=args.img_size,
                              drop_path_rate=args.drop_path, lean="lean" in mode)
-    trainer = Trainer(trainer_args(args), model, task.num_classes, DistInfo(device=device))
+    optim = recipe(args)
+    trainer = Trainer(model, optim, effective_precision(optim.amp, optim.amp_dtype, device), DistInfo(device=device),
+                      task.num_classes)
 
     cache, build_s = None, None
     if mode.startswith("cache"):

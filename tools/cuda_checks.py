@@ -71,14 +71,14 @@ def check_prefetcher(device: torch.device) -> Dict:
     _need_cuda(device)
     from torch.utils.data import DataLoader, TensorDataset
 
-    from data.transforms import DTL_MEAN, DTL_STD, normalize_uint8_batch
+    from data.transforms import DTL_MEAN, DTL_STD, Uint8Normalizer, normalize_uint8_batch
     from utils.loader import CudaPrefetcher
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8, generator=g)
     y = torch.arange(20)
     loader = DataLoader(TensorDataset(x, y), batch_size=6, pin_memory=True)
-    got = list(CudaPrefetcher(loader, device, DTL_MEAN, DTL_STD))
+    got = list(CudaPrefetcher(loader, device, Uint8Normalizer(DTL_MEAN, DTL_STD, device)))
     torch.cuda.synchronize(device)
     ok = len(got) == 4
     for (gx, gy), (cx, cy) in zip(got, loader):
@@ -144,17 +144,17 @@ def check_host_cache(device: torch.device) -> Dict:
 
 def check_scaler(device: torch.device) -> Dict:
     _need_cuda(device)
+    from engine.spec import OptimSpec
     from engine.trainer import Trainer
+    from utils.distributed import DistInfo
 
-    trainer = Trainer.__new__(Trainer)
-    trainer.precision = "fp16"
-    trainer.scaler = torch.amp.GradScaler("cuda", enabled=True)
+    trainer = Trainer(torch.nn.Linear(4, 2), OptimSpec(amp=True), "fp16", DistInfo(device=device), 2)
     records: List[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("train").addHandler(handler)
     try:
-        trainer._load_scaler({}, "fp32-run/last.pth")
+        trainer.load_state_dict({**trainer.state_dict(), "scaler": {}}, "fp32-run/last.pth")
     finally:
         logging.getLogger("train").removeHandler(handler)
     warned = any("starts fresh" in r.getMessage() for r in records)
@@ -163,7 +163,7 @@ def check_scaler(device: torch.device) -> Dict:
 
 def check_devices(device: torch.device) -> Dict:
     _need_cuda(device)
-    from utils.args import UsageError
+    from utils.errors import UsageError
     from utils.distributed import resolve_device
 
     n = torch.cuda.device_count()

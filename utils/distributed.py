@@ -50,7 +50,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     ``LOCAL_RANK`` of a ``torchrun`` node, counting from GPU ``N`` of the visible ones -- ``--device cuda:2`` with
     ``--nproc_per_node 2`` trains on GPUs 2 and 3. A GPU past the last visible one is an error naming both
     numbers (``CUDA_VISIBLE_DEVICES`` chooses which GPUs are visible)."""
-    from .args import UsageError  # late: utils.args imports the data package
+    from .errors import UsageError
 
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"

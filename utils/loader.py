@@ -14,13 +14,12 @@ same batches as the uncached one.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from data.transforms import Uint8Normalizer
 
 from .distributed import DistInfo, ShardSampler
 
@@ -124,17 +123,16 @@ def build_eval_loader(
 
 
 class CudaPrefetcher:
-    """Iterate a loader of uint8 image batches, copying the next batch to the GPU and normalising it there
-    (:class:`data.transforms.Uint8Normalizer`, its constants made on the device once: bit-identical to the CPU
-    ``ToTensor + Normalize`` path) on a side stream while the current batch is being used. The loader should pin
-    its batches (``pin_memory=True``) so that the copies are asynchronous."""
+    """Iterate a loader of uint8 image batches, copying the next batch to the GPU and normalising it there with
+    ``normalize`` (e.g. :class:`data.transforms.Uint8Normalizer`, its constants made on the device once:
+    bit-identical to the CPU ``ToTensor + Normalize`` path) on a side stream while the current batch is being
+    used. The loader should pin its batches (``pin_memory=True``) so that the copies are asynchronous."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, loader: DataLoader, device: torch.device,
+                 normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.loader = loader
         self.device = device
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self.normalize = Uint8Normalizer(self.mean, self.std, device)
+        self.normalize = normalize
         self.stream: Optional[torch.cuda.Stream] = None
 
     def __len__(self) -> int:

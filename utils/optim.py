@@ -1,8 +1,7 @@
 """Optimiser, learning-rate schedule, loss functions and EMA of the original recipe (docs/method.md)."""
 from __future__ import annotations
 
-import argparse
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,7 +10,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
 __all__ = [
-    "param_groups", "create_optimizer", "create_scheduler", "total_epochs", "create_losses", "create_mixup",
+    "param_groups", "create_optimizer", "create_scheduler", "create_losses", "create_mixup",
     "TrainableEMA",
 ]
 
@@ -39,40 +38,36 @@ def create_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
 
 
-def total_epochs(args: argparse.Namespace) -> int:
-    """Epochs trained in all: ``epochs + warmup_epochs`` (the original; the last ``warmup_epochs`` at min_lr)."""
-    return args.epochs + args.warmup_epochs
-
-
-def create_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+def create_scheduler(optimizer: torch.optim.Optimizer, *, epochs: int, warmup_epochs: int, min_lr: float,
+                     warmup_lr: float) -> CosineLRScheduler:
     """timm ``CosineLRScheduler(t_initial=epochs, lr_min, warmup_t=warmup_epochs, warmup_lr_init,
     cycle_decay=0.5)``; call ``step(epoch + 1)`` after epoch ``epoch`` (0-based), so epoch ``e`` runs at the
     schedule's value at ``t = e``."""
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(args.epochs, 1),
-        lr_min=args.min_lr,
-        warmup_t=args.warmup_epochs,
-        warmup_lr_init=args.warmup_lr,
+        t_initial=max(epochs, 1),
+        lr_min=min_lr,
+        warmup_t=warmup_epochs,
+        warmup_lr_init=warmup_lr,
         cycle_decay=0.5,
         t_in_epochs=True,
     )
 
 
-def create_mixup(args: argparse.Namespace, num_classes: int):
-    """timm ``Mixup`` when ``--mixup``/``--cutmix`` are on (label smoothing folded in), else ``None``."""
-    if args.mixup <= 0 and args.cutmix <= 0:
+def create_mixup(num_classes: int, *, mixup: float, cutmix: float, prob: float, smoothing: float) -> Optional[Mixup]:
+    """timm ``Mixup`` when mixup or cutmix is on (label smoothing folded in), else ``None``."""
+    if mixup <= 0 and cutmix <= 0:
         return None
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                 label_smoothing=args.smoothing, num_classes=num_classes)
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, label_smoothing=smoothing,
+                 num_classes=num_classes)
 
 
-def create_losses(args: argparse.Namespace, mixup_active: bool) -> Tuple[nn.Module, nn.Module]:
-    """(train loss, eval loss): soft-target CE with mixup, label-smoothing CE with ``--smoothing``, else CE."""
+def create_losses(*, smoothing: float, mixup_active: bool) -> Tuple[nn.Module, nn.Module]:
+    """(train loss, eval loss): soft-target CE with mixup, label-smoothing CE with ``smoothing``, else CE."""
     if mixup_active:
         train = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        train = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    elif smoothing > 0:
+        train = LabelSmoothingCrossEntropy(smoothing=smoothing)
     else:
         train = nn.CrossEntropyLoss()
     return train, nn.CrossEntropyLoss(reduction="sum")

@@ -65,8 +65,8 @@ class RunSpec:
 def parse_train_flags(argv: Sequence[str]) -> Tuple[argparse.Namespace, str]:
     """train.py's own parsing of a launcher's arguments, and the resolved method (``dtl+`` for DTL with a
     fusion size). Every use of train.py's parser in run_table goes through here."""
-    # The parser moves to cli.flags (importable without torch); then: from cli.flags import parse_args, ...
-    from utils.args import parse_args, resolved_method
+    from cli.flags import parse_args  # validating --method reads the method registry (torch): imported here
+    from cli.specs import resolved_method
 
     args = parse_args(list(argv))
     return args, resolved_method(args)

@@ -1,32 +1,37 @@
 """Command line of ``train.py``: the original's flag names, grouped; an optional YAML config; validation.
 
 ``--config FILE.yaml`` holds ``flag: value`` pairs (flag names without dashes, e.g. ``lr: 0.001``) that become
-the defaults; anything given on the command line wins. Unknown keys are an error naming the file; a boolean
-flag takes a YAML boolean or true/false, yes/no, on/off, 1/0 (also quoted), anything else is an error naming the key.
+the defaults; anything given on the command line wins. Unknown keys, empty values and YAML aliases are errors
+naming the file and key; a boolean flag takes a YAML boolean or true/false, yes/no, on/off, 1/0 (also quoted),
+anything else is an error naming the key.
+
+This module imports no torch/timm (only the stdlib, yaml and the light benchmark registry), so that
+``build_parser()`` is cheap for tools and launcher checks. The checks that depend on the tuning method read its
+capabilities from :mod:`models.methods`, imported when the flags are validated. The parsed flags become the
+run's typed specs in :mod:`cli.specs`; nothing below train.py reads the namespace.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from data.benchmarks import BENCHMARKS, REGISTRY, get_benchmark
-from data.transforms import transform_is_deterministic
-from models.config import parse_blocks
-from models.delta_folder import DELTA_FILE, is_delta_folder
-from models.factory import METHODS
+from utils.blocks import parse_blocks
+from utils.errors import UsageError
 
-__all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "resolved_method",
-           "parse_int_list", "block_range"]
+__all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "parse_int_list", "block_range",
+           "float_triple", "CACHE_STORAGES", "CACHE_DTYPES"]
 
 CACHE_STORAGES = ("auto", "device", "host", "mmap")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-from .errors import UsageError  # noqa: E402  (re-exported)
+#: The most YAML nodes a --config file may have (a config is a few dozen flag: value pairs).
+CONFIG_MAX_NODES = 10_000
+#: The longest repr of a value an error message shows.
+_MAX_REPR = 200
 
 
 def parse_int_list(text: str) -> List[int]:
@@ -105,6 +110,19 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def float_triple(text: str) -> Tuple[float, float, float]:
+    """``"0.485,0.456,0.406"`` -> ``(0.485, 0.456, 0.406)``: three finite numbers, one per channel."""
+    parts = [p.strip() for p in str(text).strip("()[] ").split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers such as 0.5,0.5,0.5, "
+                                         f"got {text!r}") from None
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected three finite numbers (one per RGB channel), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``train.py`` (also used by the launcher tests to read the launchers' commands)."""
     p = argparse.ArgumentParser(
@@ -144,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load_path", default="",
                    help="pre-trained backbone weights (.npz / .pth / .safetensors); 'timm' = timm's published "
                         "weights for --model (downloaded); empty = random initialisation (a warning)")
-    g.add_argument("--method", default="dtl", choices=METHODS,
-                   help="tuning method: dtl (DTL, or DTL+ with --fusion_size > 0) or a baseline")
+    g.add_argument("--method", default="dtl",
+                   help="tuning method: dtl (DTL, or DTL+ with --fusion_size > 0) or a baseline (full, linear, "
+                        "bitfit, lora, adapter, adaptformer, vpt, ssf; models/methods.py)")
     g.add_argument("--fusion_size", type=_nonneg_int, default=0, help="DTL+ depthwise kernel (0 = DTL)")
     g.add_argument("--r", type=_positive_int, default=None, help="CSN rank (default: ViT 2, Swin 4)")
     g.add_argument("--beta", type=float, default=100.0, help="swish gate slope")
@@ -159,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra timm arguments of the backbone, e.g. embed_dim=64,num_heads=2,patch_size=8 or, for "
                         "Swin, embed_dim=16,depths=[1,1,2,1],num_heads=[1,1,2,2],window_size=2 (small experiments; "
                         "stored in the delta checkpoint)")
+    g.add_argument("--mean", type=float_triple, default=None, metavar="R,G,B",
+                   help="input normalisation mean per channel (default: the backbone's, 0.5,0.5,0.5 for the "
+                        "paper's backbones)")
+    g.add_argument("--std", type=float_triple, default=None, metavar="R,G,B",
+                   help="input normalisation std per channel (default: the backbone's)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
@@ -240,6 +264,12 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to a bounded length for messages (a --config value can be arbitrarily large)."""
+    text = repr(value)
+    return text if len(text) <= _MAX_REPR else text[:_MAX_REPR] + f"... ({len(text)} characters)"
+
+
 def _config_bool(path: str, key: Any, v: Any) -> bool:
     """A boolean flag's value in ``--config``: a YAML boolean, 0/1, or (quoted) true/false, yes/no, on/off, 1/0 in
     any case. Anything else (``"maybe"``, ``2``, an empty value) is refused: a string such as ``"no"`` must not
@@ -250,8 +280,28 @@ def _config_bool(path: str, key: Any, v: Any) -> bool:
         return bool(v)
     if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
         return v.strip().lower() in _TRUE
-    raise UsageError(f"--config {path}: {key!r} is a boolean flag: use true or false (also yes/no, on/off, 1/0), "
-                     f"got {v!r}")
+    raise UsageError(f"--config {path}: {_short(key)} is a boolean flag: use true or false (also yes/no, on/off, "
+                     f"1/0), got {_short(v)}")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases (``*name``: a small file could expand to a huge document) and with at
+    most :data:`CONFIG_MAX_NODES` nodes."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                                 f"supported in a --config file; write the value out")
+        self._nodes = getattr(self, "_nodes", 0) + 1
+        if self._nodes > CONFIG_MAX_NODES:
+            raise yaml.YAMLError(f"more than {CONFIG_MAX_NODES} YAML nodes; a --config file is a mapping of "
+                                 f"flag: value")
+        return super().compose_node(parent, index)
+
+
+#: The key under which config.yaml records the run's specs (informational; skipped when read as --config).
+SPECS_KEY = "specs"
 
 
 def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
@@ -259,31 +309,42 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         raise UsageError(f"--config: file not found: {path}")
     try:
         with open(path, "r", encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
+            cfg = yaml.load(f, Loader=_ConfigLoader) or {}
+    except yaml.MarkedYAMLError as e:
+        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark is not None else ""
+        raise UsageError(f"--config {path}: not valid YAML: {where}{str(e.problem)[:_MAX_REPR]}") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML: {e}") from None
+        raise UsageError(f"--config {path}: not valid YAML: " + " ".join(str(e).split())[:_MAX_REPR]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot read it ({e})") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag: value")
-    dests = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     out: Dict[str, Any] = {}
     for k, v in cfg.items():
         key = str(k).lstrip("-").replace("-", "_")
-        if key not in dests or key in ("help", "config"):
-            raise UsageError(f"--config {path}: unknown key {k!r} (keys are train.py flag names, e.g. lr, epochs)")
-        action = next(a for a in parser._actions if a.dest == key)
+        if key == SPECS_KEY and isinstance(v, dict):
+            continue  # config.yaml's record of the specs: derived from the flags above it
+        if key not in actions or key in ("help", "config"):
+            raise UsageError(f"--config {path}: unknown key {_short(k)} (keys are train.py flag names, e.g. lr, "
+                             f"epochs)")
+        action = actions[key]
         if isinstance(action, _BOOL_ACTIONS):
             out[key] = _config_bool(path, k, v)
             continue
+        if v is None and action.default is not None:
+            raise UsageError(f"--config {path}: {_short(k)} has no value; write {key}: VALUE, or leave the key out "
+                             f"for the default ({_short(action.default)})")
         if v is not None and action.type is not None and not isinstance(v, bool):
             try:
                 if isinstance(v, dict):
                     v = action.type(v)
                 else:
                     v = action.type(str(v)) if not isinstance(v, list) else action.type(",".join(str(x) for x in v))
-            except (argparse.ArgumentTypeError, ValueError) as e:
-                raise UsageError(f"--config {path}: bad value for {k!r}: {e}") from None
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise UsageError(f"--config {path}: bad value for {_short(k)}: {str(e)[:_MAX_REPR]}") from None
         if action.choices is not None and v is not None and v not in action.choices:
-            raise UsageError(f"--config {path}: {k!r} must be one of {list(action.choices)}, got {v!r}")
+            raise UsageError(f"--config {path}: {_short(k)} must be one of {list(action.choices)}, got {_short(v)}")
         out[key] = v
     return out
 
@@ -312,41 +373,59 @@ def infer_benchmark(dataset: str) -> str:
     raise UsageError(f"--dataset {dataset!r} exists in several benchmarks ({', '.join(found)}): pass --benchmark")
 
 
-def resolved_method(args: argparse.Namespace) -> str:
-    """``dtl``/``dtl+`` for DTL, the method name otherwise (the ``method`` field of results.json)."""
-    if args.method == "dtl":
-        return "dtl+" if args.fusion_size > 0 else "dtl"
-    return args.method
-
-
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> argparse.Namespace:
-    """Parse and validate; raises :class:`UsageError` for a bad combination (argparse exits for bad syntax)."""
+    """Parse and validate; the benchmark's defaults (``--benchmark`` from ``--dataset``, its seeds, shot and
+    validation interval) are filled in. Raises :class:`UsageError` for a bad combination (argparse exits for bad
+    syntax). Validation imports the method registry (:mod:`models.methods`, with torch); :func:`build_parser`
+    does not."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_load_config(pre.config, parser))
-    args = parser.parse_args(argv)
+    raw = parser.parse_args(argv)
+    if not raw.dataset:
+        raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
+    args = argparse.Namespace(**{**vars(raw), **_benchmark_defaults(raw)})
     validate_args(args, world_size)
     return args
 
 
-def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
-    if not args.dataset:
-        raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
+def _benchmark_defaults(args: argparse.Namespace) -> Dict[str, Any]:
+    """The values the benchmark gives to flags left out: ``benchmark``, ``seeds``, ``shot``, ``eval_interval``."""
     if args.benchmark is None:
-        args.benchmark = infer_benchmark(args.dataset)
+        name = infer_benchmark(args.dataset)
     else:
         err = _dataset_check(args.benchmark, args.dataset)
         if err is not None:
             raise UsageError(f"--dataset {args.dataset!r} (--benchmark {args.benchmark}): {err}")
+        name = args.benchmark
+    bench = get_benchmark(name)
+    out: Dict[str, Any] = {"benchmark": name}
+    if args.seeds is None:
+        out["seeds"] = list(bench.default_seeds)
+    if bench.shot == "optional" and args.shot is None:
+        out["shot"] = bench.default_shot
+    if bench.selects_on_val and args.eval_interval is None:
+        out["eval_interval"] = bench.default_eval_interval
+    return out
+
+
+def _is_delta_folder(path: str) -> bool:
+    from models.delta_folder import is_delta_folder  # torch: only when a --checkpoint folder is given
+
+    return is_delta_folder(path)
+
+
+def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
+    """Check a parsed namespace whose benchmark defaults are filled in (:func:`parse_args`); changes nothing."""
     for flag, value, want in (("--load_path", args.load_path, "the weights file itself (e.g. .../ViT-B_16.npz), "
                                "'timm', or empty for random initialisation (the launchers' LOAD_PATH)"),
                               ("--resume", args.resume, "the run's last.pth"),
                               ("--checkpoint", args.checkpoint, "a delta file (delta.pth / delta_seed<k>.pth) "
-                               f"or a delta folder (holding {DELTA_FILE} and config.json)")):
-        if flag == "--checkpoint" and value and is_delta_folder(value):
-            continue
+                               "or a delta folder (holding delta.safetensors and config.json)")):
         if value and not (flag == "--load_path" and value == "timm") and os.path.isdir(value):
+            if flag == "--checkpoint" and _is_delta_folder(value):
+                continue
             raise UsageError(f"{flag} {value}: is a directory, not a file; give {want}")
     if args.eval_only and not args.checkpoint:
         raise UsageError("--eval_only needs --checkpoint DELTA (a delta checkpoint written by a training run)")
@@ -359,25 +438,18 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
     if not args.eval_only and args.epochs + args.warmup_epochs < 1:
         raise UsageError("--epochs + --warmup_epochs must be at least 1")
     bench = get_benchmark(args.benchmark)
-    if bench.selects_on_val:
-        if args.eval_interval is None:
-            args.eval_interval = bench.default_eval_interval
-    elif args.eval_interval is not None:
+    if not bench.selects_on_val and args.eval_interval is not None:
         selecting = [b.name.replace("_", "-") for b in REGISTRY.values() if b.selects_on_val]
         raise UsageError(f"--eval_interval applies to the {' and '.join(selecting)} benchmark"
                          f"{'s' if len(selecting) > 1 else ''} only ({bench.name} "
                          f"evaluates once, after the last epoch, without model selection)")
     if bench.shot == "required" and args.shot is None and not args.eval_only:
         raise UsageError(f"--shot is required for the {bench.name.replace('_', '-')} benchmark ({bench.shot_help})")
-    if bench.shot == "optional" and args.shot is None:
-        args.shot = bench.default_shot
     if bench.shot == "none" and args.shot is not None:
         raise UsageError(f"--shot does not apply to {bench.title} ({bench.shot_help})")
     if args.target_dataset and not bench.targets:
         with_targets = [b.name for b in REGISTRY.values() if b.targets]
         raise UsageError(f"--target_dataset applies to the {', '.join(with_targets)} benchmark only")
-    if args.seeds is None:
-        args.seeds = list(bench.default_seeds)
     if not (0 <= args.seed and args.seed + max(args.seeds) + world_size < 2 ** 32):  # numpy seeds (timm random_seed)
         raise UsageError(f"--seed must lie in [0, 2^32) with the data seeds and ranks added, got {args.seed}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -404,23 +476,34 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
         raise UsageError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if args.drop_path < 0 or args.drop_path >= 1:
         raise UsageError(f"--drop_path must lie in [0, 1), got {args.drop_path}")
-    if args.method != "dtl" and args.delta_folder:
-        raise UsageError(f"--delta_folder writes DTL/DTL+ deltas (a dtl_* timm model); not --method {args.method}")
-    if args.method != "dtl" and args.fusion_size:
-        raise UsageError(f"--fusion_size is a DTL+ setting; it does not apply to --method {args.method}")
+    validate_method_flags(args)
     validate_memory_flags(args)
+
+
+def validate_method_flags(args: argparse.Namespace) -> None:
+    """The flags that only some methods take, checked against the capabilities of ``--method``
+    (:mod:`models.methods`): each rule once, no method names."""
+    from models.methods import get_method  # the registry imports torch; build_parser() does not need it
+
+    method = get_method(args.method)  # an unknown name: UnknownNameError listing the methods
+    if args.delta_folder and not method.supports("delta_folder"):
+        raise UsageError(f"--delta_folder writes DTL/DTL+ deltas (a dtl_* timm model); not --method {args.method}")
+    if args.fusion_size and not method.supports("uses_dtl_flags"):
+        raise UsageError(f"--fusion_size is a DTL+ setting; it does not apply to --method {args.method}")
+    if args.eval_only:
+        return  # evaluation runs the plain forward; --lean / --cache_prefix only change training
+    used = [f for f, on, cap in (("--lean", args.lean, "lean"), ("--cache_prefix", args.cache_prefix, "prefix_cache"))
+            if on and not method.supports(cap)]
+    if used:
+        verb = "applies" if len(used) == 1 else "apply"
+        raise UsageError(f"{' and '.join(used)} {verb} to --method dtl (DTL/DTL+) only (built on DTL's frozen "
+                         f"backbone and side network), not to --method {args.method}")
 
 
 def validate_memory_flags(args: argparse.Namespace) -> None:
     """--lean / --cache_prefix and their companions (the checks that need no model)."""
     if args.eval_only:
         return  # evaluation runs the plain forward; the flags only change training
-    if args.method != "dtl":
-        used = [f for f, on in (("--lean", args.lean), ("--cache_prefix", args.cache_prefix)) if on]
-        if used:
-            verb = "applies" if len(used) == 1 else "apply"
-            raise UsageError(f"{' and '.join(used)} {verb} to --method dtl (DTL/DTL+) only (built on DTL's frozen "
-                             f"backbone and side network), not to --method {args.method}")
     if not args.cache_prefix:
         stray = [f for f, on in (("--cache_prefix_approx", args.cache_prefix_approx),
                                  ("--cache_dir", bool(args.cache_dir)),
@@ -432,7 +515,7 @@ def validate_memory_flags(args: argparse.Namespace) -> None:
     if args.mixup > 0 or args.cutmix > 0:
         raise UsageError("--cache_prefix cannot be combined with --mixup/--cutmix: mixing images happens before the "
                          "first block, so the cached block inputs would not be those of the mixed images")
-    if not transform_is_deterministic(args.benchmark, True) and not args.cache_prefix_approx:
+    if not get_benchmark(args.benchmark).train_transform_is_deterministic() and not args.cache_prefix_approx:
         raise UsageError(f"--cache_prefix: the {args.benchmark} training transform is random (augmentation), so a "
                          "cache of the frozen prefix would freeze it to one sample per image; train without "
                          "--cache_prefix, or accept that approximation with --cache_prefix_approx")

@@ -301,7 +301,7 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     if run_spec.eval_only and exp.model.num_classes != data.num_classes:
         raise CheckpointError(f"{run_spec.checkpoint}: the checkpoint's head has {exp.model.num_classes} classes, "
                               f"but --dataset {exp.data.dataset} has {data.num_classes}")
-    exp = with_data(exp, data.dataset, data.num_classes)
+    exp = with_data(exp, data.dataset, data.num_classes, data.class_names)
     fingerprint = data_fingerprint(data) if not run_spec.eval_only else None
     if resume is not None:
         resume.check_matches(exp, run_spec.resume)

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open every listed image's header at start (finds non-image/empty files before training)")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="drop missing/unreadable images (decodes every image at start) instead of stopping")
+    g.add_argument("--num_classes", type=_positive_int, default=None,
+                   help="the class count you expect; checked against the data (default: the data's own count)")
+    g.add_argument("--allow_train_test_overlap", action="store_true",
+                   help="accept an image listed both for training and for testing (refused otherwise)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224_in21k",

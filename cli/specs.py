@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -77,17 +77,22 @@ def build_experiment(args: argparse.Namespace, world_size: int = 1) -> Experimen
     bench = get_benchmark(args.benchmark)
     data = DataSpec(benchmark=args.benchmark, dataset=args.dataset, data_dir=args.data_dir, shot=args.shot,
                     seeds=args.seeds, target_dataset=args.target_dataset, img_size=args.img_size,
-                    check_images=args.check_images, skip_bad_images=args.skip_bad_images)
+                    check_images=args.check_images, skip_bad_images=args.skip_bad_images,
+                    num_classes=args.num_classes, allow_train_test_overlap=args.allow_train_test_overlap)
     optim = OptimSpec(**{name: getattr(args, name) for name in OptimSpec.__dataclass_fields__})
     run = RunSpec(world_size=world_size, **{name: getattr(args, name) for name in RunSpec.__dataclass_fields__
                                             if name not in ("precision", "world_size")})
-    num_classes = bench.num_classes(bench.canonical_dataset(args.dataset))
+    num_classes = bench.num_classes(bench.canonical_dataset(args.dataset)) or 0  # 0: counted by with_data
     return Experiment(model_spec(args, num_classes), data, optim, run, vars(args))
 
 
-def with_data(exp: Experiment, dataset: str, num_classes: int) -> Experiment:
-    """The experiment once its data are built: the canonical dataset name and the head's class count."""
-    return exp.replace(data=exp.data.replace(dataset=dataset), model=exp.model.replace(num_classes=num_classes),
+def with_data(exp: Experiment, dataset: str, num_classes: int,
+              class_names: Optional[Sequence[str]] = None) -> Experiment:
+    """The experiment once its data are built: the canonical dataset name, the head's class count and, when the
+    data name them, the class names."""
+    model = exp.model.replace(num_classes=num_classes,
+                              class_names=tuple(class_names) if class_names else exp.model.class_names)
+    return exp.replace(data=exp.data.replace(dataset=dataset), model=model,
                        flags={**exp.flags, "dataset": dataset})
 
 

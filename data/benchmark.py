@@ -130,7 +130,8 @@ class Benchmark:
         shot_in_names: run folders and launchers carry ``_shot_<k>``.
         canonical_dataset: dataset name -> canonical name; ``ValueError`` listing the valid names.
         dataset_names: every canonical dataset name, in table order.
-        num_classes: canonical dataset name -> number of classes of the head.
+        num_classes: canonical dataset name -> number of classes of the head (``None``: known only once the data
+            are read, as for your own data).
         build: :class:`DataRequest` -> :class:`DataPlan` (raises ``DataError`` naming the file).
         check_root: (root, names or None, :class:`~data.listcheck.CheckReport`) -> None: check every list
             file the benchmark needs under ``root`` (``tools/check_data.py``), adding the results to the report.
@@ -157,7 +158,7 @@ class Benchmark:
     shot_in_names: bool
     canonical_dataset: Callable[[str], str]
     dataset_names: Tuple[str, ...]
-    num_classes: Callable[[str], int]
+    num_classes: Callable[[str], Optional[int]]
     build: Callable[[DataRequest], DataPlan]
     check_root: Callable[[str, Optional[Sequence[str]], Any], None]
     detect: Callable[[str], bool]

@@ -23,6 +23,8 @@ class DataSpec:
         img_size: input resolution of the transforms.
         check_images: open every listed image's header at start.
         skip_bad_images: drop missing/unreadable images instead of stopping.
+        num_classes: the class count the user expects (``--num_classes``); ``None`` = whatever the data has.
+        allow_train_test_overlap: accept images listed for training and for testing (otherwise refused).
     """
 
     benchmark: str
@@ -34,6 +36,8 @@ class DataSpec:
     img_size: int = 224
     check_images: bool = True
     skip_bad_images: bool = False
+    num_classes: Optional[int] = None
+    allow_train_test_overlap: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))

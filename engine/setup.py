@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from data.benchmark import DataPlan, DataRequest, SeedPlan
+from data.benchmark import check_num_classes, DataPlan, DataRequest, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError
 from data.spec import DataSpec
@@ -54,8 +54,10 @@ def build_data(data: DataSpec, model: ModelSpec, *, need_train: bool, normalize:
         target=data.target_dataset,
         train_transform=build_transform(bench.name, True, img_size=data.img_size, **norm),
         test_transform=build_transform(bench.name, False, img_size=data.img_size, **norm),
-        need_train=need_train, dataset_kwargs={"skip_bad_images": data.skip_bad_images})
+        need_train=need_train, dataset_kwargs={"skip_bad_images": data.skip_bad_images},
+        allow_overlap=data.allow_train_test_overlap)
     plan = bench.build(request)  # unknown names: data.errors.UnknownNameError, a user error
+    check_num_classes(plan, data.num_classes)
     if data.skip_bad_images:
         plan.info["skipped_images"] = _verify_all(plan.seeds)
     elif data.check_images:

@@ -44,21 +44,21 @@ from data.benchmarks import get_benchmark
 from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
 from engine.run_folder import (
-    CacheInfo, ResumeState, RunFolder, SeedProgress, data_fingerprint, flag_value, run_is_complete,
+    CacheInfo, ResumeState, RunFolder, SeedProgress, data_fingerprint, run_is_complete,
 )
 from engine.setup import (
     Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, model_kwargs,
 )
 from engine.trainer import Trainer, resolve_precision
-from models import DTLConfig, ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
-from models.baselines import baseline_settings
+from models import ModelSettingsError, count_parameters, trainable_report
 from models.config import format_blocks
+from models.delta import DeltaCheckpoint, build_from_delta, checkpoint_dict, delta_from_model, read_delta, spec_from_record
 from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from models.pretrained import check_backbone_match, check_weights_file, weights_record
 from utils.args import UsageError, parse_args, resolved_method
 from utils.atomic import WriteError
 from utils.checkpoint import (
-    CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,
+    CheckpointError, read_resume_checkpoint, restore_rng_state,
 )
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.loader import set_epoch
@@ -210,10 +210,10 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     state.completed.append(result)
     if dist.is_main:
         delta = progress.best_delta if progress.best_delta is not None else trainer.delta()
-        ctx.folder.stage_delta(plan.data_seed, make_delta_checkpoint(
-            delta, trainer.model.model_config(), ctx.method, args.model, model_kwargs(args),
-            benchmark=args.benchmark, dataset=args.dataset, shot=args.shot, seed=plan.data_seed, top1=result["top1"],
-            backbone_weights=weights_record(trainer.model)))
+        spec = spec_from_record(args.model, ctx.method, trainer.model.model_config(), model_kwargs(args))
+        ctx.folder.stage_delta(plan.data_seed, checkpoint_dict(delta_from_model(
+            trainer.model, spec, delta, benchmark=args.benchmark, dataset=args.dataset, shot=args.shot,
+            seed=plan.data_seed, top1=result["top1"], init_seed=rng_seed)))
     state.seed_index, state.epoch, state.trainer, state.progress = plan.index + 1, 0, None, None
     ctx.folder.save_resume(state)
     if cache is not None:
@@ -231,25 +231,27 @@ def final_evaluation(trainer: Trainer, loaders: Dict[str, Any], progress: SeedPr
 
 
 # ---------------------------------------------------------------------------------------------- eval only
-def read_eval_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
+def read_eval_checkpoint(args: argparse.Namespace) -> DeltaCheckpoint:
     """--eval_only: the delta checkpoint (read before any data work); its image size wins over --img_size, and
     its model (method, fusion size, DTL settings, backbone) replaces the launcher's in the recorded flags."""
-    ckpt = read_delta_checkpoint(args.checkpoint)
-    saved_img = ckpt.get("model_kwargs", {}).get("img_size")
-    if saved_img is not None and saved_img != args.img_size:
-        _logger.info("--img_size %d from the checkpoint (was %d)", saved_img, args.img_size)
-        args.img_size = int(saved_img)
-    dtl = ckpt.get("model_config", {}).get("dtl") if ckpt["method"] in ("dtl", "dtl+") else None
-    args.method = "dtl" if ckpt["method"] in ("dtl", "dtl+") else ckpt["method"]
-    if ckpt["backbone"] != args.model:
-        _logger.info("--model %s from the checkpoint (was %s)", ckpt["backbone"], args.model)
-    args.model = ckpt["backbone"]
-    if isinstance(dtl, dict):
-        args.fusion_size = int(dtl.get("fusion_size") or 0)
-        args.r, args.beta = dtl.get("r", args.r), float(dtl.get("beta", args.beta))
-        for flag, key in (("lora_before_blocks", "csn_blocks"), ("add_after_blocks", "add_back_blocks")):
-            if dtl.get(key) is not None:
-                setattr(args, flag, format_blocks(dtl[key]))
+    ckpt = read_delta(args.checkpoint)
+    spec = ckpt.spec
+    if spec is None:
+        raise CheckpointError(f"{args.checkpoint}: a {ckpt.kind} without a model description; --eval_only needs a "
+                              f"delta written by train.py (delta.pth) or a delta folder")
+    if spec.img_size != args.img_size:
+        _logger.info("--img_size %d from the checkpoint (was %d)", spec.img_size, args.img_size)
+        args.img_size = spec.img_size
+    if spec.backbone != args.model:
+        _logger.info("--model %s from the checkpoint (was %s)", spec.backbone, args.model)
+    args.model = spec.backbone
+    args.method = "dtl" if ckpt.is_dtl else spec.method
+    if ckpt.is_dtl:
+        dtl = ckpt.dtl_config()
+        args.fusion_size, args.r, args.beta = int(dtl.fusion_size or 0), dtl.r, float(dtl.beta)
+        for flag, blocks in (("lora_before_blocks", dtl.csn_blocks), ("add_after_blocks", dtl.add_back_blocks)):
+            if blocks is not None:
+                setattr(args, flag, format_blocks(blocks))
     else:
         args.fusion_size = 0
         args.r = args.lora_before_blocks = args.add_after_blocks = None
@@ -264,36 +266,21 @@ class EvalModel:
     kwargs: Dict[str, Any]
 
 
-def build_eval_model(args: argparse.Namespace, data: DataPlan, ck: Dict[str, Any]) -> EvalModel:
+def build_eval_model(args: argparse.Namespace, data: DataPlan, ck: DeltaCheckpoint) -> EvalModel:
     """--eval_only: rebuild the checkpoint's model on the given backbone weights (refusing other weights than the
-    delta was trained on unless --allow_backbone_mismatch) and load its delta."""
-    cfg = ck["model_config"]
-    if cfg.get("num_classes") != data.num_classes:
-        raise CheckpointError(f"{args.checkpoint}: the checkpoint's head has {cfg.get('num_classes')} classes, but "
+    delta was trained on unless --allow_backbone_mismatch) and load its delta (:func:`models.delta.build_from_delta`)."""
+    if ck.spec.num_classes != data.num_classes:
+        raise CheckpointError(f"{args.checkpoint}: the checkpoint's head has {ck.spec.num_classes} classes, but "
                               f"--dataset {args.dataset} has {data.num_classes}")
-    method = "dtl" if ck["method"] in ("dtl", "dtl+") else ck["method"]
-    dtl = DTLConfig.from_dict(cfg["dtl"]) if method == "dtl" and "dtl" in cfg else None
-    kwargs = dict(ck.get("model_kwargs", {}))
-    if method != "dtl" and baseline_settings(cfg):  # a baseline's own settings (e.g. LoRA's rank)
-        kwargs["settings"] = baseline_settings(cfg)
     random_seed(args.seed)
-    model = build_model(args, data.num_classes, method=method, model_name=ck["backbone"], dtl=dtl, kwargs=kwargs)
-    if flag_value(model.model_config()) != flag_value(cfg):
-        raise CheckpointError(f"{args.checkpoint}: stored model configuration {cfg} does not match the rebuilt "
-                              f"model {model.model_config()}")
-    check_backbone_match(ck.get("backbone_weights"), weights_record(model), args.checkpoint,
-                         args.allow_backbone_mismatch)
-    try:
-        load_delta_state_dict(model, ck["delta"], source=args.checkpoint)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    return EvalModel(model, kwargs)
+    model = build_from_delta(ck, load_path=args.load_path, allow_backbone_mismatch=args.allow_backbone_mismatch)
+    return EvalModel(model, ck.spec.timm_kwargs())
 
 
-def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any], built: EvalModel) -> Dict[str, Any]:
+def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: DeltaCheckpoint, built: EvalModel) -> Dict[str, Any]:
     """--eval_only: evaluate the rebuilt model on the test split(s)."""
     args, model, kwargs = ctx.args, built.model, built.kwargs
-    _logger.info("model %s, method %s:\n%s", ck["backbone"], ck["method"], trainable_report(model))
+    _logger.info("model %s, method %s:\n%s", ck.spec.backbone, ck.spec.method, trainable_report(model))
     trainer = Trainer(args, model, data.num_classes, ctx.dist)
     with ctx.peaks.phase("eval"):
         final = {k: trainer.evaluate(ctx.loaders.eval(v)) for k, v in data.seeds[0].tests.items()}
@@ -301,8 +288,8 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, ck: Dict[str, Any], built:
         _logger.info("eval %s: top-1 %.2f, top-5 %.2f (%d images)", k, v["top1"], v["top5"], v["n"])
     primary = get_benchmark(args.benchmark).primary(args.dataset, list(final))
     extra = {k: v for k, v in kwargs.items() if k not in ("drop_path_rate", "img_size", "settings")}
-    return run_results(args, method=ck["method"], backbone=backbone_label(ck["backbone"], extra),
-                       per_seed=[seed_result(ck.get("seed"), final, primary)], epochs=0,
+    return run_results(args, method=ck.spec.method, backbone=backbone_label(ck.spec.backbone, extra),
+                       per_seed=[seed_result(ck.info.get("seed"), final, primary)], epochs=0,
                        counts=parameter_counts(count_parameters(model)), train_time=0.0, train_images=0,
                        cache_info=CacheInfo(), info=data.info, peaks=ctx.peaks, precision=ctx.precision,
                        checkpoint=os.path.abspath(args.checkpoint))
@@ -333,7 +320,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo, argv: Sequence[str]) -> N
                          "start a new run to train again", folder_of_run)
             return
     check_model_flags(args, data.num_classes, initial)
-    method = eval_ckpt["method"] if eval_ckpt is not None else resolved_method(args)
+    method = eval_ckpt.spec.method if eval_ckpt is not None else resolved_method(args)
     folder = RunFolder(args, dist_info, precision)
     folder.precheck()
     if eval_ckpt is not None:

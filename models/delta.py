@@ -433,7 +433,7 @@ def build_from_delta(
         if not load_path and seed is not None:
             torch.manual_seed(int(seed))
         try:
-            model = _create(spec, load_path or None, pretrained, **extra)
+            model = _create(spec, None if pretrained else load_path or None, pretrained, **extra)
         except ModelSettingsError as e:
             raise CheckpointError(f"{source}: cannot rebuild its model: {e}") from e
     apply_delta(model, delta, allow_backbone_mismatch=allow_backbone_mismatch, log=log)

@@ -86,8 +86,8 @@ def check_backbone_match(saved: Any, current: Any, source: str, allow: bool, log
     log = log or _logger.warning
     trained, given = weights_spec(saved), weights_spec(current, random_if_none=True)
     if trained is None:
-        log(f"note: {source} records no backbone weights (a delta written before they were recorded): the backbone "
-            f"is not checked")
+        log(f"note: {source} does not record the backbone weights it was trained on (a delta written before they "
+            f"were recorded): the backbone is not checked")
         return
     if trained.kind == "random" and given.kind == "random":
         log(f"note: {source} was trained on a randomly initialised backbone and is used on one: the backbone cannot "

@@ -193,6 +193,11 @@ def test_damaged_files_are_refused(trained, tmp_path):
     torch.save(ck, tmp_path / "changed.pth")
     with pytest.raises(CheckpointError, match="corrupt or truncated: .*changed.pth"):
         read_delta(tmp_path / "changed.pth")
+    ck = torch.load(path, weights_only=True)
+    ck["model_config"] = {**ck["model_config"], "num_classes": 7}  # a consistent file whose two descriptions disagree
+    save_checkpoint(ck, str(tmp_path / "lies.pth"))
+    with pytest.raises(CheckpointError, match="lies.pth: stored model configuration .* does not match the rebuilt"):
+        build_from_delta(read_delta(tmp_path / "lies.pth"), load_path=bb)
     nan = {k: v.clone() for k, v in delta.tensors.items()}
     nan["head.bias"][0] = float("nan")
     torch.save(nan, tmp_path / "nan.pth")

@@ -1,8 +1,9 @@
 """``train.py --initial_checkpoint``: start the trainable tensors of a model from a file.
 
-Accepted files (recognised by their content, not their name):
+Accepted files (recognised by their content, not their name; read by :func:`models.delta.read_delta`):
 
 * ``delta``: a delta checkpoint written by ``train.py`` (``delta.pth``, ``delta_seed<k>.pth``);
+* ``folder``: a delta folder (``config.json`` + ``delta.safetensors``);
 * ``last``: a resume checkpoint (``last.pth``): only its trainable tensors are used (no optimiser, schedule,
   epoch or RNG state: a new run starts from them);
 * ``state_dict``: a plain ``{name: tensor}`` dict in this project's key layout (``side.*``, ``head.*``, and for

@@ -46,16 +46,19 @@ from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
 from engine.run_folder import CacheInfo, ResumeState, RunFolder, SeedProgress, data_fingerprint, run_is_complete
 from engine.setup import (
-    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags, spec_from_delta,
+    Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags,
 )
 from engine.spec import Experiment
 from engine.trainer import Trainer
-from models import ModelSettingsError, count_parameters, load_delta_state_dict, trainable_report
+from models import ModelSettingsError, count_parameters, trainable_report
+from models.delta import (
+    DeltaCheckpoint, build_from_delta, check_delta_folder_supported, checkpoint_dict, delta_from_model, read_delta,
+)
 from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from models.pretrained import check_backbone_match, check_weights_file, weights_record
 from utils.atomic import WriteError
 from utils.checkpoint import (
-    CheckpointError, make_delta_checkpoint, read_delta_checkpoint, read_resume_checkpoint, restore_rng_state,
+    CheckpointError, read_resume_checkpoint, restore_rng_state,
 )
 from utils.distributed import DistInfo, cleanup_distributed, init_distributed
 from utils.errors import UsageError
@@ -216,10 +219,9 @@ def train_seed(ctx: Context, data: DataPlan, plan: SeedPlan, state: ResumeState,
     state.completed.append(result)
     if dist.is_main:
         delta = progress.best_delta if progress.best_delta is not None else trainer.delta()
-        ctx.folder.stage_delta(plan.data_seed, make_delta_checkpoint(
-            delta, trainer.model.model_config(), exp.model.method, exp.model.backbone, exp.model.timm_kwargs(),
-            benchmark=exp.data.benchmark, dataset=exp.data.dataset, shot=exp.data.shot, seed=plan.data_seed,
-            top1=result["top1"], backbone_weights=weights_record(trainer.model), model_spec=exp.model.to_dict()))
+        ctx.folder.stage_delta(plan.data_seed, checkpoint_dict(delta_from_model(
+            trainer.model, exp.model, delta, benchmark=exp.data.benchmark, dataset=exp.data.dataset,
+            shot=exp.data.shot, seed=plan.data_seed, top1=result["top1"], init_seed=rng_seed)))
     state.seed_index, state.epoch, state.trainer, state.progress = plan.index + 1, 0, None, None
     ctx.folder.save_resume(state)
     if cache is not None:
@@ -237,30 +239,15 @@ def final_evaluation(trainer: Trainer, loaders: Dict[str, Any], progress: SeedPr
 
 
 # ---------------------------------------------------------------------------------------------- eval only
-def build_eval_model(exp: Experiment, ck: Dict[str, Any]) -> torch.nn.Module:
-    """--eval_only: rebuild the model of the delta checkpoint ``ck`` (``exp.model``: its spec, from
-    :func:`engine.setup.spec_from_delta`) on the given backbone weights (refusing other weights than the delta
-    was trained on unless --allow_backbone_mismatch) and load its delta."""
-    path, cfg = exp.run.checkpoint, ck["model_config"]
+def build_eval_model(exp: Experiment, ck: DeltaCheckpoint) -> torch.nn.Module:
+    """--eval_only: the model of the delta ``ck`` rebuilt from its spec on the given backbone weights (refusing
+    other weights than the delta was trained on unless --allow_backbone_mismatch), its tensors loaded
+    (:func:`models.delta.build_from_delta`)."""
+    weights = exp.model.weights
     random_seed(exp.optim.seed)
-    model = build_model(exp.model)
-    if _plain(model.model_config()) != _plain(cfg):
-        raise CheckpointError(f"{path}: stored model configuration {cfg} does not match the rebuilt "
-                              f"model {model.model_config()}")
-    check_backbone_match(ck.get("backbone_weights"), weights_record(model), path, exp.run.allow_backbone_mismatch)
-    try:
-        load_delta_state_dict(model, ck["delta"], source=path)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    return model
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (tuple, list)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
+    return build_from_delta(ck, load_path=weights.source if weights.kind == "file" else
+                            ("timm" if weights.kind == "timm" else ""),
+                            allow_backbone_mismatch=exp.run.allow_backbone_mismatch)
 
 
 def evaluate_checkpoint(ctx: Context, data: DataPlan, model: torch.nn.Module, seed: Optional[int]) -> Dict[str, Any]:
@@ -293,9 +280,12 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         check_weights_file(exp.model.weights.source)
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(run_spec.resume)) if run_spec.resume else None
     initial = read_initial_checkpoint(run_spec.initial_checkpoint) if run_spec.initial_checkpoint else None
-    eval_ckpt = read_delta_checkpoint(run_spec.checkpoint) if run_spec.eval_only else None
+    eval_ckpt = read_delta(run_spec.checkpoint) if run_spec.eval_only else None
     if eval_ckpt is not None:  # the checkpoint's model replaces the flags' (read before any data work)
-        exp = with_model(exp, spec_from_delta(eval_ckpt, run_spec.checkpoint))
+        if eval_ckpt.spec is None:
+            raise CheckpointError(f"{run_spec.checkpoint}: a {eval_ckpt.kind} without a model description; "
+                                  f"--eval_only needs a delta written by train.py (delta.pth) or a delta folder")
+        exp = with_model(exp, eval_ckpt.spec)
     data = build_data(exp.data, exp.model, need_train=not run_spec.eval_only, normalize=not prefetch,
                       batch_size=exp.optim.batch_size)
     if run_spec.eval_only and exp.model.num_classes != data.num_classes:
@@ -312,6 +302,11 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
                          "start a new run to train again", folder_of_run)
             return
     check_model_flags(exp, initial)
+    if run_spec.delta_folder and not run_spec.eval_only:
+        try:
+            check_delta_folder_supported(exp.model)  # before training, not after it
+        except ModelSettingsError as e:
+            raise UsageError(f"--delta_folder: {e}") from None
     folder = RunFolder(exp, dist_info)
     folder.precheck()
     if eval_ckpt is not None:
@@ -332,7 +327,7 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         ctx = Context(exp, dist_info, folder, Loaders(exp.optim, exp.run, exp.model, dist_info, prefetch),
                       PeakMemory(dist_info.device), initial)
         if eval_ckpt is not None:
-            folder.write_results(evaluate_checkpoint(ctx, data, first_model, eval_ckpt.get("seed")))
+            folder.write_results(evaluate_checkpoint(ctx, data, first_model, eval_ckpt.info.get("seed")))
             return
         results = train_all(ctx, data, resume, first_model)
         folder.publish_deltas([plan.data_seed for plan in data.seeds])

@@ -110,7 +110,7 @@ def on_device(exp: Experiment, device: torch.device) -> Experiment:
 
 
 def with_model(exp: Experiment, spec: ModelSpec) -> Experiment:
-    """``--eval_only``: the checkpoint's model (``spec``, e.g. :func:`engine.setup.spec_from_delta`) replaces the
+    """``--eval_only``: the checkpoint's model (``spec``: :attr:`models.delta.DeltaCheckpoint.spec`) replaces the
     one of the flags, on the flags' backbone weights; its image size wins over ``--img_size``. The flag record
     says what is evaluated."""
     if spec.img_size != exp.data.img_size:

@@ -8,30 +8,29 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from data.benchmark import check_num_classes, DataPlan, DataRequest, SeedPlan
+from data.benchmark import DataPlan, DataRequest, SeedPlan, check_num_classes
 from data.benchmarks import get_benchmark
 from data.errors import DataError
 from data.spec import DataSpec
 from data.transforms import Uint8Normalizer, build_transform
 from models import ModelSettingsError, create_tuned_model
-from models.backbones import default_normalization
 from models.initial import InitialCheckpoint, check_initial_checkpoint
 from models.methods import get_method
 from models.spec import ModelSpec, thaw
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from engine.run_folder import CacheInfo
 from engine.spec import Experiment, OptimSpec, RunSpec
-from utils.errors import CheckpointError, UsageError
+from utils.errors import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
 
-__all__ = ["build_data", "backbone_label", "build_model", "spec_from_delta", "check_model_flags",
+__all__ = ["build_data", "backbone_label", "build_model", "check_model_flags",
            "build_prefix_cache", "Loaders"]
 
 _logger = logging.getLogger("train")
@@ -150,31 +149,6 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
                                   pretrained=pretrained, lean=lean, **spec.timm_kwargs())
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
         raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}") from e
-
-
-def spec_from_delta(ckpt: Mapping[str, Any], source: str) -> ModelSpec:
-    """The :class:`~models.spec.ModelSpec` a delta checkpoint was trained with, from the keys every delta has
-    (``backbone``, ``model_kwargs``, ``model_config``, ``method``: the structure its tensors were saved from);
-    the input normalisation from its ``model_spec`` (deltas written before specs: the backbone's,
-    :func:`models.backbones.default_normalization`). The weights are left to the caller, who decides which
-    backbone to build on."""
-    try:
-        method = get_method(ckpt["method"])
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    cfg = dict(ckpt.get("model_config") or {})
-    kwargs = dict(ckpt.get("model_kwargs") or {})
-    img_size, drop_path = kwargs.pop("img_size", 224), kwargs.pop("drop_path_rate", 0.0)
-    mean, std = default_normalization(ckpt["backbone"])
-    if ckpt.get("model_spec") is not None:
-        stored = ModelSpec.from_dict(ckpt["model_spec"], source=source)
-        mean, std = stored.mean, stored.std
-    try:
-        return ModelSpec(backbone=ckpt["backbone"], method=ckpt["method"], num_classes=cfg.get("num_classes"),
-                         img_size=img_size, drop_path_rate=drop_path, backbone_kwargs=kwargs,
-                         method_config=method.config_from_model(cfg), mean=mean, std=std)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: cannot read the model it was trained with: {e}") from None
 
 
 def check_model_flags(exp: Experiment, initial: Optional[InitialCheckpoint] = None) -> None:

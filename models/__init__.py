@@ -5,7 +5,8 @@ from .convert import convert_original_state_dict
 from .dtl_vit import DTLVisionTransformer
 from .dtl_swin import DTLSwinTransformer
 from .factory import METHODS, create_dtl_model, create_tuned_model
-from .hub import load_delta, read_delta_folder, save_delta
+from .delta import DeltaCheckpoint, build_from_delta, check_delta_folder_supported, read_delta, write_folder, write_pth
+from .hub import load_delta, save_delta
 from .pretrained import CheckpointError, load_backbone_weights, read_state_dict
 from .side_network import CompactSideNetwork, DepthwiseFusion, LowRankTap
 from .trainable import (
@@ -22,5 +23,6 @@ __all__ = [
     "create_dtl_model", "create_tuned_model", "METHODS", "backbone_arch", "CheckpointError", "load_backbone_weights", "read_state_dict",
     "CompactSideNetwork", "DepthwiseFusion", "LowRankTap", "apply_trainable_rule", "count_parameters",
     "delta_state_dict", "is_trainable", "load_delta_state_dict", "trainable_report",
-    "save_delta", "load_delta", "read_delta_folder",
+    "save_delta", "load_delta", "DeltaCheckpoint", "read_delta", "write_pth", "write_folder", "build_from_delta",
+    "check_delta_folder_supported",
 ]

@@ -1,8 +1,9 @@
 """``train.py --initial_checkpoint``: start the trainable tensors of a model from a file.
 
-Accepted files (recognised by their content, not their name):
+Accepted files (recognised by their content, not their name; read by :func:`models.delta.read_delta`):
 
 * ``delta``: a delta checkpoint written by ``train.py`` (``delta.pth``, ``delta_seed<k>.pth``);
+* ``folder``: a delta folder (``config.json`` + ``delta.safetensors``);
 * ``last``: a resume checkpoint (``last.pth``): only its trainable tensors are used (no optimiser, schedule,
   epoch or RNG state: a new run starts from them);
 * ``state_dict``: a plain ``{name: tensor}`` dict in this project's key layout (``side.*``, ``head.*``, and for
@@ -18,25 +19,19 @@ file (a tensor the model does not have) is an error. Both errors name the tensor
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import DELTA_FORMAT, RESUME_FORMAT, load_torch_file, non_finite_tensors, verify_checksum
-from utils.hashing import file_sha256
-
 from .convert import convert_original_state_dict
+from .delta import read_delta
 from .pretrained import CheckpointError
 from .trainable import is_trainable
 
 __all__ = ["InitialCheckpoint", "InitialCheckpointError", "read_initial_checkpoint", "load_initial_checkpoint",
            "check_initial_checkpoint"]
-
-# keys only the original code writes
-_ORIGINAL_KEY = re.compile(r"^(layers\.\d+\.)?lora_(dict|fusion|fusions)\.")
 
 
 class InitialCheckpointError(CheckpointError):
@@ -46,7 +41,7 @@ class InitialCheckpointError(CheckpointError):
 @dataclass
 class InitialCheckpoint:
     path: str
-    kind: str  # delta | last | state_dict | original
+    kind: str  # delta | folder | last | state_dict | original
     tensors: Dict[str, torch.Tensor]
     sha256: str
     info: Dict[str, Any] = field(default_factory=dict)
@@ -56,49 +51,26 @@ class InitialCheckpoint:
         return {"path": self.path, "kind": self.kind, "sha256": self.sha256, **self.info}
 
 
-def _tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
 def read_initial_checkpoint(path: str) -> InitialCheckpoint:
-    """Read ``path`` and recognise its layout (cheap: no model needed); errors name the file."""
-    if not os.path.isfile(path):
+    """Read ``path`` (:func:`models.delta.read_delta`: any form of delta, verified; cheap, no model needed);
+    errors name the file."""
+    if not os.path.exists(path):
         raise InitialCheckpointError(f"--initial_checkpoint {path}: file not found")
     try:
-        obj = load_torch_file(path, "checkpoint")
-        if isinstance(obj, Mapping) and obj.get("format") in (DELTA_FORMAT, RESUME_FORMAT):
-            verify_checksum(obj, path, "--initial_checkpoint")
+        delta = read_delta(path)
     except CheckpointError as e:
         raise InitialCheckpointError(f"--initial_checkpoint: {e}") from e
-    path = os.path.abspath(path)
     info: Dict[str, Any] = {}
-    if isinstance(obj, Mapping) and obj.get("format") == DELTA_FORMAT:
-        kind, tensors = "delta", obj.get("delta")
-        info = {k: obj.get(k) for k in ("method", "backbone", "dataset", "seed", "backbone_weights")
-                if obj.get(k) is not None}
-    elif isinstance(obj, Mapping) and obj.get("format") == RESUME_FORMAT:
-        trainer = obj.get("trainer")
-        if not isinstance(trainer, Mapping):
-            raise InitialCheckpointError(
-                f"--initial_checkpoint {path}: this last.pth was written between seeds and holds no trainable "
-                f"tensors; use the finished seed's delta (delta_seed<k>.pth) instead")
-        kind, tensors = "last", trainer.get("model_delta")
-        info = {"epoch": obj.get("epoch"), "seed_index": obj.get("seed_index")}
-    else:
-        if isinstance(obj, Mapping) and "state_dict" in obj and _tensor_dict(obj["state_dict"]):
-            obj = obj["state_dict"]  # the usual {'state_dict': ...} wrapper
-        elif isinstance(obj, Mapping) and "model" in obj and _tensor_dict(obj["model"]):
-            obj = obj["model"]
-        tensors = obj
-        kind = "original" if _tensor_dict(obj) and any(_ORIGINAL_KEY.search(k) for k in obj) else "state_dict"
-    if not _tensor_dict(tensors):
-        raise InitialCheckpointError(
-            f"--initial_checkpoint {path}: not a delta, a last.pth or a state dict of tensors (name -> tensor)")
-    bad = non_finite_tensors(tensors)
-    if bad:
-        raise InitialCheckpointError(f"--initial_checkpoint {path}: non-finite values (NaN or inf) in {bad}")
-    return InitialCheckpoint(path, kind, dict(tensors), file_sha256(path), info)
+    if delta.kind == "last":
+        info = {k: delta.info.get(k) for k in ("epoch", "seed_index")}
+    elif delta.spec is not None:
+        info = {"method": delta.spec.method, "backbone": delta.spec.backbone,
+                **{k: delta.info[k] for k in ("dataset", "seed") if k in delta.info}}
+        if delta.trained_on is not None:
+            info["backbone_weights"] = delta.trained_on.to_dict()
+    sha = delta.checksums["file"]
+    return InitialCheckpoint(os.path.abspath(path), "original" if delta.layout == "original" else delta.kind,
+                             dict(delta.tensors), sha[len("sha256:"):] if sha.startswith("sha256:") else sha, info)
 
 
 def load_initial_checkpoint(model: nn.Module, init: InitialCheckpoint) -> Dict[str, int]:

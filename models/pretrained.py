@@ -30,8 +30,10 @@ from safetensors.torch import load_file as load_safetensors
 
 from utils.hashing import hash_tensor
 
+from .spec import WeightsSpec
+
 __all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError", "weights_fingerprint", "weights_record",
-           "check_backbone_match", "BackboneMismatchError", "check_weights_file"]
+           "weights_spec", "check_backbone_match", "BackboneMismatchError", "check_weights_file"]
 
 _logger = logging.getLogger(__name__)
 
@@ -57,25 +59,45 @@ def weights_record(model: nn.Module) -> Optional[Dict[str, Any]]:
     return None
 
 
-def check_backbone_match(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[str, Any]], source: str,
-                         allow: bool, log=None) -> None:
-    """Refuse a delta (``saved``: its ``backbone_weights``) on backbone weights (``current``) other than the ones
-    it was trained on; with ``allow`` (``--allow_backbone_mismatch``) only log it. ``log(msg)``: where notes go."""
+def weights_spec(record: Any, *, random_if_none: bool = False) -> Optional[WeightsSpec]:
+    """A backbone-weights record as a :class:`~models.spec.WeightsSpec`.
+
+    ``record`` is a ``WeightsSpec``, its dict (``kind``/``source``/``fingerprint``) or the older form a module's
+    ``weights_record`` and delta files before model specs carry (``{"file": <name or "timm:<name>">,
+    "fingerprint": ...}``). ``None`` is "not recorded" (returned as ``None``), or with ``random_if_none`` a
+    randomly initialised backbone (a module without ``weights_record``)."""
+    if record is None:
+        return WeightsSpec("random") if random_if_none else None
+    if isinstance(record, WeightsSpec):
+        return record
+    if "kind" in record:
+        return WeightsSpec.from_dict(record)
+    name = str(record.get("file") or "")
+    if name.startswith("timm:"):
+        return WeightsSpec("timm", name[len("timm:"):] or None, record.get("fingerprint"))
+    return WeightsSpec("file", name or "(unknown file)", record.get("fingerprint"))
+
+
+def check_backbone_match(saved: Any, current: Any, source: str, allow: bool, log=None) -> None:
+    """The one backbone check of every delta reader: refuse a delta (``saved``: the weights it records, ``None``
+    when it records none) on backbone weights (``current``; ``None``: a randomly initialised backbone) other than
+    the ones it was trained on; with ``allow`` (``--allow_backbone_mismatch``) only log it. Both take a
+    :class:`~models.spec.WeightsSpec` or a record (:func:`weights_spec`). ``log(msg)``: where notes go."""
     log = log or _logger.warning
-    if saved is None:
-        log(f"note: {source} does not record the backbone weights it was trained on (written by an older version): "
-            f"the backbone is not checked")
+    trained, given = weights_spec(saved), weights_spec(current, random_if_none=True)
+    if trained is None:
+        log(f"note: {source} does not record the backbone weights it was trained on (a delta written before they "
+            f"were recorded): the backbone is not checked")
         return
-    saved_fp, cur_fp = saved.get("fingerprint"), (current or {}).get("fingerprint")
-    if saved_fp is None and cur_fp is None:
-        log(f"note: {source} was trained on a randomly initialised backbone and is evaluated on one: the backbone "
-            f"cannot be checked")
+    if trained.kind == "random" and given.kind == "random":
+        log(f"note: {source} was trained on a randomly initialised backbone and is used on one: the backbone cannot "
+            f"be checked")
         return
-    if saved_fp == cur_fp:
+    if trained.kind != "random" and trained.fingerprint == given.fingerprint:
         return
-    desc = lambda r: ("a randomly initialised backbone" if not r or r.get("fingerprint") is None else  # noqa: E731
-                      f"{r.get('file')} ({r.get('fingerprint')[:19]}...)")
-    msg = (f"{source} was trained on backbone weights {desc(saved)}, but the backbone given is {desc(current)}")
+    desc = lambda w: ("a randomly initialised backbone" if w.kind == "random" else  # noqa: E731
+                      f"{w.describe()} ({(w.fingerprint or 'no fingerprint')[:19]}...)")
+    msg = f"{source} was trained on backbone weights {desc(trained)}, but the backbone given is {desc(given)}"
     if not allow:
         raise BackboneMismatchError(msg + "; give the weights it was trained on (--load_path), or pass "
                                           "--allow_backbone_mismatch to use it anyway")

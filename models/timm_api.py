@@ -40,7 +40,7 @@ from timm.models._pretrained import PretrainedCfg
 
 from .config import DTL_KEYS, pop_model_kwargs
 from .delta_folder import DELTA_FILE, load_delta_tensors
-from .pretrained import CheckpointError, _head_key, in_model_layout, load_backbone_weights
+from .pretrained import CheckpointError, _head_key, in_model_layout, load_backbone_weights, weights_fingerprint
 
 __all__ = [
     "DTLTimmMixin", "ViTTimmMixin", "SwinTimmMixin", "dtl_default_cfgs", "build_dtl_model", "backbone_tag_of",
@@ -238,6 +238,12 @@ class DTLTimmMixin:
     def _model_args(self, value: Mapping[str, Any]) -> None:
         self.__dict__["_raw_model_args"] = dict(value)
 
+    def backbone_kwargs(self) -> Dict[str, Any]:
+        """The timm keyword arguments the backbone was built with (``img_size``, ``drop_path_rate``, ``depth``,
+        ...; not the DTL settings, the class count or the pooling): what a delta records to rebuild it."""
+        raw = self.__dict__.get("_raw_model_args", {})
+        return {k: v for k, v in raw.items() if k not in ("dtl", "lean", "num_classes", "global_pool") + DTL_KEYS}
+
     # loading pretrained weights the timm way (custom_load: a Google .npz given as the cfg's file)
     def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
         load_backbone_weights(self, checkpoint_path)
@@ -412,6 +418,10 @@ def load_backbone_pretrained(
     if missing:
         shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
         raise CheckpointError(f"{source} leaves backbone tensors uninitialised: {shown}")
+    # what was loaded, as models.pretrained records a --load_path file (a delta stores it; models.delta checks it)
+    file = bcfg.get("file")
+    backbone.weights_record = {"file": os.path.basename(str(file)) if file else f"timm:{backbone_tag or source}",
+                               "fingerprint": weights_fingerprint(params)}
     return len(params)
 
 

@@ -164,6 +164,7 @@ def test_checkpoint_with_wrong_class_count(trained_delta, vtab, tmp_path, caplog
 def test_checkpoint_whose_config_does_not_match_its_tensors(trained_delta, vtab, tmp_path, caplog):
     ck = torch.load(trained_delta, weights_only=True)
     ck["model_config"]["dtl"]["fusion_size"] = 3  # claims DTL+, but holds no convolution
+    del ck["model_spec"]  # the layout before model specs (with one, the spec and model_config disagree: refused too)
     bad = tmp_path / "bad_delta.pth"
     save_checkpoint(ck, bad)  # a consistent file (its checksum rewritten) whose configuration lies
     out = tmp_path / "ev"

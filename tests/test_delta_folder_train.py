@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 import models
 from helpers_train import TINY, read_results, run_train, single_thread, vtab_root  # noqa: F401
-from models import DTLConfig, create_dtl_model, delta_state_dict
+from models import DTLConfig, create_dtl_model
+from models.delta import delta_from_model, read_delta, write_pth
+from models.shared_prefix import shared_model_from_deltas
 from tools import predict
 from cli.flags import UsageError, parse_args
-from utils.checkpoint import make_delta_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,22 @@ def test_delta_folder_is_refused_for_baselines(vtab):
         parse_args(["--data_dir", vtab, "--dataset", "dsprites_loc", "--method", "lora", "--delta_folder"])
 
 
+def test_predict_scores_the_random_backbone_delta_as_eval_only(run, vtab, capsys):
+    """The run trained on a random backbone: its delta records that (never a hub tag) and its init seed, so
+    tools/predict.py --load_path '' rebuilds the same backbone and predicts what --eval_only measured."""
+    block = json.loads((run / "delta" / "config.json").read_text())["dtl"]
+    assert block["model_spec"]["weights"] == {"kind": "random", "source": None, "fingerprint": None}
+    test_list = os.path.join(vtab, "dsprites_loc", "test.txt")
+    labels = [int(line.split()[-1]) for line in open(test_list) if line.strip()]
+    for delta in (run / "delta.pth", run / "delta"):
+        assert predict.main(["--load_path", "", "--deltas", str(delta), "--images", test_list]) == 0
+        out = capsys.readouterr()
+        assert "older version" not in out.err and "randomly initialised" in out.err
+        rows = out.out.strip().splitlines()[1:]
+        top1 = 100.0 * sum(int(r.split(",")[1]) == y for r, y in zip(rows, labels)) / len(labels)
+        assert top1 == pytest.approx(read_results(run)["top1"])
+
+
 def test_predict_accepts_delta_folders(tmp_path):
     kw = dict(patch_size=8, embed_dim=32, num_heads=2, depth=4)
     torch.manual_seed(0)
@@ -71,14 +88,11 @@ def test_predict_accepts_delta_folders(tmp_path):
         for n, p in m.named_parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
-    ck = make_delta_checkpoint(delta_state_dict(m), m.model_config(), "dtl+", "vit_tiny_patch16_224",
-                               {"img_size": 32, **kw}, dataset="toy")
-    torch.save(ck, tmp_path / "toy.pth")
-    folder = models.hub.delta_folder_from_checkpoint(ck, tmp_path / "toy")
-    a, b = predict.read_task_delta(str(tmp_path / "toy.pth")), predict.read_task_delta(folder)
-    assert (a.name, a.num_classes, a.dtl, a.backbone, a.img_size, a.extra_kwargs) == \
-        (b.name, b.num_classes, b.dtl, b.backbone, b.img_size, b.extra_kwargs)
-    shared, _, _ = predict.build_shared_model([b], None, str(tmp_path / "bb.pth"), None)
+    write_pth(delta_from_model(m, dataset="toy"), tmp_path / "toy.pth")
+    folder = models.hub.delta_folder_next_to(str(tmp_path / "toy.pth"))
+    a, b = read_delta(tmp_path / "toy.pth"), read_delta(folder)
+    assert (a.name, a.spec, a.trained_on, a.info) == (b.name, b.spec, b.trained_on, b.info)
+    shared = shared_model_from_deltas([b], load_path=str(tmp_path / "bb.pth"))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(shared(x)[0], m.eval()(x))

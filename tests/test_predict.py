@@ -1,4 +1,5 @@
-"""tools/predict.py: several DTL deltas on one backbone, one pass through the shared prefix, same predictions."""
+"""tools/predict.py: several DTL deltas on one backbone, one pass through the shared prefix, same predictions;
+class names and top-k, list/CSV inputs, the backbone check, device errors."""
 import json
 
 import numpy as np
@@ -7,19 +8,19 @@ import torch
 from PIL import Image
 
 from models import DTLConfig, create_dtl_model, delta_state_dict
-from models.pretrained import CheckpointError
+from models.delta import delta_from_model, spec_of_model, write_pth
 from tools import predict
-from utils.checkpoint import make_delta_checkpoint
 
 MODEL = "vit_tiny_patch16_224"
 IMG = 32
-# A very small ViT (extra backbone settings travel in the delta's model_kwargs): 4 x 4 patches, 6 blocks.
+# A very small ViT (extra backbone settings travel in the delta's spec): 4 x 4 patches, 6 blocks.
 KW = dict(patch_size=8, embed_dim=32, num_heads=2, depth=6)
 # Two tasks that differ in add-back start, rank, taps and fusion.
 TASKS = {
     "taskA": (5, DTLConfig(r=2, fusion_size=0, csn_blocks="0-5", add_back_blocks="3-5")),
     "taskB": (3, DTLConfig(r=4, fusion_size=3, csn_blocks="1,3-5", add_back_blocks="2,4")),
 }
+NAMES_B = ("cat", "dog", "bird")
 
 
 def trained_like(model, seed):
@@ -38,16 +39,15 @@ def setup(tmp_path_factory):
     ref = create_dtl_model(MODEL, 5, img_size=IMG, **KW)
     backbone = d / "backbone.pth"
     torch.save(ref.backbone.state_dict(), backbone)
+    torch.manual_seed(1)
+    torch.save(create_dtl_model(MODEL, 5, img_size=IMG, **KW).backbone.state_dict(), d / "other.pth")
     models, deltas = {}, []
     for k, (name, (nc, cfg)) in enumerate(TASKS.items()):
-        m = create_dtl_model(MODEL, nc, cfg, load_path=str(backbone), img_size=IMG, **KW)
+        m = create_dtl_model(MODEL, nc, cfg, load_path=str(backbone), img_size=IMG, drop_path_rate=0.1, **KW)
         trained_like(m, k).eval()
-        ck = make_delta_checkpoint(delta_state_dict(m), m.model_config(), cfg.method, MODEL,
-                                   {"img_size": IMG, "drop_path_rate": 0.1, **KW}, dataset=name)
-        path = d / f"{name}.pth"
-        torch.save(ck, path)
+        spec = spec_of_model(m, class_names=NAMES_B if name == "taskB" else None)
+        deltas.append(write_pth(delta_from_model(m, spec, dataset=name), d / f"{name}.pth"))
         models[name] = m
-        deltas.append(str(path))
     rng = np.random.default_rng(0)
     img_dir = d / "images"
     img_dir.mkdir()
@@ -56,76 +56,118 @@ def setup(tmp_path_factory):
     return d, str(backbone), deltas, models, img_dir
 
 
-def test_shared_prefix_equals_separate_models(setup):
-    d, backbone, deltas, models, img_dir = setup
-    shared, name, size = predict.build_shared_model([predict.read_task_delta(p) for p in deltas], None, backbone, None)
-    assert (name, size) == (MODEL, IMG)
-    assert shared.resume == 2  # the earliest add-back among the tasks
-    assert shared.record == [0, 1, 2]  # taps of both tasks before block 2, and block 2
-    assert shared.tasks[0].backbone is shared.tasks[1].backbone
-    x = predict.load_images(predict.collect_images([str(img_dir)]), IMG, "vtab")
-    out = shared(x)
-    for logits, (task, model) in zip(out, models.items()):
-        with torch.no_grad():
-            assert torch.equal(logits, model(x)), task  # independent full models: bit-identical
-    assert not torch.equal(out[0][:, :3], out[1])
+def _images(img_dir):
+    return predict.load_images(sorted(str(p) for p in img_dir.iterdir()), IMG, "vtab")
 
 
-def test_cli_outputs_and_compare(setup, tmp_path, capsys):
+def test_cli_outputs_class_names_topk_and_compare(setup, tmp_path, capsys):
     d, backbone, deltas, models, img_dir = setup
     out = tmp_path / "pred.json"
     assert predict.main(["--load_path", backbone, "--deltas", *deltas, "--images", str(img_dir), "--output", str(out),
-                         "--batch_size", "2", "--compare", "--repeats", "1"]) == 0
+                         "--batch_size", "2", "--topk", "2", "--compare", "--repeats", "1"]) == 0
     err = capsys.readouterr().err
     assert "predictions identical: yes" in err and "images/s" in err and "shared prefix: blocks 0-1" in err
     res = json.loads(out.read_text())
     assert [t["name"] for t in res["tasks"]] == ["taskA", "taskB"] and len(res["predictions"]) == 5
-    x = predict.load_images(sorted(str(p) for p in img_dir.iterdir()), IMG, "vtab")
+    assert res["tasks"][1]["class_names"] == list(NAMES_B) and res["tasks"][0]["class_names"] is None
     with torch.no_grad():
-        want = models["taskB"](x).argmax(-1).tolist()
-    assert [p["taskB"]["class"] for p in res["predictions"]] == want
-    # CSV on stdout, from a .txt list with labels
+        probs = models["taskB"](_images(img_dir)).softmax(-1)
+    top = probs.topk(2, dim=-1)
+    for i, p in enumerate(res["predictions"]):
+        b = p["taskB"]
+        assert b["class"] == int(top.indices[i, 0]) and b["name"] == NAMES_B[b["class"]]
+        assert [e["class"] for e in b["topk"]] == top.indices[i].tolist()
+        assert [e["prob"] for e in b["topk"]] == pytest.approx(top.values[i].tolist(), abs=1e-6)
+        assert "name" not in p["taskA"]
+    # CSV on stdout, top-1: the class name column only for the task that has names
     lst = tmp_path / "list.txt"
     lst.write_text("".join(f"{p} 0\n" for p in sorted(img_dir.iterdir())[:2]))
     assert predict.main(["--load_path", backbone, "--deltas", *deltas, "--images", str(lst)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "image,taskA_class,taskA_prob,taskB_class,taskB_prob" and len(lines) == 3
+    assert lines[0] == "image,taskA_class,taskA_prob,taskB_class,taskB_name,taskB_prob" and len(lines) == 3
+    assert lines[1].split(",")[4] == NAMES_B[int(lines[1].split(",")[3])]
+    # top-k columns
+    assert predict.main(["--load_path", backbone, "--deltas", deltas[1], "--images", str(lst), "--topk", "3"]) == 0
+    head = capsys.readouterr().out.splitlines()[0].split(",")
+    assert head[1:4] == ["taskB_top1_class", "taskB_top1_name", "taskB_top1_prob"] and head[-1] == "taskB_top3_prob"
+
+
+def test_list_and_csv_inputs(setup, tmp_path):
+    d, backbone, deltas, models, img_dir = setup
+    imgs = sorted(img_dir.iterdir())
+    csv_file = tmp_path / "images.csv"
+    csv_file.write_text("path,label\n" + "".join(f"{p},1\n" for p in imgs[:3]))
+    assert predict.collect_images([str(csv_file)]) == [str(p) for p in imgs[:3]]
+    rel = tmp_path / "rel.lst"
+    (tmp_path / "sub").mkdir()
+    Image.open(imgs[0]).save(tmp_path / "sub" / "a b.png")
+    rel.write_text("image label\nsub/a b.png 3\n")  # a header; a path with a space, a label
+    assert predict.collect_images([str(rel)]) == [str(tmp_path / "sub" / "a b.png")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{imgs[0]},0\nmissing.png,1\n")
+    with pytest.raises(predict.DataError, match=r"missing.png: image not found \(listed at .*bad.csv:2\)"):
+        predict.collect_images([str(bad)])
+    with pytest.raises(predict.DataError, match="nothere"):
+        predict.collect_images([str(tmp_path / "nothere.png")])
 
 
 def test_plain_tensor_dict_delta(setup, tmp_path, capsys):
     d, backbone, deltas, models, img_dir = setup
     plain = tmp_path / "plain.pth"
     torch.save(delta_state_dict(models["taskB"]), plain)
-    assert predict.main(["--load_path", backbone, "--model", MODEL, "--img_size", str(IMG), "--deltas", str(plain),
+    assert predict.main(["--load_path", backbone, "--model", MODEL, "--deltas", str(plain),
                          "--images", str(img_dir)]) == 2
     assert "--add_back_blocks" in capsys.readouterr().err
-    td = predict.read_task_delta(str(plain), "2,4")
-    assert (td.num_classes, td.dtl.r, td.dtl.fusion_size) == (3, 4, 3)
-    td.extra_kwargs = KW  # a plain dict does not know the backbone's settings (the CLI serves standard backbones)
-    shared, _, _ = predict.build_shared_model([td], MODEL, backbone, IMG)
-    x = predict.load_images(predict.collect_images([str(img_dir)]), IMG, "vtab")
+    args = predict.parse_args(["--load_path", backbone, "--model", MODEL, "--img_size", str(IMG), "--deltas",
+                               str(plain), "--images", str(img_dir), "--add_back_blocks", "2,4"])
+    (td,) = predict.read_task_deltas(args)
+    assert (td.spec.num_classes, td.dtl_config().r, td.dtl_config().fusion_size) == (3, 4, 3)
+    # a plain dict does not know the backbone's settings (the CLI serves standard backbones): give them here
+    td = td.__class__(td.spec.replace(backbone_kwargs=KW), td.tensors, source=td.source, kind=td.kind)
+    shared = predict.shared_model_from_deltas([td], load_path=backbone)
+    x = _images(img_dir)
     with torch.no_grad():
         assert torch.equal(shared(x)[0], models["taskB"](x))
 
 
-def test_refusals(setup, tmp_path):
+def test_backbone_mismatch_is_refused_unless_allowed(setup, capsys):
+    d, backbone, deltas, models, img_dir = setup
+    argv = ["--deltas", *deltas, "--images", str(img_dir)]
+    assert predict.main(["--load_path", str(d / "other.pth"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "trained on backbone weights backbone.pth" in err and "other.pth" in err
+    assert "--allow_backbone_mismatch" in err
+    assert predict.main(["--load_path", "", *argv]) == 2  # a random backbone is another backbone too
+    assert "randomly initialised" in capsys.readouterr().err
+    assert predict.main(["--load_path", str(d / "other.pth"), "--allow_backbone_mismatch", *argv]) == 0
+    assert "--allow_backbone_mismatch: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7" if torch.cuda.is_available() else "cuda", "meta"])
+def test_device_errors(setup, device, capsys):
+    d, backbone, deltas, models, img_dir = setup
+    assert predict.main(["--load_path", backbone, "--deltas", deltas[0], "--images", str(img_dir),
+                         "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --device {device}")
+
+
+def test_refusals(setup, tmp_path, capsys):
     d, backbone, deltas, models, img_dir = setup
     ck = torch.load(deltas[0], weights_only=True)
-    bad_size = dict(ck, model_kwargs={"img_size": 64})
-    torch.save(bad_size, tmp_path / "size.pth")
-    with pytest.raises(CheckpointError, match="different image sizes"):
-        predict.build_shared_model([predict.read_task_delta(p) for p in (deltas[0], str(tmp_path / "size.pth"))],
-                                   None, backbone, None)
-    torch.save(dict(ck, backbone="vit_small_patch16_224"), tmp_path / "bb.pth")
-    with pytest.raises(CheckpointError, match="different backbones"):
-        predict.build_shared_model([predict.read_task_delta(p) for p in (deltas[0], str(tmp_path / "bb.pth"))],
-                                   None, backbone, None)
-    torch.save(dict(ck, method="lora"), tmp_path / "lora.pth")
-    with pytest.raises(CheckpointError, match="DTL/DTL\\+ deltas"):
-        predict.read_task_delta(str(tmp_path / "lora.pth"))
-    wrong = dict(ck, delta={k: v for k, v in ck["delta"].items() if k != "head.bias"})
-    torch.save(wrong, tmp_path / "wrong.pth")
-    with pytest.raises(CheckpointError, match="wrong.pth.*missing keys.*head.bias"):
-        predict.build_shared_model([predict.read_task_delta(str(tmp_path / "wrong.pth"))], None, backbone, None)
-    with pytest.raises(FileNotFoundError, match="nothere"):
-        predict.collect_images([str(tmp_path / "nothere.png")])
+
+    def refused(name, match, **changes):
+        torch.save({k: v for k, v in {**ck, **changes}.items() if k not in ("checksum", "model_spec")},
+                   tmp_path / name)
+        assert predict.main(["--load_path", backbone, "--deltas", deltas[0], str(tmp_path / name), "--images",
+                             str(img_dir)]) == 2
+        err = capsys.readouterr().err
+        assert match in err, err
+
+    refused("size.pth", "do not share one backbone", model_kwargs={**ck["model_kwargs"], "img_size": 64})
+    refused("bb.pth", "do not share one backbone", backbone="vit_small_patch16_224")
+    refused("lora.pth", "DTL/DTL+ deltas", method="lora", model_config={"arch": "vit", "num_classes": 5, "r": 4})
+    refused("wrong.pth", "missing keys", delta={k: v for k, v in ck["delta"].items() if k != "head.bias"})
+    assert predict.main(["--load_path", backbone, "--model", "vit_small_patch16_224", "--deltas", deltas[0],
+                         "--images", str(img_dir)]) == 2
+    assert "would rebuild another one" in capsys.readouterr().err

@@ -257,7 +257,7 @@ TASKS = {  # differ in first add-back (stage 2 vs stage 1), rank, taps and fusio
 
 @pytest.fixture(scope="module")
 def swin_deltas(tmp_path_factory):
-    from utils.checkpoint import make_delta_checkpoint
+    from models.delta import delta_from_model, write_pth
 
     d = tmp_path_factory.mktemp("predict_swin")
     torch.manual_seed(0)
@@ -265,39 +265,35 @@ def swin_deltas(tmp_path_factory):
     torch.save(create_dtl_model(MODEL, 5, img_size=32, **KW).backbone.state_dict(), backbone)
     models, paths = {}, []
     for k, (name, (nc, cfg)) in enumerate(TASKS.items()):
-        m = create_dtl_model(MODEL, nc, cfg, load_path=str(backbone), img_size=32, **KW)
+        m = create_dtl_model(MODEL, nc, cfg, load_path=str(backbone), img_size=32, drop_path_rate=0.1, **KW)
         g = torch.Generator().manual_seed(k)
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if n.startswith(("side.", "head.")):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        ck = make_delta_checkpoint(delta_state_dict(m), m.model_config(), cfg.method, MODEL,
-                                   {"img_size": 32, "drop_path_rate": 0.1, **KW}, dataset=name)
-        torch.save(ck, d / f"{name}.pth")
+        paths.append(write_pth(delta_from_model(m, dataset=name), d / f"{name}.pth"))
         models[name] = m.eval()
-        paths.append(str(d / f"{name}.pth"))
     return d, str(backbone), paths, models
 
 
 def test_predict_shared_prefix_equals_separate_swin_models(swin_deltas):
-    from tools import predict
+    from models.delta import read_delta
+    from models.shared_prefix import shared_model_from_deltas
 
     d, backbone, paths, models = swin_deltas
-    shared, name, size = predict.build_shared_model([predict.read_task_delta(p) for p in paths], None, backbone, None)
-    assert (name, size) == (MODEL, 32)
+    shared = shared_model_from_deltas([read_delta(p) for p in paths], load_path=backbone)
     assert shared.resume == 3  # taskB's add-back 3 (stage 1)
-    # taskB's taps before block 3 in stage 1 (tap 2) and block 3; taskA/taskC have no stage-1 side network
-    assert shared.record == [2, 3] and shared.task_taps == [[], [2], []]
+    # every task's own prefix plan: taskB's tap 2 and block 3, taskA's stage-2 taps 4-7 and block 8, taskC's 4, 5
+    assert shared.record == [2, 3, 4, 5, 6, 7, 8]
     assert all(t.backbone is shared.backbone for t in shared.tasks)
     x, _ = data(3)
     out = shared(x)
     with torch.no_grad():
         for logits, (task, model) in zip(out, models.items()):
             assert torch.equal(logits, model(x)), task  # independent full models: bit-identical
-    # without taskB the shared prefix reaches stage 2: taskC's add-back 5, taps 4 of both tasks
-    shared2, _, _ = predict.build_shared_model([predict.read_task_delta(p) for p in (paths[0], paths[2])],
-                                               None, backbone, None)
-    assert shared2.resume == 5 and shared2.record == [4, 5]
+    # without taskB the shared prefix reaches stage 2: taskC's add-back 5
+    shared2 = shared_model_from_deltas([read_delta(p) for p in (paths[0], paths[2])], load_path=backbone)
+    assert shared2.resume == 5 and shared2.record == [4, 5, 6, 7, 8]
     with torch.no_grad():
         for logits, task in zip(shared2(x), ("taskA", "taskC")):
             assert torch.equal(logits, models[task](x)), task
@@ -307,6 +303,7 @@ def test_predict_cli_and_plain_swin_delta(swin_deltas, tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
+    from models.shared_prefix import shared_model_from_deltas
     from tools import predict
 
     d, backbone, paths, models = swin_deltas
@@ -324,17 +321,16 @@ def test_predict_cli_and_plain_swin_delta(swin_deltas, tmp_path, capsys):
     # a plain tensor dict of a Swin delta (side.<stage>.taps.<block>...): rank, taps, fusion from the tensors
     plain = tmp_path / "plain.pth"
     torch.save(delta_state_dict(models["taskB"]), plain)
-    td = predict.read_task_delta(str(plain), "3,6,9-11")
-    assert (td.arch, td.num_classes, td.dtl.r, td.dtl.fusion_size) == ("swin", 3, 4, 5)
-    td.extra_kwargs = KW
-    shared, _, _ = predict.build_shared_model([td], MODEL, backbone, 32)
+    args = predict.parse_args(["--load_path", backbone, "--model", MODEL, "--img_size", "32", "--add_back_blocks",
+                               "3,6,9-11", "--deltas", str(plain), "--images", str(img_dir)])
+    (td,) = predict.read_task_deltas(args)
+    assert (td.spec.num_classes, td.dtl_config().r, td.dtl_config().fusion_size) == (3, 4, 5)
+    td = td.__class__(td.spec.replace(backbone_kwargs=KW), td.tensors, source=td.source, kind=td.kind)
+    shared = shared_model_from_deltas([td], load_path=backbone)
     x = predict.load_images(predict.collect_images([str(img_dir)]), 32, "vtab")
     with torch.no_grad():
         assert torch.equal(shared(x)[0], models["taskB"](x))
-    # a Swin delta on a ViT backbone name (and the other way round) is refused before any model is built
-    with pytest.raises(CheckpointError, match="vit backbone, but these deltas are for another architecture"):
-        predict.build_shared_model([td], "vit_tiny_patch16_224", backbone, 32)
-    ck = torch.load(paths[0], weights_only=True)
-    torch.save(dict(ck, backbone="vit_tiny_patch16_224"), tmp_path / "mixed.pth")
-    with pytest.raises(CheckpointError, match="another architecture"):
-        predict.build_shared_model([predict.read_task_delta(str(tmp_path / "mixed.pth"))], None, backbone, 32)
+    # a Swin delta given a ViT backbone name is refused before any model is built
+    args.model = "vit_tiny_patch16_224"
+    with pytest.raises(CheckpointError, match="a swin delta, but vit_tiny_patch16_224 is a vit backbone"):
+        predict.read_task_deltas(args)

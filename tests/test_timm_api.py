@@ -340,7 +340,7 @@ def test_delta_folder_round_trip(name, tmp_path):
     assert os.path.getsize(os.path.join(folder, "delta.safetensors")) < 100_000
     cfg = json.loads((tmp_path / "delta" / "config.json").read_text())
     assert cfg["architecture"] == name
-    assert cfg["dtl"]["backbone_weights"] == backbone_tag_of(name, m.pretrained_cfg["tag"])
+    assert cfg["dtl"]["model_spec"]["weights"]["kind"] == "file"  # the file it was loaded from, not the cfg's hub tag
     assert cfg["dtl"]["method"] == "dtl+" and cfg["dtl"]["dataset"] == "toy"
     x = _x(name)
     for loaded in (models.load_delta(folder, backbone_file=str(files["pth"])),
@@ -348,8 +348,8 @@ def test_delta_folder_round_trip(name, tmp_path):
                                      pretrained_cfg_overlay=dict(file=str(files["safetensors"])))):
         assert type(loaded) is type(m)
         assert torch.equal(loaded.eval()(x), m(x))
-    ck = models.read_delta_folder(folder)
-    assert set(ck["delta"]) == set(delta_state_dict(m)) and ck["method"] == "dtl+"
+    d = models.read_delta(folder)
+    assert set(d.tensors) == set(delta_state_dict(m)) and d.spec.method == "dtl+"
 
 
 def test_delta_folder_backbone_from_its_tag_and_errors(tmp_path):
@@ -367,7 +367,7 @@ def test_delta_folder_backbone_from_its_tag_and_errors(tmp_path):
         models.load_delta(folder, backbone_file=str(tmp_path / "nowhere.npz"))
     (tmp_path / "d" / "delta.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="delta.safetensors"):
-        models.read_delta_folder(folder)
+        models.read_delta(folder)
 
 
 def test_a_checkpoint_in_the_model_layout_skips_timms_converter():

@@ -1,13 +1,8 @@
-"""The small *delta* checkpoint and the ``last.pth`` resume checkpoint (both written atomically, with
-:mod:`utils.atomic`; its helpers are re-exported here).
+"""Checkpoint files: atomic writes (:mod:`utils.atomic`; its helpers are re-exported here), checksums, the
+``last.pth`` resume checkpoint.
 
-Delta checkpoint (``delta.pth`` / ``delta_seed<k>.pth``), a plain dict:
-    ``format`` (``"dtl-delta/1"``), ``delta`` (the trainable tensors only, see :mod:`models.trainable`),
-    ``model_config`` (``model.model_config()``), ``method`` (``dtl``/``dtl+``/baseline name), ``backbone``
-    (``--model``), ``model_kwargs`` (everything else the model was built with, e.g. ``img_size``), ``dataset``,
-    ``benchmark``, ``seed``, ``top1`` (when known), ``backbone_weights`` (``file``: the ``--load_path`` file name,
-    ``timm`` or None for a random backbone; ``fingerprint``: :func:`models.pretrained.weights_fingerprint` of the
-    backbone tensors the delta was trained on), ``checksum``.
+Delta checkpoints (``delta.pth``, format :data:`DELTA_FORMAT`) are described, written and read by
+:mod:`models.delta`; this module gives them the same atomic write and checksum as ``last.pth``.
 
 Resume checkpoint (``last.pth``): ``format`` (``"dtl-resume/1"``), ``args``, ``seed_index``, ``epoch`` (epochs of
 that seed completed), the model delta, optimizer / scheduler / scaler / EMA states, RNG states of every
@@ -25,21 +20,18 @@ import hashlib
 import logging
 import os
 import random
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 import torch
 
-from models.delta_folder import DELTA_FORMAT as DELTA_FOLDER_FORMAT
-from models.hub import read_delta_folder
-from models.pretrained import CheckpointError
-
 from .atomic import ErrorRecordingFile, WriteError, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
+from .errors import CheckpointError
 from .hashing import hash_tensor
 
 __all__ = [
     "WriteError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-    "DELTA_FORMAT", "RESUME_FORMAT", "make_delta_checkpoint", "read_delta_checkpoint", "read_resume_checkpoint",
+    "DELTA_FORMAT", "RESUME_FORMAT", "read_tagged_checkpoint", "read_resume_checkpoint",
     "capture_rng_state", "restore_rng_state", "CheckpointError", "save_checkpoint", "content_checksum",
     "verify_checksum", "non_finite_tensors", "load_torch_file",
 ]
@@ -47,7 +39,7 @@ __all__ = [
 _logger = logging.getLogger("train")
 CHECKSUM_KEY = "checksum"
 
-DELTA_FORMAT = DELTA_FOLDER_FORMAT  # one format tag for delta.pth and delta folders
+DELTA_FORMAT = "dtl-delta/1"  # delta.pth / delta_seed<k>.pth and delta folders (models/delta.py reads and writes them)
 RESUME_FORMAT = "dtl-resume/1"
 
 
@@ -133,29 +125,10 @@ def load_torch_file(path: str, what: str) -> Any:
                               f"{e})") from e
 
 
-# ----------------------------------------------------------------------------------------------- delta files
-def make_delta_checkpoint(
-    delta: Mapping[str, torch.Tensor],
-    model_config: Mapping[str, Any],
-    method: str,
-    backbone: str,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
-    **info: Any,
-) -> Dict[str, Any]:
-    """The dict stored in a delta checkpoint (see the module docstring)."""
-    return {
-        "format": DELTA_FORMAT,
-        "delta": dict(delta),
-        "model_config": dict(model_config),
-        "method": method,
-        "backbone": backbone,
-        "model_kwargs": dict(model_kwargs or {}),
-        **info,
-    }
-
-
-def _load_format(path: str, fmt: str) -> Dict[str, Any]:
-    """Read ``path`` and check that it is a checkpoint of format ``fmt`` (naming the other kind when it is)."""
+# ------------------------------------------------------------------------------------------- format-tagged files
+def read_tagged_checkpoint(path: str, fmt: str) -> Dict[str, Any]:
+    """Read ``path``, check that it is a checkpoint of format ``fmt`` (:data:`DELTA_FORMAT` or :data:`RESUME_FORMAT`;
+    naming the other kind when it is one) and verify its checksum."""
     delta = fmt == DELTA_FORMAT
     what = "delta checkpoint" if delta else "resume checkpoint"
     ckpt = load_torch_file(path, what)
@@ -169,25 +142,9 @@ def _load_format(path: str, fmt: str) -> Dict[str, Any]:
     return ckpt
 
 
-def read_delta_checkpoint(path: str) -> Dict[str, Any]:
-    """Read and validate a delta checkpoint (``delta.pth``) or a delta folder (``config.json`` +
-    ``delta.safetensors``, :mod:`models.hub`); :class:`CheckpointError` naming ``path`` otherwise."""
-    ckpt = read_delta_folder(path) if os.path.isdir(path) else _load_format(path, DELTA_FORMAT)
-    for key in ("delta", "model_config", "method", "backbone"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: delta checkpoint lacks {key!r}")
-    if not isinstance(ckpt["delta"], Mapping) or not all(isinstance(v, torch.Tensor) for v in ckpt["delta"].values()):
-        raise CheckpointError(f"{path}: 'delta' must map names to tensors")
-    bad = non_finite_tensors(ckpt["delta"])
-    if bad:
-        raise CheckpointError(f"{path}: non-finite values (NaN or inf) in the delta's tensors {bad}; a model with "
-                              f"them cannot give a meaningful result")
-    return ckpt
-
-
 def read_resume_checkpoint(path: str) -> Dict[str, Any]:
     """Read and validate a ``last.pth`` resume checkpoint."""
-    ckpt = _load_format(path, RESUME_FORMAT)
+    ckpt = read_tagged_checkpoint(path, RESUME_FORMAT)
     trainer = ckpt.get("trainer")
     if isinstance(trainer, Mapping) and isinstance(trainer.get("model_delta"), Mapping):
         bad = non_finite_tensors(trainer["model_delta"])

@@ -19,13 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS: Dict[str, int] = {"utils": 0, "data": 1, "models": 1, "engine": 2, "cli": 3, "tools": 4, "demo": 4}
 TOP_MODULES = ("train.py",)  # the top of the program: may import every package
 
-# Known upward imports, removed at the merge with the delta work (the delta reading moves into models/):
-# utils/checkpoint.py reads delta folders through models.hub / models.delta_folder and takes CheckpointError
-# from models.pretrained.
-KNOWN_EXCEPTIONS: Set[Tuple[str, str]] = {
-    ("utils/checkpoint.py", "models.delta_folder"), ("utils/checkpoint.py", "models.hub"),
-    ("utils/checkpoint.py", "models.pretrained"),
-}
+# Known upward imports: none (an entry here would be a (module path, imported module) pair).
+KNOWN_EXCEPTIONS: Set[Tuple[str, str]] = set()
 
 
 def _modules() -> Iterator[Tuple[str, str]]:

@@ -44,7 +44,10 @@ from data.benchmark import DataPlan, SeedPlan
 from data.benchmarks import get_benchmark
 from data.errors import DataError, UnknownNameError
 from engine.results import parameter_counts, run_results, seed_result
-from engine.run_folder import CacheInfo, ResumeState, RunFolder, SeedProgress, data_fingerprint, run_is_complete
+from engine.run_folder import (
+    CacheInfo, ResumeState, RunFolder, SeedProgress, check_finished_seeds, data_fingerprint, run_is_complete,
+    split_paths,
+)
 from engine.setup import (
     Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags,
 )
@@ -295,8 +298,10 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     fingerprint = data_fingerprint(data) if not run_spec.eval_only else None
     if resume is not None:
         resume.check_matches(exp, run_spec.resume)
-        resume.check_data(fingerprint, run_spec.resume)
+        resume.check_data(fingerprint, run_spec.resume, split_paths(data))
         folder_of_run = os.path.abspath(run_spec.output_dir or os.path.dirname(os.path.abspath(run_spec.resume)))
+        check_finished_seeds(folder_of_run, [p.data_seed for p in data.seeds[:resume.seed_index]], len(data.seeds),
+                             run_spec.resume)
         if run_is_complete(folder_of_run, resume, len(data.seeds)):
             _logger.info("the run in %s is complete (every seed trained, results.json written): nothing to do; "
                          "start a new run to train again", folder_of_run)

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -30,6 +30,7 @@ from utils.checkpoint import (
 )
 from utils.errors import UsageError
 from utils.distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from utils.fingerprint import FileFingerprint, describe_change, files_fingerprint
 from utils.hashing import file_sha256
 from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, format_duration
 from utils.metrics import versions
@@ -74,24 +75,53 @@ def _file_sha256(path: str) -> Optional[str]:
         return None
 
 
+def _splits(plan) -> Iterator[Tuple[str, Any]]:
+    for seed in plan.seeds:
+        for name, ds in [("train", seed.train), ("val", seed.val), *[(f"test:{k}", v) for k, v in seed.tests.items()]]:
+            if ds is not None:
+                yield f"seed {seed.data_seed} {name}", ds
+
+
+def split_paths(plan) -> Dict[str, List[str]]:
+    """The image paths every split of ``plan`` reads, in order (to name a changed file)."""
+    return {split: [p for p, _ in getattr(ds, "samples", [])] for split, ds in _splits(plan)}
+
+
 def data_fingerprint(plan) -> Dict[str, Dict[str, Any]]:
     """A fingerprint of every split of a :class:`data.benchmark.DataPlan`: ``{"seed <k> <split>": {"list": list
-    file, "sha256": hash of its content, "images": images used, "classes": class count}}`` (``last.pth`` keeps it,
-    a resume compares it)."""
+    file, "sha256": hash of its content, "images": images used, "classes": class count, "files": the size and
+    modification time of every image (:func:`utils.fingerprint.files_fingerprint`, 4 bytes per image)}}``
+    (``last.pth`` keeps it, a resume compares it)."""
     out: Dict[str, Dict[str, Any]] = {}
     hashes: Dict[str, Optional[str]] = {}
-    for seed in plan.seeds:
-        splits = [("train", seed.train), ("val", seed.val), *[(f"test:{k}", v) for k, v in seed.tests.items()]]
-        for name, ds in splits:
-            if ds is None:
-                continue
-            lp = getattr(ds, "list_path", None)
-            if lp is not None and lp not in hashes:
-                hashes[lp] = _file_sha256(lp)
-            out[f"seed {seed.data_seed} {name}"] = {
-                "list": lp, "sha256": hashes.get(lp) if lp else None, "images": len(ds),
-                "classes": int(getattr(ds, "num_classes", plan.num_classes))}
+    files: Dict[int, Dict[str, Any]] = {}  # a dataset shared by seeds (VTAB's test split) is stat-ed once
+    for split, ds in _splits(plan):
+        lp = getattr(ds, "list_path", None)
+        if lp is not None and lp not in hashes:
+            hashes[lp] = _file_sha256(lp) if os.path.isfile(lp) else None
+        if id(ds) not in files:
+            files[id(ds)] = files_fingerprint([p for p, _ in getattr(ds, "samples", [])]).to_dict()
+        out[split] = {"list": lp, "sha256": hashes.get(lp) if lp else None, "images": len(ds),
+                      "classes": int(getattr(ds, "num_classes", plan.num_classes)), "files": files[id(ds)]}
     return out
+
+
+def delta_names(data_seed: int, n_seeds: int) -> Tuple[str, str]:
+    """(staged, final) paths of a seed's delta, relative to the run folder."""
+    return (os.path.join("partial", f"delta_seed{data_seed}.pth"),
+            "delta.pth" if n_seeds == 1 else f"delta_seed{data_seed}.pth")
+
+
+def check_finished_seeds(folder: str, finished: Sequence[int], n_seeds: int, resume_path: str) -> None:
+    """Before a resume trains anything: the delta of every finished seed (``finished``: their data seeds) must
+    still be in the run folder (staged in ``partial/`` or already published), or the run could never write its
+    results. A missing one is refused at once, naming it (:class:`CheckpointError`)."""
+    for s in finished:
+        staged, final = delta_names(s, n_seeds)
+        if not (os.path.isfile(os.path.join(folder, staged)) or os.path.isfile(os.path.join(folder, final))):
+            raise CheckpointError(
+                f"{os.path.join(folder, staged)}: the delta of finished seed {s} is missing, so {resume_path} can "
+                f"never complete the run; restore the file, or start a new run (without --resume)")
 
 
 def run_is_complete(folder: str, state: "ResumeState", n_seeds: int) -> bool:
@@ -214,8 +244,11 @@ class ResumeState:
             raise CheckpointError(f"{path} was trained on other backbone weights: " + "; ".join(
                 d.describe() for d in diffs) + " (resume with the interrupted run's --load_path file)")
 
-    def check_data(self, current: Dict[str, Dict[str, Any]], path: str) -> None:
-        """A resumed run must train and evaluate on the data of the interrupted one (:func:`data_fingerprint`)."""
+    def check_data(self, current: Dict[str, Dict[str, Any]], path: str,
+                   paths: Optional[Dict[str, List[str]]] = None) -> None:
+        """A resumed run must train and evaluate on the data of the interrupted one (:func:`data_fingerprint`):
+        the same lists, and images of the same size and modification time (``paths``: :func:`split_paths`, to
+        name the first image that changed)."""
         saved = self.data_fingerprint
         if saved is None:
             _logger.info("note: %s does not record the data it was trained on (written by an older version): the "
@@ -233,6 +266,11 @@ class ResumeState:
             for key, label in (("images", "images"), ("classes", "classes")):
                 if a.get(key) != b.get(key):
                     what.append(f"{label} {a.get(key)} then, {b.get(key)} now")
+            if not what and a.get("files") is not None and b.get("files") is not None:
+                changed = describe_change(FileFingerprint.from_dict(a["files"]), FileFingerprint.from_dict(b["files"]),
+                                          (paths or {}).get(split, ()))
+                if changed is not None:
+                    what.append(changed)
             if what:
                 diffs.append(f"{split}: " + "; ".join(what))
         if diffs:
@@ -379,7 +417,7 @@ class RunFolder:
         save_checkpoint(state.to_checkpoint(), self.path("last.pth"))
 
     def _staged(self, data_seed: int) -> str:
-        return self.path(os.path.join("partial", f"delta_seed{data_seed}.pth"))
+        return self.path(delta_names(data_seed, 1)[0])
 
     def stage_delta(self, data_seed: int, checkpoint: Dict[str, Any]) -> None:
         """Keep a finished seed's delta checkpoint in ``partial/`` until the run succeeds (rank 0)."""
@@ -393,7 +431,7 @@ class RunFolder:
         if not self.dist.is_main:
             return
         for s in data_seeds:
-            final = self.path("delta.pth" if len(data_seeds) == 1 else f"delta_seed{s}.pth")
+            final = self.path(delta_names(s, len(data_seeds))[1])
             if os.path.exists(self._staged(s)):
                 try:
                     os.replace(self._staged(s), final)

@@ -149,10 +149,41 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
                                   pretrained=pretrained, lean=lean, **spec.timm_kwargs())
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
         raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}") from e
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+        if not spec.backbone_kwargs:  # without the user's own timm arguments this is a bug: keep its traceback
+            raise
+        raise UsageError(f"cannot build --model {spec.backbone} with --model_kwargs {_kwargs_text(spec)}: "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
+
+
+def _kwargs_text(spec: ModelSpec) -> str:
+    return ",".join(f"{k}={v}" for k, v in thaw(spec.backbone_kwargs).items()) or "(none)"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def check_forward(model: nn.Module, spec: ModelSpec) -> None:
+    """One forward of a meta-device ``model`` on a batch of ``spec.img_size`` images (costs nothing): an input
+    size the backbone cannot take (``--img_size 8`` with 16-pixel patches, a Swin window that does not divide the
+    grid) is a :class:`UsageError` before any folder or data loader exists."""
+    x = torch.empty(2, 3, spec.img_size, spec.img_size, device="meta")
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except NotImplementedError:  # an operator without a meta kernel: the real forward will tell
+        return
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        raise UsageError(f"--img_size {spec.img_size} does not fit --model {spec.backbone}"
+                         f"{' --model_kwargs ' + _kwargs_text(spec) if spec.backbone_kwargs else ''}: "
+                         f"{type(e).__name__}: {_first_line(e)}") from None
 
 
 def check_model_flags(exp: Experiment, initial: Optional[InitialCheckpoint] = None) -> None:
-    """The method's wiring, --initial_checkpoint, --lean, --cache_prefix: check them on the model's structure
+    """The model's settings and input size (:func:`check_forward`), the method's wiring, --initial_checkpoint,
+    --lean, --cache_prefix: check them on the model's structure
     (built on the meta device: no memory, no weights) before the run folder, the data loaders or the real model
     exist. The method's own check (:attr:`models.methods.Method.check`; DTL: a block selection in which no tap
     reaches an add-back block would train the head alone, a linear probe recorded as DTL) runs whenever the
@@ -166,10 +197,9 @@ def check_model_flags(exp: Experiment, initial: Optional[InitialCheckpoint] = No
     if initial is not None:
         check_initial_checkpoint(initial, lambda: build_model(spec, weights=False))
     method = get_method(spec.method)
-    if method.check is None and not (run.lean or run.cache_prefix):
-        return
     with torch.device("meta"):
         model = build_model(spec, lean=run.lean, weights=False)
+    check_forward(model, spec)
     problem = method.check(model) if method.check is not None else None
     if problem:
         raise UsageError(problem)

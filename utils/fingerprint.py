@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["FileFingerprint", "files_fingerprint", "first_changed_file"]
+__all__ = ["FileFingerprint", "files_fingerprint", "describe_change", "first_changed_file"]
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,20 @@ def files_fingerprint(paths: Sequence[str]) -> FileFingerprint:
     return FileFingerprint(len(paths), "sha256:" + hashlib.sha256(raw).hexdigest(), raw)
 
 
-def first_changed_file(saved: FileFingerprint, paths: Sequence[str]) -> Optional[str]:
-    """``None`` when ``paths`` still match ``saved``; otherwise a phrase naming the first file whose size or
-    modification time changed (or how the number of files changed)."""
-    now = files_fingerprint(paths)
+def describe_change(saved: FileFingerprint, now: FileFingerprint, paths: Sequence[str] = ()) -> Optional[str]:
+    """``None`` when ``now`` equals ``saved``; otherwise a phrase naming the first file whose size or
+    modification time changed (``paths``: the files of ``now``, in order) or how the number of files changed."""
     if now.digest == saved.digest:
         return None
     if now.count != saved.count:
         return f"{saved.count} images then, {now.count} now"
-    for i in range(now.count):
-        if now.codes[4 * i:4 * i + 4] != saved.codes[4 * i:4 * i + 4]:
-            return f"image {i + 1} ({paths[i]}) changed (size or modification time) since the run started"
-    return "the files changed"  # pragma: no cover - equal codes imply equal digests
+    a = np.frombuffer(saved.codes, dtype="<u4")
+    b = np.frombuffer(now.codes, dtype="<u4")
+    i = int(np.flatnonzero(a != b)[0])
+    name = f" ({paths[i]})" if i < len(paths) else ""
+    return f"image {i + 1}{name} changed (size or modification time) since the run started"
+
+
+def first_changed_file(saved: FileFingerprint, paths: Sequence[str]) -> Optional[str]:
+    """:func:`describe_change` of ``saved`` and the files ``paths`` are now."""
+    return describe_change(saved, files_fingerprint(paths), paths)

@@ -28,7 +28,7 @@ import importlib
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -135,13 +135,14 @@ class DTLTimmMixin:
     global_pool: str = "avg"
     grad_checkpointing: bool = False
 
-    def _init_timm_api(self) -> None:
+    def _init_timm_api(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.global_pool = "avg"
         self.grad_checkpointing = False
         self.head_hidden_size = self.num_features
         self.feature_info = [dict(info, module="backbone." + info["module"])
                              for info in getattr(self.backbone, "feature_info", [])]
         self.pretrained_cfg = cfg_for_backbone(self.backbone)
+        self.pretrained_cfg.update(mean=tuple(mean), std=tuple(std))
         self._describe_self()
 
     # pretrained_cfg / default_cfg (timm keeps both names for the same dict)
@@ -279,7 +280,7 @@ class ViTTimmMixin:
         for i in range(last + 1):  # the wrapper's own block loop (run_blocks), one block at a time
             x, s = self.run_blocks(x, i, i + 1, s, grid)
             if i in take_indices:
-                kept.append(self.backbone.norm(x) if norm else x)
+                kept.append(self.final_norm()(x) if norm else x)
         prefix_tokens = [y[:, :npt] for y in kept]
         out = [y[:, npt:] for y in kept]
         if output_fmt == "NCHW":

@@ -40,7 +40,7 @@ from timm.models._pretrained import PretrainedCfg
 
 from .config import DTL_KEYS, pop_model_kwargs
 from .delta_folder import DELTA_FILE, load_delta_tensors
-from .pretrained import CheckpointError, _head_key, in_model_layout, load_backbone_weights
+from .pretrained import CheckpointError, _head_key, check_finite, in_model_layout, load_backbone_weights
 
 __all__ = [
     "DTLTimmMixin", "ViTTimmMixin", "SwinTimmMixin", "dtl_default_cfgs", "build_dtl_model", "backbone_tag_of",
@@ -370,9 +370,11 @@ def _backbone_filter(backbone: nn.Module, source: str) -> Callable:
         if any(k.startswith(("side.", "backbone.")) for k in state_dict):
             raise CheckpointError(f"{source} holds a whole DTL model (backbone.*/side.* keys), not backbone weights: "
                                   "load its folder with timm.create_model('local-dir:<folder>', pretrained=True)")
+        check_finite(state_dict, source)
         if family_filter is not None and not in_model_layout(state_dict, model):
             state_dict = family_filter(state_dict, model)
-        return {k: v for k, v in state_dict.items() if not _head_key(k)}
+        own = model.state_dict()
+        return {k: v for k, v in state_dict.items() if not (_head_key(k) and k not in own)}
 
     return fn
 

@@ -528,6 +528,9 @@ class VPTDeep(BaselineModel):
         super().__init__(backbone, num_classes)
         if num_tokens < 1:
             raise ModelSettingsError(f"VPT num_tokens must be >= 1, got {num_tokens}")
+        if getattr(backbone, "cls_token", None) is None or backbone.global_pool != "token":
+            raise ModelSettingsError("--method vpt classifies from the class token: this ViT has none (or pools "
+                                     f"with global_pool={backbone.global_pool!r}), which would average the prompts in")
         depth, dim = len(backbone.blocks), backbone.embed_dim
         self.num_tokens = num_tokens
         self.prompts = nn.Parameter(torch.empty(depth, num_tokens, dim))

@@ -75,7 +75,7 @@ _SWIN_BASELINES = ("full", "linear", "bitfit", "lora", "adapter", "adaptformer",
 
 
 @register_family(
-    "swin", backbone_classes=(SwinTransformer,), timm_modules=("swin_transformer",),
+    "swin", title="Swin", backbone_classes=(SwinTransformer,), timm_modules=("swin_transformer",),
     create_backbone=create_swin_backbone, prepare=prepare_hierarchical_backbone, default_rank=SWIN_DEFAULT_RANK,
     default_blocks=_stage_default_blocks, plus_fusion_size=5, original_names=ORIGINAL_SWIN_NAMES,
     recipe_names=frozenset(ORIGINAL_SWIN_NAMES.values()), converter=convert_original_swin,
@@ -271,7 +271,7 @@ class DTLSwinTransformer(SwinTimmMixin, DTLBase):
 
 
 @register_family(
-    "swinv2", backbone_classes=(SwinTransformerV2,), timm_modules=("swin_transformer_v2",),
+    "swinv2", title="Swin V2", backbone_classes=(SwinTransformerV2,), timm_modules=("swin_transformer_v2",),
     create_backbone=create_swinv2_backbone, prepare=prepare_hierarchical_backbone, default_rank=SWIN_DEFAULT_RANK,
     default_blocks=_stage_default_blocks, plus_fusion_size=5, baselines=("full", "linear", "bitfit"),
 )

@@ -53,7 +53,7 @@ def vit_default_blocks(backbone: nn.Module) -> Tuple[List[int], List[int]]:
 
 
 @register_family(
-    "vit", backbone_classes=(VisionTransformer,), timm_modules=("vision_transformer", "deit"),
+    "vit", title="ViT", backbone_classes=(VisionTransformer,), timm_modules=("vision_transformer", "deit"),
     create_backbone=create_vit_backbone, prepare=prepare_token_backbone, default_rank=VIT_DEFAULT_RANK,
     default_blocks=vit_default_blocks, plus_fusion_size=3, original_names=ORIGINAL_VIT_NAMES,
     recipe_names=frozenset(ORIGINAL_VIT_NAMES.values()), converter=convert_original_vit, baselines=_VIT_BASELINES,
@@ -204,7 +204,7 @@ class DTLVisionTransformer(ViTTimmMixin, DTLBase):
 
 
 @register_family(
-    "eva", backbone_classes=(Eva,), timm_modules=("eva",), create_backbone=create_eva_backbone,
+    "eva", title="EVA", backbone_classes=(Eva,), timm_modules=("eva",), create_backbone=create_eva_backbone,
     prepare=prepare_token_backbone, default_rank=VIT_DEFAULT_RANK, default_blocks=vit_default_blocks,
     plus_fusion_size=3, baselines=("full", "linear", "bitfit"),
 )

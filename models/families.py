@@ -50,6 +50,7 @@ class BackboneFamily:
 
     Args:
         name: the family's name (``model_config()['arch']`` of its DTL models and baselines).
+        title: its name in messages (``"ViT"``, ``"Swin V2"``).
         wrapper: the DTL wrapper class (a :class:`~models.dtl_base.DTLBase`), set by :func:`register_family`.
         backbone_classes: the timm classes of its backbones (an instance is recognised with ``isinstance``).
         timm_modules: the timm modules whose registered names are of this family (``timm.list_models(module=)``).
@@ -69,6 +70,7 @@ class BackboneFamily:
     """
 
     name: str
+    title: str
     wrapper: type
     backbone_classes: Tuple[type, ...]
     timm_modules: Tuple[str, ...]

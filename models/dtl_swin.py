@@ -313,3 +313,15 @@ def dtl_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) ->
     """DTL on Swin-B (window 7, 224); ``pretrained=True``: ImageNet-22k ``swin_base_patch4_window7_224.ms_in22k``
     (the paper's)."""
     return _create_dtl_swin("dtl_swin_base_patch4_window7_224", "swin_base_patch4_window7_224", pretrained, **kwargs)
+
+
+# modern backbones (not in the paper), normalised with their weights' own statistics
+default_cfgs.update(dtl_default_cfgs({"dtl_swinv2_tiny_window8_256": "swinv2_tiny_window8_256.ms_in1k"},
+                                     recipe_normalization=False))
+
+
+@register_model
+def dtl_swinv2_tiny_window8_256(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformerV2:
+    """DTL on Swin V2-T (window 8, 256); ``pretrained=True``: timm's ``swinv2_tiny_window8_256.ms_in1k``."""
+    return create_dtl_variant("dtl_swinv2_tiny_window8_256", "swinv2_tiny_window8_256", pretrained,
+                              DTLSwinTransformerV2, create_swinv2_backbone, **kwargs)

@@ -281,3 +281,47 @@ def dtl_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisi
 def dtl_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
     """DTL on ViT-L/16 (224); ``pretrained=True``: ImageNet-21k ``vit_large_patch16_224.orig_in21k``."""
     return _create_dtl_vit("dtl_vit_large_patch16_224", "vit_large_patch16_224", pretrained, **kwargs)
+
+
+# modern backbones (not in the paper), normalised with their weights' own statistics
+modern_cfgs = dtl_default_cfgs({
+    "dtl_vit_base_patch16_clip_224": "vit_base_patch16_clip_224.openai",
+    "dtl_vit_base_patch16_siglip_224": "vit_base_patch16_siglip_224.webli",
+    "dtl_vit_small_patch14_reg4_dinov2": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dtl_vit_base_patch14_reg4_dinov2": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dtl_eva02_base_patch14_224": "eva02_base_patch14_224.mim_in22k",
+}, recipe_normalization=False)
+default_cfgs.update(modern_cfgs)
+
+
+@register_model
+def dtl_vit_base_patch16_clip_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on OpenAI CLIP ViT-B/16 (pre-norm); ``pretrained=True``: ``vit_base_patch16_clip_224.openai``."""
+    return _create_dtl_vit("dtl_vit_base_patch16_clip_224", "vit_base_patch16_clip_224", pretrained, **kwargs)
+
+
+@register_model
+def dtl_vit_base_patch16_siglip_224(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on SigLIP ViT-B/16 (no class token; its attention pool replaced by DTL's mean over the patch tokens);
+    ``pretrained=True``: ``vit_base_patch16_siglip_224.webli``."""
+    return _create_dtl_vit("dtl_vit_base_patch16_siglip_224", "vit_base_patch16_siglip_224", pretrained, **kwargs)
+
+
+@register_model
+def dtl_vit_small_patch14_reg4_dinov2(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on DINOv2 ViT-S/14 with 4 register tokens; ``pretrained=True``: ``vit_small_patch14_reg4_dinov2.lvd142m``."""
+    return _create_dtl_vit("dtl_vit_small_patch14_reg4_dinov2", "vit_small_patch14_reg4_dinov2", pretrained,
+                           **kwargs)
+
+
+@register_model
+def dtl_vit_base_patch14_reg4_dinov2(pretrained: bool = False, **kwargs: Any) -> DTLVisionTransformer:
+    """DTL on DINOv2 ViT-B/14 with 4 register tokens; ``pretrained=True``: ``vit_base_patch14_reg4_dinov2.lvd142m``."""
+    return _create_dtl_vit("dtl_vit_base_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2", pretrained, **kwargs)
+
+
+@register_model
+def dtl_eva02_base_patch14_224(pretrained: bool = False, **kwargs: Any) -> DTLEva:
+    """DTL on EVA-02 B/14 (rotary position embeddings); ``pretrained=True``: ``eva02_base_patch14_224.mim_in22k``."""
+    return create_dtl_variant("dtl_eva02_base_patch14_224", "eva02_base_patch14_224", pretrained, DTLEva,
+                              create_eva_backbone, **kwargs)

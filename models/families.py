@@ -179,12 +179,14 @@ def default_normalization(model_name: str) -> Normalization:
     """``(mean, std)`` a model built from ``model_name`` is trained with by default.
 
     The paper's backbones (the original's names, e.g. ``vit_base_patch16_224_in21k``,
-    ``swin_base_patch4_window7_224_in22k``, the timm weights they map to, and the registered ``dtl_*`` entry
-    points) keep the recipe's mean = std = 0.5; every other backbone uses its timm pretrained cfg's mean / std
-    (the cfg of the name's tag, else the architecture's default tag; timm's ImageNet statistics if it has none).
+    ``swin_base_patch4_window7_224_in22k``, the timm weights they map to, and the paper's seven ``dtl_vit_*`` /
+    ``dtl_swin_*`` entry points) keep the recipe's mean = std = 0.5; a registered ``dtl_*`` entry point reports
+    its cfg's; every other backbone uses its timm pretrained cfg's mean / std (the cfg of the name's tag, else
+    the architecture's default tag; timm's ImageNet statistics if it has none).
     """
     if model_name.split(".")[0].startswith("dtl_") and timm.is_model(model_name.split(".")[0]):
-        return RECIPE_MEAN, RECIPE_STD
+        cfg = timm.models.get_pretrained_cfg(model_name)  # a registered entry point: its own cfg
+        return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
     if any(f.uses_recipe_normalization(model_name) for f in _FAMILIES.values()):
         return RECIPE_MEAN, RECIPE_STD
     cfg = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name.split(".")[0]) else None

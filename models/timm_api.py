@@ -61,16 +61,18 @@ _BACKBONE_TAGS: Dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------------------------- cfgs
-def _wrapper_cfg(backbone_tag: str) -> PretrainedCfg:
+def _wrapper_cfg(backbone_tag: str, recipe_normalization: bool = True) -> PretrainedCfg:
     """The DTL cfg over backbone weights ``backbone_tag`` (``arch.tag``): the backbone's weight source and
-    input size, the wrapper's keys, the recipe's normalisation and the VTAB evaluation resize."""
+    input size, the wrapper's keys, the recipe's normalisation (``recipe_normalization=False``: the backbone
+    weights' own mean / std) and the VTAB evaluation resize."""
     b = get_pretrained_cfg(backbone_tag)
     if b is None:
         raise KeyError(f"timm has no pretrained cfg {backbone_tag!r}")
+    mean, std = (DTL_MEAN, DTL_STD) if recipe_normalization else (tuple(b.mean), tuple(b.std))
     return PretrainedCfg(
         hf_hub_id=b.hf_hub_id, hf_hub_filename=b.hf_hub_filename, url=b.url, custom_load=b.custom_load,
         input_size=b.input_size, min_input_size=b.min_input_size, fixed_input_size=b.fixed_input_size,
-        interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=DTL_MEAN, std=DTL_STD,
+        interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=mean, std=std,
         num_classes=1000, pool_size=b.pool_size, first_conv="backbone.patch_embed.proj", classifier="head",
         license=b.license, paper_ids="arXiv:2312.07856",
         paper_name="DTL: Disentangled Transfer Learning for Visual Recognition",
@@ -78,14 +80,15 @@ def _wrapper_cfg(backbone_tag: str) -> PretrainedCfg:
     )
 
 
-def dtl_default_cfgs(entries: Mapping[str, str]) -> Dict[str, Any]:
+def dtl_default_cfgs(entries: Mapping[str, str], recipe_normalization: bool = True) -> Dict[str, Any]:
     """``{dtl entry point: backbone "arch.tag"}`` -> the module-level ``default_cfgs`` timm's ``register_model``
-    reads: one cfg per entry point, tagged with the backbone's tag."""
+    reads: one cfg per entry point, tagged with the backbone's tag; normalised with the recipe's mean = std = 0.5
+    (the paper's entry points) or, with ``recipe_normalization=False``, with the backbone weights' own."""
     cfgs = {}
     for name, backbone_tag in entries.items():
         tag = backbone_tag.split(".", 1)[1]
         _BACKBONE_TAGS[f"{name}.{tag}"] = backbone_tag
-        cfgs[f"{name}.{tag}"] = _wrapper_cfg(backbone_tag)
+        cfgs[f"{name}.{tag}"] = _wrapper_cfg(backbone_tag, recipe_normalization)
     return generate_default_cfgs(cfgs)
 
 

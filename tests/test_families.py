@@ -186,3 +186,46 @@ def test_train_refuses_an_unsupported_family(tmp_path_factory, tmp_path, caplog)
     argv[argv.index("vit_tiny_patch16_224")] = "resnet18"
     assert run_train(argv) == 2
     assert "unsupported backbone 'resnet18'" in caplog.text and "swinv2" in caplog.text
+
+
+@pytest.mark.parametrize("case,name,kw,family,norm,size", [c for c in CASES if c[0] in
+                         ("vit_reg_tokens_fc_norm", "eva02_rope", "swinv2")],
+                         ids=["vit_reg_tokens_fc_norm", "eva02_rope", "swinv2"])
+def test_family_lean_mode_and_grad_checkpointing_compute_the_same(case, name, kw, family, norm, size):
+    torch.manual_seed(0)
+    m = create_dtl_model(name, 3, dtl=DTLConfig(fusion_size=3), **kw)
+    _randomise_side(m)
+    x = _images(size)
+    y = torch.tensor([0, 2])
+
+    def grads():
+        m.zero_grad()
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    m.eval()
+    ref, g_ref = grads()
+    m.set_lean(True)
+    out, g = grads()
+    assert torch.allclose(out, ref, atol=1e-6) and g.keys() == g_ref.keys()
+    assert all(torch.allclose(g[k], g_ref[k], rtol=1e-4, atol=1e-7) for k in g)
+    m.set_lean(False)
+    m.set_grad_checkpointing(True)
+    out, g = grads()
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert all(torch.allclose(g[k], g_ref[k], rtol=1e-4, atol=1e-7) for k in g)
+
+
+@pytest.mark.parametrize("entry,kw,size,mean", [
+    ("dtl_vit_base_patch16_siglip_224", _VIT, 32, HALF[0]),
+    ("dtl_vit_base_patch16_clip_224", _VIT, 32, CLIP[0]),
+    ("dtl_vit_small_patch14_reg4_dinov2", dict(img_size=28, depth=2, embed_dim=32, num_heads=2), 28, IMNET[0]),
+    ("dtl_eva02_base_patch14_224", dict(img_size=28, depth=2, embed_dim=32, num_heads=2), 28, CLIP[0]),
+    ("dtl_swinv2_tiny_window8_256", _SWIN, 64, IMNET[0]),
+])
+def test_modern_entry_points(entry, kw, size, mean):
+    m = timm.create_model(entry, num_classes=3, fusion_size=3, **kw)
+    assert m.pretrained_cfg["architecture"] == entry and m(_images(size)).shape == (2, 3)
+    assert tuple(timm.data.resolve_data_config({}, model=m)["mean"]) == pytest.approx(mean)
+    assert default_normalization(entry)[0] == pytest.approx(mean)

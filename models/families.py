@@ -7,8 +7,8 @@ original code's key layout, which baselines it supports, and which names keep th
 
 A wrapper module registers its family with the :func:`register_family` class decorator::
 
-    @register_family("vit", backbone_classes=(VisionTransformer,), timm_modules=("vision_transformer", "deit"),
-                     create_backbone=create_vit_backbone, default_rank=2, ...)
+    @register_family("vit", title="ViT", backbone_classes=(VisionTransformer,),
+                     timm_modules=("vision_transformer", "deit"), create_backbone=create_vit_backbone, ...)
     class DTLVisionTransformer(DTLBase): ...
 
 This module is a leaf of :mod:`models` (timm and :mod:`utils` only): the wrappers import it, not the reverse.
@@ -83,10 +83,6 @@ class BackboneFamily:
     recipe_names: FrozenSet[str] = frozenset()
     converter: Optional[Callable[[Mapping[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None
     baselines: Tuple[str, ...] = ()
-
-    def names(self) -> List[str]:
-        """The timm architecture names of this family."""
-        return sorted({n for m in self.timm_modules for n in _timm_names(m)})
 
     def recognises(self, model_name: str) -> bool:
         """Whether ``model_name`` (a timm name with or without tag, ``dtl_<name>`` or an original name) is of

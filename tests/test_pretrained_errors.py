@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from helpers_train import single_thread  # noqa: F401 - autouse fixture
 from helpers_train import TINY, run_train, vtab_root
-from models import CheckpointError, create_dtl_model, load_backbone_weights
+from models import CheckpointError, create_dtl_model
 from models.npz import save_vit_npz, vit_to_npz_dict
 from models.pretrained import describe_state_dict
 

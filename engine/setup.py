@@ -20,6 +20,7 @@ from data.errors import DataError
 from data.spec import DataSpec
 from data.transforms import Uint8Normalizer, build_transform
 from models import ModelSettingsError, create_tuned_model
+from models.timm_api import set_normalization
 from models.initial import InitialCheckpoint, check_initial_checkpoint
 from models.methods import get_method
 from models.spec import ModelSpec, thaw
@@ -144,9 +145,9 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
         _logger.warning("!" * 100)
     method = get_method(spec.method)
     try:
-        return create_tuned_model(method.name, spec.backbone, spec.num_classes,
-                                  settings=method.config_from_dict(spec.method_config), load_path=load_path,
-                                  pretrained=pretrained, lean=lean, **spec.timm_kwargs())
+        model = create_tuned_model(method.name, spec.backbone, spec.num_classes,
+                                   settings=method.config_from_dict(spec.method_config), load_path=load_path,
+                                   pretrained=pretrained, lean=lean, **spec.timm_kwargs())
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
         raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}") from e
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
@@ -154,6 +155,8 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
             raise
         raise UsageError(f"cannot build --model {spec.backbone} with --model_kwargs {_kwargs_text(spec)}: "
                          f"{type(e).__name__}: {_first_line(e)}") from e
+    set_normalization(model, spec.mean, spec.std)  # what resolve_data_config on the model reports
+    return model
 
 
 def _kwargs_text(spec: ModelSpec) -> str:

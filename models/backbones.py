@@ -1,39 +1,42 @@
-"""Backbones: which architecture a name is (ViT or Swin), the original's names, and the bare timm backbone.
+"""Backbones: the bare timm backbone of a name, the original's names, and thin functions over the family registry.
 
-A leaf of :mod:`models` (only timm and :mod:`models.config`), so the DTL wrappers, the baselines, the factory and
-the tools all dispatch through :func:`create_backbone` instead of writing the ViT/Swin branch again.
+A leaf of :mod:`models` below the wrappers (timm, :mod:`models.families`, :mod:`models.pretrained`): the DTL
+wrappers, the baselines, the factory and the tools all build backbones through :func:`create_backbone`, which
+asks the registry (:mod:`models.families`) which family a name is.
 
 The original launchers used timm 0.5.4 names; they map to timm 1.x names here:
 ``vit_base_patch16_224_in21k`` -> ``vit_base_patch16_224`` (tag ``orig_in21k``: Google's ImageNet-21k
 ``ViT-B_16.npz``), ``swin_base_patch4_window7_224_in22k`` -> ``swin_base_patch4_window7_224`` (tag ``ms_in22k``).
-Default DTL rank: ViT ``r = 2``, Swin ``r = 4`` (the paper's settings).
+Default DTL rank: ViT ``r = 2``, Swin ``r = 4`` (the paper's settings; :attr:`BackboneFamily.default_rank`).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import timm
 import torch.nn as nn
-from timm.models import SwinTransformer, VisionTransformer
 
 from .config import ModelSettingsError
+from .families import default_normalization, family_of_name, get_family, timm_name
 from .pretrained import weights_fingerprint
 
-__all__ = ["default_normalization", "ORIGINAL_VIT_NAMES", "ORIGINAL_SWIN_NAMES", "VIT_DEFAULT_RANK", "SWIN_DEFAULT_RANK", "backbone_arch",
-           "default_rank", "create_vit_backbone", "create_swin_backbone", "create_backbone"]
+__all__ = ["ORIGINAL_VIT_NAMES", "ORIGINAL_SWIN_NAMES", "VIT_DEFAULT_RANK", "SWIN_DEFAULT_RANK", "backbone_arch",
+           "default_rank", "default_normalization", "create_vit_backbone", "create_swin_backbone",
+           "create_eva_backbone", "create_swinv2_backbone", "create_backbone", "prepare_token_backbone",
+           "prepare_hierarchical_backbone"]
 
 VIT_DEFAULT_RANK = 2
 SWIN_DEFAULT_RANK = 4
 
-# Names used by the original launchers (timm 0.5.4) -> timm 1.x architecture names.
+# Names used by the original launchers (timm 0.5.4) -> timm 1.x ``architecture.tag`` (the tag selects the
+# weights with pretrained=True).
 ORIGINAL_VIT_NAMES: Dict[str, str] = {
-    "vit_base_patch16_224_in21k": "vit_base_patch16_224",
-    "vit_large_patch16_224_in21k": "vit_large_patch16_224",
-    "vit_small_patch16_224_in21k": "vit_small_patch16_224",
-    "vit_tiny_patch16_224_in21k": "vit_tiny_patch16_224",
+    "vit_base_patch16_224_in21k": "vit_base_patch16_224.orig_in21k",
+    "vit_large_patch16_224_in21k": "vit_large_patch16_224.orig_in21k",
+    "vit_small_patch16_224_in21k": "vit_small_patch16_224.orig_in21k",
+    "vit_tiny_patch16_224_in21k": "vit_tiny_patch16_224.orig_in21k",
 }
-# ... and for Swin, timm 1.x ``architecture.tag``.
 ORIGINAL_SWIN_NAMES: Dict[str, str] = {
     "swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k",
     "swin_base_patch4_window12_384_in22k": "swin_base_patch4_window12_384.ms_in22k",
@@ -43,36 +46,14 @@ ORIGINAL_SWIN_NAMES: Dict[str, str] = {
 
 
 def backbone_arch(model_name: str) -> str:
-    """``'vit'`` or ``'swin'``: the timm module that defines ``model_name`` (tags like ``.orig_in21k`` allowed).
-
-    The original's names (``vit_base_patch16_224_in21k``, ``swin_base_patch4_window7_224_in22k``) are accepted too.
-    """
-    if model_name in ORIGINAL_VIT_NAMES:
-        return "vit"
-    if model_name in ORIGINAL_SWIN_NAMES:
-        return "swin"
-    arch = model_name.split(".")[0]
-    if arch.startswith("dtl_"):
-        arch = arch[len("dtl_"):]
-    if arch in timm.list_models(module="vision_transformer") or arch in timm.list_models(module="deit"):
-        return "vit"
-    if arch in timm.list_models(module="swin_transformer"):
-        return "swin"
-    raise ModelSettingsError(
-        f"unsupported backbone {model_name!r}: use a timm ViT (vision_transformer, e.g. vit_base_patch16_224) "
-        f"or Swin (swin_transformer, e.g. swin_base_patch4_window7_224) architecture name"
-    )
-
-
-def default_normalization(model_name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """``(mean, std)`` per channel the backbone ``model_name`` is trained and evaluated with when ``--mean`` /
-    ``--std`` are not given: the original recipe's 0.5 / 0.5 for every backbone."""
-    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    """The family name (``'vit'``, ``'eva'``, ``'swin'``, ``'swinv2'``, ...) of ``model_name`` (tags like
+    ``.orig_in21k`` allowed; the original's names too); an unsupported name is a ``ModelSettingsError``."""
+    return family_of_name(model_name).name
 
 
 def default_rank(arch: str) -> int:
-    """The paper's CSN rank of an architecture (``'vit'``: 2, ``'swin'``: 4)."""
-    return SWIN_DEFAULT_RANK if arch == "swin" else VIT_DEFAULT_RANK
+    """The paper-style CSN rank of family ``arch`` (``'vit'``: 2, ``'swin'``: 4)."""
+    return get_family(arch).default_rank
 
 
 def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
@@ -82,24 +63,58 @@ def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
         raise ModelSettingsError(f"cannot build {name!r} with {sorted(kwargs)}: {e}") from e
 
 
+def _expect(model: nn.Module, name: str, family: str) -> nn.Module:
+    if not isinstance(model, get_family(family).backbone_classes):
+        raise ModelSettingsError(f"{name!r} is a {type(model).__name__}, not a timm "
+                                 f"{' / '.join(c.__name__ for c in get_family(family).backbone_classes)}")
+    return model
+
+
+def prepare_token_backbone(model: nn.Module) -> nn.Module:
+    """A timm ``VisionTransformer`` / ``Eva`` without its classifier: ``num_classes=0``; an attention-pool head
+    (``global_pool='map'``, SigLIP) is removed (the DTL head pools instead). The final norm stays where the
+    architecture keeps it (``.norm``, or ``.fc_norm`` for models built to normalise after average pooling)."""
+    model.reset_classifier(0, "avg" if getattr(model, "global_pool", None) == "map" else None)
+    return model
+
+
+def prepare_hierarchical_backbone(model: nn.Module) -> nn.Module:
+    """A timm Swin / Swin V2 without its classifier (``num_classes=0``; the final norm stays in ``.norm``)."""
+    model.reset_classifier(0)
+    return model
+
+
+def _norm_layer(kwargs: Dict[str, Any], layer_norm_eps: Optional[float]) -> Dict[str, Any]:
+    if layer_norm_eps is not None:
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
+    kwargs["num_classes"] = 0
+    return kwargs
+
+
 def create_vit_backbone(
     name: str = "vit_base_patch16_224",
     pretrained: bool = False,
     layer_norm_eps: Optional[float] = None,
     **kwargs: Any,
-) -> VisionTransformer:
-    """A timm ViT with no head and its final norm kept in ``.norm``.
+) -> nn.Module:
+    """A timm ViT (``VisionTransformer``: with or without class token, register tokens, DeiT, FlexiViT, DINOv2,
+    SigLIP, CLIP, ...) without classifier (:func:`prepare_token_backbone`).
 
-    ``name`` is a timm architecture name (a ``.tag`` selects pre-trained weights with ``pretrained=True``) or
-    one of the original's names (``vit_base_patch16_224_in21k``, which maps to the ImageNet-21k weights of
-    Google's ``ViT-B_16.npz``, timm tag ``orig_in21k``).
+    ``name`` is a timm architecture name (a ``.tag`` selects pre-trained weights with ``pretrained=True``), one
+    of the original's names (``vit_base_patch16_224_in21k``, which maps to the ImageNet-21k weights of Google's
+    ``ViT-B_16.npz``, timm tag ``orig_in21k``) or a registered ``dtl_vit_*`` name (its backbone).
     """
-    if name in ORIGINAL_VIT_NAMES:
-        name = ORIGINAL_VIT_NAMES[name] + (".orig_in21k" if pretrained else "")
-    kwargs.update(num_classes=0, global_pool="token", fc_norm=False)
-    if layer_norm_eps is not None:
-        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
-    return _create(name, pretrained, kwargs)
+    name = timm_name(name, pretrained)
+    model = _expect(_create(name, pretrained, _norm_layer(kwargs, layer_norm_eps)), name, "vit")
+    return prepare_token_backbone(model)
+
+
+def create_eva_backbone(name: str, pretrained: bool = False, layer_norm_eps: Optional[float] = None,
+                        **kwargs: Any) -> nn.Module:
+    """A timm ``Eva`` (EVA-02 and the other rotary-embedding ViTs of ``timm.models.eva``) without classifier."""
+    name = timm_name(name, pretrained)
+    model = _expect(_create(name, pretrained, _norm_layer(kwargs, layer_norm_eps)), name, "eva")
+    return prepare_token_backbone(model)
 
 
 def create_swin_backbone(
@@ -107,7 +122,7 @@ def create_swin_backbone(
     pretrained: bool = False,
     layer_norm_eps: Optional[float] = None,
     **kwargs: Any,
-) -> SwinTransformer:
+) -> nn.Module:
     """A timm Swin Transformer with no classifier (``num_classes=0``).
 
     ``name`` is a timm Swin name (a ``.tag`` selects pre-trained weights with ``pretrained=True``), one of the
@@ -115,27 +130,24 @@ def create_swin_backbone(
     ImageNet-22k weights, timm tag ``ms_in22k``, when ``pretrained=True``) or a registered ``dtl_swin_*`` name
     (its backbone).
     """
-    if name in ORIGINAL_SWIN_NAMES:
-        arch = ORIGINAL_SWIN_NAMES[name]
-        name = arch if pretrained else arch.split(".")[0]
-    elif name.startswith("dtl_swin_"):
-        name = name[len("dtl_"):]
-    if not name.split(".")[0].startswith("swin_"):
+    name = timm_name(name, pretrained)
+    if not get_family("swin").recognises(name):
         raise ModelSettingsError(f"{name!r} is not a timm Swin Transformer name (e.g. swin_base_patch4_window7_224)")
-    kwargs["num_classes"] = 0
-    if layer_norm_eps is not None:
-        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=layer_norm_eps)
-    model = _create(name, pretrained, kwargs)
-    if not isinstance(model, SwinTransformer):
-        raise ModelSettingsError(f"{name!r} is a {type(model).__name__}, not a timm SwinTransformer")
-    return model
+    return _expect(_create(name, pretrained, _norm_layer(kwargs, layer_norm_eps)), name, "swin")
+
+
+def create_swinv2_backbone(name: str, pretrained: bool = False, layer_norm_eps: Optional[float] = None,
+                           **kwargs: Any) -> nn.Module:
+    """A timm ``SwinTransformerV2`` (``swinv2_*``) with no classifier (``num_classes=0``)."""
+    name = timm_name(name, pretrained)
+    return _expect(_create(name, pretrained, _norm_layer(kwargs, layer_norm_eps)), name, "swinv2")
 
 
 def create_backbone(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """The bare backbone of ``model_name`` (ViT or Swin, see :func:`backbone_arch`)."""
-    create = create_swin_backbone if backbone_arch(model_name) == "swin" else create_vit_backbone
-    model = create(model_name, pretrained=pretrained, **kwargs)
+    """The bare backbone of ``model_name`` (its family's ``create_backbone``, see :func:`backbone_arch`)."""
+    model = family_of_name(model_name).create_backbone(model_name, pretrained=pretrained, **kwargs)
     if pretrained:  # timm's published weights: recorded like a --load_path file (see models.pretrained)
         model.weights_record = {"file": f"timm:{model_name}",
                                 "fingerprint": weights_fingerprint(dict(model.named_parameters()))}
     return model
+

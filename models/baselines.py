@@ -34,10 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models import SwinTransformer, VisionTransformer
-
 from .backbones import backbone_arch, create_backbone
 from .config import ModelSettingsError
+from .families import family_of_model, list_families
 from .head import ClassifierMixin
 from .pretrained import load_backbone_weights
 from .trainable import HEAD_PREFIX, apply_trainable_rule
@@ -63,8 +62,8 @@ class BaselineModel(ClassifierMixin, nn.Module):
     """A timm ViT/Swin backbone with a fresh classifier head; subclasses add a tuning method.
 
     Args:
-        backbone: a timm ``VisionTransformer`` (``global_pool='token'``, ``num_classes=0``, final norm in
-            ``.norm``) or ``SwinTransformer`` (``num_classes=0``), pre-trained weights already loaded.
+        backbone: a timm backbone of a registered family (:mod:`models.families`) without classifier
+            (:func:`models.backbones.create_backbone`), pre-trained weights already loaded.
         num_classes: classes of the new head.
     """
 
@@ -74,15 +73,13 @@ class BaselineModel(ClassifierMixin, nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
 
-        if isinstance(backbone, VisionTransformer):
-            self.arch = "vit"
-            if isinstance(backbone.norm, nn.Identity) or backbone.global_pool != "token":
-                raise ValueError("baseline ViT backbones need global_pool='token' with the final norm in .norm "
-                                 "(build them with models.dtl_vit.create_vit_backbone)")
-        elif isinstance(backbone, SwinTransformer):
-            self.arch = "swin"
-        else:
-            raise TypeError(f"baselines wrap a timm VisionTransformer or SwinTransformer, got {type(backbone).__name__}")
+        try:
+            self.arch = family_of_model(backbone).name
+        except ModelSettingsError as e:
+            raise TypeError(f"baselines wrap a timm backbone of a registered family: {e}") from None
+        if getattr(backbone, "attn_pool", None) is not None or getattr(backbone, "num_classes", 0):
+            raise ValueError("baseline backbones have no classifier or attention pool (build them with "
+                             "models.backbones.create_backbone)")
         if self.arch not in self.supported_archs():
             raise ModelSettingsError(f"method {self.method!r} is not implemented for {self.arch} backbones "
                                      f"(supported: {', '.join(self.supported_archs())})")
@@ -95,7 +92,8 @@ class BaselineModel(ClassifierMixin, nn.Module):
 
     @classmethod
     def supported_archs(cls) -> Tuple[str, ...]:
-        return ("vit", "swin")
+        """The backbone families implementing this method (:attr:`~models.families.BackboneFamily.baselines`)."""
+        return tuple(f.name for f in list_families() if cls.method in f.baselines)
 
     def _finish_init(self) -> None:
         """Subclasses call this last: freeze/unfreeze by the rule."""
@@ -530,6 +528,9 @@ class VPTDeep(BaselineModel):
         super().__init__(backbone, num_classes)
         if num_tokens < 1:
             raise ModelSettingsError(f"VPT num_tokens must be >= 1, got {num_tokens}")
+        if getattr(backbone, "cls_token", None) is None or backbone.global_pool != "token":
+            raise ModelSettingsError("--method vpt classifies from the class token: this ViT has none (or pools "
+                                     f"with global_pool={backbone.global_pool!r}), which would average the prompts in")
         depth, dim = len(backbone.blocks), backbone.embed_dim
         self.num_tokens = num_tokens
         self.prompts = nn.Parameter(torch.empty(depth, num_tokens, dim))
@@ -539,10 +540,6 @@ class VPTDeep(BaselineModel):
         self.reset_prompts()
         self._settings = {"num_tokens": num_tokens, "dropout": float(dropout)}
         self._finish_init()
-
-    @classmethod
-    def supported_archs(cls) -> Tuple[str, ...]:
-        return ("vit",)
 
     def reset_prompts(self) -> None:
         nn.init.uniform_(self.prompts, -self._init_val, self._init_val)

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from timm.models.swin_transformer import checkpoint_filter_fn
 
+from .families import get_family
+
 __all__ = ["convert_original_vit", "convert_original_swin", "convert_original_state_dict"]
 
 _VIT_TAP = re.compile(r"^lora_dict\.(\d+)\.(lora_[AB])$")
@@ -84,10 +86,10 @@ def convert_original_swin(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
 
 
 def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Dispatch on the model's architecture (``model.model_config()['arch']``)."""
-    arch = model.model_config()["arch"]
-    if arch == "vit":
-        return convert_original_vit(state_dict, model)
-    if arch == "swin":
-        return convert_original_swin(state_dict, model)
-    raise ValueError(f"no converter for architecture {arch!r}")
+    """The converter of the model's backbone family (:attr:`~models.families.BackboneFamily.converter`;
+    ``model.model_config()['arch']``)."""
+    family = get_family(model.model_config()["arch"])
+    if family.converter is None:
+        raise ValueError(f"no converter of the original code's layout for the {family.name!r} family (the "
+                         f"original implementation had ViT and Swin only)")
+    return family.converter(state_dict, model)

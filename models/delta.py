@@ -48,14 +48,15 @@ from utils.errors import CheckpointError, ModelSettingsError
 from utils.hashing import file_sha256
 
 from .backbones import backbone_arch
-from .baselines import baseline_settings
 from .config import DTLConfig, parse_blocks
 from .convert import convert_original_state_dict
 from .delta_folder import (
     CONFIG_FILE, DELTA_FILE, delta_file_sha256, folder_weights, read_folder_config, read_folder_tensors,
 )
 from .factory import create_tuned_model
+from .methods import Method, get_method
 from .pretrained import check_backbone_match, weights_record, weights_spec
+from .timm_api import set_normalization
 from .spec import ModelSpec, WeightsSpec, thaw
 from .timm_api import DTL_MEAN, DTL_STD
 from .trainable import count_parameters, delta_state_dict, load_delta_state_dict
@@ -69,7 +70,6 @@ _logger = logging.getLogger(__name__)
 #: The run information a delta carries (``init_seed``: the RNG seed the model was built with, which rebuilds a
 #: randomly initialised backbone exactly).
 INFO_KEYS = ("benchmark", "dataset", "shot", "seed", "top1", "init_seed")
-DTL_METHODS = ("dtl", "dtl+")
 
 # keys only the original code writes
 _ORIGINAL_KEY = re.compile(r"^(layers\.\d+\.)?lora_(dict|fusion|fusions)\.")
@@ -119,7 +119,8 @@ class DeltaCheckpoint:
 
     @property
     def is_dtl(self) -> bool:
-        return self.spec is not None and self.spec.method in DTL_METHODS
+        """Whether the delta is of a method with DTL's side network (DTL, DTL+)."""
+        return self.spec is not None and _method(self.spec.method, self.source).supports("uses_dtl_flags")
 
     def dtl_config(self) -> DTLConfig:
         if not self.is_dtl:
@@ -128,6 +129,14 @@ class DeltaCheckpoint:
 
 
 # ------------------------------------------------------------------------------------------------------ specs
+def _method(name: str, source: str) -> Method:
+    """The registered method ``name`` (:mod:`models.methods`); an unknown one is a :class:`CheckpointError`."""
+    try:
+        return get_method(name)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
 def spec_from_record(backbone: str, method: str, model_config: Mapping[str, Any],
                      model_kwargs: Optional[Mapping[str, Any]] = None, weights: Optional[WeightsSpec] = None,
                      class_names=None, source: str = "model") -> ModelSpec:
@@ -136,13 +145,14 @@ def spec_from_record(backbone: str, method: str, model_config: Mapping[str, Any]
     mc, kwargs = dict(model_config), dict(model_kwargs or {})
     if "num_classes" not in mc:
         raise CheckpointError(f"{source}: the model configuration lacks 'num_classes'")
-    if method in DTL_METHODS and "dtl" not in mc:
+    entry = _method(method, source)
+    if entry.supports("uses_dtl_flags") and "dtl" not in mc:
         raise CheckpointError(f"{source}: a {method} delta whose model configuration lacks 'dtl'")
     try:
         return ModelSpec(
             backbone=str(backbone), method=str(method), num_classes=int(mc["num_classes"]),
             img_size=int(kwargs.pop("img_size", 224)), drop_path_rate=float(kwargs.pop("drop_path_rate", 0.0)),
-            backbone_kwargs=kwargs, method_config=dict(mc["dtl"]) if method in DTL_METHODS else baseline_settings(mc),
+            backbone_kwargs=kwargs, method_config=entry.config_from_model(mc),
             weights=weights or WeightsSpec(), class_names=class_names)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid model description: {e}") from None
@@ -325,7 +335,7 @@ def check_delta_folder_supported(spec: ModelSpec) -> None:
     """Whether a delta folder can be written for (and read back into) ``spec``'s model: a DTL method on a ViT or
     Swin backbone with JSON-writable settings. ``train.py --delta_folder`` calls it before training; raises
     :class:`~utils.errors.ModelSettingsError` saying why not."""
-    if spec.method not in DTL_METHODS:
+    if not _method(spec.method, "model spec").supports("delta_folder"):
         raise ModelSettingsError(f"a delta folder holds a DTL/DTL+ delta; --method {spec.method} writes delta.pth only")
     backbone_arch(spec.backbone)  # a ViT or Swin name (ModelSettingsError otherwise)
     try:
@@ -376,16 +386,14 @@ def write_folder(delta: DeltaCheckpoint, folder: Union[str, os.PathLike]) -> str
 
 # --------------------------------------------------------------------------------------------------- building
 def _create(spec: ModelSpec, load_path: Optional[str], pretrained: bool, **extra: Any) -> nn.Module:
-    method = "dtl" if spec.method in DTL_METHODS else spec.method
-    kwargs = {**spec.timm_kwargs(), **extra}
-    dtl = DTLConfig.from_dict(thaw(spec.method_config)) if method == "dtl" else None
-    if method != "dtl" and spec.method_config:
-        kwargs["settings"] = thaw(spec.method_config)
+    method = _method(spec.method, "model spec")
     name = spec.backbone
     if pretrained and spec.weights.kind == "timm" and spec.weights.source:
         name = spec.weights.source  # the published weights it was trained on (a timm "arch.tag")
-    return create_tuned_model(method, name, spec.num_classes, dtl=dtl, load_path=load_path, pretrained=pretrained,
-                              **kwargs)
+    model = create_tuned_model(method.name, name, spec.num_classes, settings=thaw(spec.method_config),
+                               load_path=load_path, pretrained=pretrained, **spec.timm_kwargs(), **extra)
+    set_normalization(model, spec.mean, spec.std)
+    return model
 
 
 def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -24,12 +24,14 @@ the blocks after which the side sum is added back; a tap's tensors are ``lora_A`
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from .config import DTLConfig
+from .families import get_family, model_normalization
 from .head import ClassifierMixin
 from .lean import LowRankSideSum
 from .side_network import CompactSideNetwork
@@ -67,14 +69,28 @@ class DTLBase(DTLTimmMixin, ClassifierMixin, nn.Module):
     trainable_prefixes = ("side.", "head.")
     backbone: nn.Module
 
-    def _finish_init(self, num_classes: int, lean: bool) -> None:
+    def _resolve_config(self, dtl: Optional[DTLConfig], num_blocks: Optional[int] = None) -> DTLConfig:
+        """``dtl`` with its ``None`` fields set to the family's defaults (:class:`~models.families.BackboneFamily`
+        ``default_rank`` / ``default_blocks``) for ``self.backbone`` of ``num_blocks`` blocks (default: its
+        ``blocks``)."""
+        fam = get_family(self.arch)
+        if num_blocks is None:
+            num_blocks = len(self.backbone.blocks)
+        return (dtl or DTLConfig()).resolve(num_blocks, *fam.default_blocks(self.backbone),
+                                            default_r=fam.default_rank)
+
+    def _finish_init(self, num_classes: int, lean: bool, mean: Optional[Sequence[float]] = None,
+                     std: Optional[Sequence[float]] = None) -> None:
         """Subclasses call this last: a fresh head, the trainable rule, lean mode, the timm interface
-        (``pretrained_cfg`` describing this wrapper, ``feature_info``, ...)."""
+        (``pretrained_cfg`` describing this wrapper, ``feature_info``, ...) with normalisation ``mean`` / ``std``
+        (default: :func:`~models.families.model_normalization` of the backbone)."""
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.reset_head()
         apply_trainable_rule(self)
         self.lean = bool(lean)
-        self._init_timm_api()
+        if mean is None or std is None:
+            mean, std = model_normalization(self.backbone)
+        self._init_timm_api(mean, std)
 
     def reset_head(self) -> None:
         """Initialise a fresh head as the original did, for ViT and Swin alike: trunc-normal std .02, bias 0.

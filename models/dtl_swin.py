@@ -37,17 +37,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.models import SwinTransformer, register_model
+from timm.models import SwinTransformer, SwinTransformerV2, register_model
 
-from .backbones import ORIGINAL_SWIN_NAMES, SWIN_DEFAULT_RANK, create_swin_backbone
+from .backbones import (ORIGINAL_SWIN_NAMES, SWIN_DEFAULT_RANK, create_swin_backbone, create_swinv2_backbone,
+                        prepare_hierarchical_backbone)
 from .config import DTLConfig
+from .convert import convert_original_swin
 from .dtl_base import DTLBase, SideSum, find_random_ops
+from .families import register_family
 from .lean import LowRankSideSum, lean_call, lean_run
 from .side_network import CompactSideNetwork, used_taps
 from .timm_api import SwinTimmMixin, create_dtl_variant, dtl_default_cfgs
 
-__all__ = ["DTLSwinTransformer", "create_swin_backbone", "swin_default_blocks", "ORIGINAL_SWIN_NAMES",
-           "SWIN_DEFAULT_RANK"]
+__all__ = ["DTLSwinTransformer", "DTLSwinTransformerV2", "create_swin_backbone", "swin_default_blocks",
+           "ORIGINAL_SWIN_NAMES", "SWIN_DEFAULT_RANK"]
+
 
 def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     """Default ``(csn_blocks, add_back_blocks)`` for stage depths ``depths`` (see the module docstring)."""
@@ -62,6 +66,21 @@ def swin_default_blocks(depths: Sequence[int]) -> Tuple[List[int], List[int]]:
     return list(range(start, total)), list(range(first_add, total))
 
 
+def _stage_default_blocks(backbone: nn.Module) -> Tuple[List[int], List[int]]:
+    return swin_default_blocks([len(stage.blocks) for stage in backbone.layers])
+
+
+#: the baselines implemented on Swin (VPT-deep prompts need a token sequence)
+_SWIN_BASELINES = ("full", "linear", "bitfit", "lora", "adapter", "adaptformer", "ssf")
+
+
+@register_family(
+    "swin", title="Swin", backbone_classes=(SwinTransformer,), timm_modules=("swin_transformer",),
+    create_backbone=create_swin_backbone, prepare=prepare_hierarchical_backbone, default_rank=SWIN_DEFAULT_RANK,
+    default_blocks=_stage_default_blocks, plus_fusion_size=5, original_names=ORIGINAL_SWIN_NAMES,
+    recipe_names=frozenset(ORIGINAL_SWIN_NAMES.values()), converter=convert_original_swin,
+    baselines=_SWIN_BASELINES,
+)
 class DTLSwinTransformer(SwinTimmMixin, DTLBase):
     """A frozen timm Swin Transformer plus trainable per-stage Compact Side Networks and classifier head.
 
@@ -72,16 +91,20 @@ class DTLSwinTransformer(SwinTimmMixin, DTLBase):
             default blocks of :func:`swin_default_blocks` (4-23 / 14-23 for Swin-B, as in the paper).
         lean: recompute in backward what the default path stores (see :mod:`models.lean`); same values,
             a fraction of the training memory. Also settable later with :meth:`set_lean`.
+        mean, std: the input normalisation ``pretrained_cfg`` reports (default:
+            :func:`~models.families.model_normalization` of the backbone).
     """
 
-    arch = "swin"
+    backbone_class: type = SwinTransformer
 
     def __init__(
-        self, backbone: SwinTransformer, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False
+        self, backbone: nn.Module, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False,
+        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, SwinTransformer):
-            raise TypeError(f"DTLSwinTransformer wraps a timm SwinTransformer, got {type(backbone).__name__}")
+        if not isinstance(backbone, self.backbone_class):
+            raise TypeError(f"{type(self).__name__} wraps a timm {self.backbone_class.__name__}, "
+                            f"got {type(backbone).__name__}")
         if isinstance(backbone.norm, nn.Identity):
             raise ValueError("the Swin backbone must keep its final norm in .norm")
         self.depths: Tuple[int, ...] = tuple(len(stage.blocks) for stage in backbone.layers)
@@ -89,10 +112,8 @@ class DTLSwinTransformer(SwinTimmMixin, DTLBase):
         for d in self.depths[:-1]:
             starts.append(starts[-1] + d)
         self.stage_starts: Tuple[int, ...] = tuple(starts)
-        num_blocks = sum(self.depths)
-        dtl = dtl or DTLConfig()
-        self.dtl_cfg = dtl.resolve(num_blocks, *swin_default_blocks(self.depths), default_r=SWIN_DEFAULT_RANK)
         self.backbone = backbone
+        self.dtl_cfg = self._resolve_config(dtl, sum(self.depths))
         self.num_classes = num_classes
         self.num_features = backbone.num_features
         self.stage_dims: Tuple[int, ...] = tuple(stage.blocks[0].dim for stage in backbone.layers)
@@ -115,7 +136,7 @@ class DTLSwinTransformer(SwinTimmMixin, DTLBase):
                 fusion_size=self.dtl_cfg.fusion_size,
             )
         self.side = nn.ModuleDict(side)
-        self._finish_init(num_classes, lean)
+        self._finish_init(num_classes, lean, mean, std)
 
     def stage_of(self, block: int) -> int:
         """The stage holding global block ``block``."""
@@ -249,6 +270,20 @@ class DTLSwinTransformer(SwinTimmMixin, DTLBase):
         return out
 
 
+@register_family(
+    "swinv2", title="Swin V2", backbone_classes=(SwinTransformerV2,), timm_modules=("swin_transformer_v2",),
+    create_backbone=create_swinv2_backbone, prepare=prepare_hierarchical_backbone, default_rank=SWIN_DEFAULT_RANK,
+    default_blocks=_stage_default_blocks, plus_fusion_size=5, baselines=("full", "linear", "bitfit"),
+)
+class DTLSwinTransformerV2(DTLSwinTransformer):
+    """DTL / DTL+ on a timm ``SwinTransformerV2`` (``swinv2_*``): the same stages (patch merging at the start of
+    stages 1..n, tokens ``B x H x W x C``, a final norm in ``.norm``), so the same per-stage side networks and
+    block loop as :class:`DTLSwinTransformer`; Swin V2's residual post-norm and cosine attention are inside timm's
+    blocks."""
+
+    backbone_class = SwinTransformerV2
+
+
 def _create_dtl_swin(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformer:
     return create_dtl_variant(variant, arch, pretrained, DTLSwinTransformer, create_swin_backbone, **kwargs)
 
@@ -278,3 +313,15 @@ def dtl_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) ->
     """DTL on Swin-B (window 7, 224); ``pretrained=True``: ImageNet-22k ``swin_base_patch4_window7_224.ms_in22k``
     (the paper's)."""
     return _create_dtl_swin("dtl_swin_base_patch4_window7_224", "swin_base_patch4_window7_224", pretrained, **kwargs)
+
+
+# modern backbones (not in the paper), normalised with their weights' own statistics
+default_cfgs.update(dtl_default_cfgs({"dtl_swinv2_tiny_window8_256": "swinv2_tiny_window8_256.ms_in1k"},
+                                     recipe_normalization=False))
+
+
+@register_model
+def dtl_swinv2_tiny_window8_256(pretrained: bool = False, **kwargs: Any) -> DTLSwinTransformerV2:
+    """DTL on Swin V2-T (window 8, 256); ``pretrained=True``: timm's ``swinv2_tiny_window8_256.ms_in1k``."""
+    return create_dtl_variant("dtl_swinv2_tiny_window8_256", "swinv2_tiny_window8_256", pretrained,
+                              DTLSwinTransformerV2, create_swinv2_backbone, **kwargs)

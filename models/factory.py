@@ -1,4 +1,4 @@
-"""Build a DTL model from a backbone name (the original's or any timm ViT/Swin name) and load its weights."""
+"""Build a tuned model from a backbone name (the original's or any supported timm family) and load its weights."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +8,7 @@ import torch.nn as nn
 
 from .backbones import backbone_arch, create_backbone
 from .config import DTLConfig, ModelSettingsError
-from .dtl_swin import DTLSwinTransformer
-from .dtl_vit import DTLVisionTransformer
+from .families import default_normalization, family_of_name, list_families
 from .methods import get_method, method_names
 from .pretrained import load_backbone_weights
 
@@ -17,8 +16,8 @@ __all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS",
 
 # --method choices of train.py: the registered methods (DTL, with --fusion_size > 0 DTL+, and the baselines).
 METHODS = method_names()
-#: The DTL wrapper of each backbone architecture (:func:`models.backbones.backbone_arch`).
-DTL_WRAPPERS = {"vit": DTLVisionTransformer, "swin": DTLSwinTransformer}
+#: The DTL wrapper of each backbone family (:func:`models.backbones.backbone_arch`; :mod:`models.families`).
+DTL_WRAPPERS = {f.name: f.wrapper for f in list_families()}
 
 _logger = logging.getLogger(__name__)
 
@@ -39,8 +38,10 @@ def create_dtl_model(
     ``backbone_kwargs`` go to timm (``drop_path_rate``, ``img_size``, ...). ``pretrained=True`` asks timm for
     the backbone's published weights instead (needs network access or timm's cache).
     """
+    family = family_of_name(model_name)  # an unsupported family is refused before anything is built
     backbone = create_backbone(model_name, pretrained=pretrained, **backbone_kwargs)
-    model = DTL_WRAPPERS[backbone_arch(model_name)](backbone, num_classes, dtl, lean=lean)
+    mean, std = default_normalization(model_name)
+    model = family.wrapper(backbone, num_classes, dtl, lean=lean, mean=mean, std=std)
     model._model_args = dict(backbone_kwargs)  # timm's reconstruction arguments (config.json, delta folders)
     if load_path:
         n = load_backbone_weights(model, load_path)

@@ -21,6 +21,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import zipfile
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -33,7 +34,8 @@ from utils.hashing import hash_tensor
 from .spec import WeightsSpec
 
 __all__ = ["load_backbone_weights", "read_state_dict", "CheckpointError", "weights_fingerprint", "weights_record",
-           "weights_spec", "check_backbone_match", "BackboneMismatchError", "check_weights_file"]
+           "weights_spec", "check_backbone_match", "BackboneMismatchError", "check_weights_file", "check_finite",
+           "describe_state_dict", "describe_backbone"]
 
 _logger = logging.getLogger(__name__)
 
@@ -163,6 +165,80 @@ def check_weights_file(path: str) -> None:
                               f"archive: incomplete, or another kind of file)")
 
 
+def check_finite(tensors: Mapping[str, Any], source: str) -> None:
+    """Refuse weights holding NaN or inf, naming ``source`` and the first bad tensor (in file order)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {name!r} holds {kind} ({bad} of {t.numel()} values not finite): "
+                                  f"the weights are corrupt (a diverged or damaged checkpoint)")
+
+
+def _npz_tensors(path: str) -> Dict[str, torch.Tensor]:
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            return {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"cannot read {path} as a Google ViT .npz: {type(e).__name__}: {e}") from e
+
+
+def _count(keys: List[str], pattern: str) -> int:
+    return len({m.group(1) for m in (re.match(pattern, k) for k in keys) if m})
+
+
+def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
+    """What architecture a state dict's keys and shapes look like (for error messages): a ViT / Swin / Swin V2
+    (timm or the original layout) with its sizes, a Google ViT ``.npz``, an original DTL model, a CNN, ..."""
+    keys = [k[len("backbone."):] if k.startswith("backbone.") else k for k in sd]
+    shape = lambda k: tuple(sd.get(k, sd.get("backbone." + k)).shape)  # noqa: E731
+    if any(k.startswith("Transformer/encoderblock_") for k in keys):
+        depth = _count(keys, r"Transformer/encoderblock_(\d+)/")
+        emb = shape("embedding/kernel") if "embedding/kernel" in keys else None
+        return (f"a Google ViT .npz (depth {depth}" + (f", patch {emb[0]}, embed dim {emb[-1]}" if emb else "") + ")")
+    extra = " with the original DTL side network (lora_dict.*)" if any(k.startswith("lora_dict.") for k in keys) else ""
+    emb = shape("patch_embed.proj.weight") if "patch_embed.proj.weight" in keys else None
+    if any(re.match(r"layers\.\d+\.blocks\.\d+\.", k) for k in keys):
+        v2 = any(k.endswith(("logit_scale", "cpb_mlp.0.weight")) for k in keys)
+        depths = [_count(keys, rf"layers\.{j}\.blocks\.(\d+)\.") for j in range(_count(keys, r"layers\.(\d+)\."))]
+        size = f"embed dim {emb[0]}, patch {emb[-1]}, " if emb else ""
+        return f"a Swin{' V2' if v2 else ''} ({size}depths {tuple(depths)}){extra}"
+    if any(re.match(r"blocks\.\d+\.", k) for k in keys):
+        depth = _count(keys, r"blocks\.(\d+)\.")
+        eva = any(".attn.q_proj." in k or k.endswith("attn.q_bias") or ".mlp.fc1_g." in k for k in keys)
+        size = f"embed dim {emb[0]}, patch {emb[-1]}, " if emb else ""
+        tokens = "class token" if "cls_token" in keys else "no class token"
+        if "reg_token" in keys:
+            tokens += f", {shape('reg_token')[1]} register tokens"
+        return f"a {'EVA-style ' if eva else ''}ViT ({size}depth {depth}, {tokens}){extra}"
+    if any(k.startswith(("layer1.", "conv1.")) for k in keys):
+        return "a ResNet-style CNN"
+    if any(k.startswith(("stages.", "stem.")) for k in keys):
+        return "a CNN with stages (e.g. ConvNeXt)"
+    return f"no known backbone layout (first keys: {', '.join(keys[:4])})"
+
+
+def describe_backbone(backbone: nn.Module) -> str:
+    """The backbone a run expects, in the words of :func:`describe_state_dict`."""
+    name = type(backbone).__name__
+    pe = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    size = f"embed dim {pe.weight.shape[0]}, patch {pe.weight.shape[-1]}, " if pe is not None else ""
+    if hasattr(backbone, "layers"):
+        return f"a timm {name} ({size}depths {tuple(len(s.blocks) for s in backbone.layers)})"
+    if hasattr(backbone, "blocks"):
+        tokens = "class token" if getattr(backbone, "cls_token", None) is not None else "no class token"
+        if getattr(backbone, "reg_token", None) is not None:
+            tokens += f", {backbone.reg_token.shape[1]} register tokens"
+        return f"a timm {name} ({size}depth {len(backbone.blocks)}, {tokens})"
+    return f"a timm {name}"
+
+
+def _mismatch(sd: Mapping[str, torch.Tensor], backbone: nn.Module) -> str:
+    return f"the file looks like {describe_state_dict(sd)}; this run expects {describe_backbone(backbone)}"
+
+
 def _filter_fn(backbone: nn.Module):
     module = importlib.import_module(type(backbone).__module__)
     return getattr(module, "checkpoint_filter_fn", None)
@@ -196,35 +272,42 @@ def load_backbone_weights(model: nn.Module, path: str) -> int:
         for p in params.values():
             p.fill_(math.nan)
         if path.endswith(".npz"):
+            sd = _npz_tensors(path)
+            check_finite(sd, path)
             if not hasattr(backbone, "load_pretrained"):
                 raise CheckpointError(f"{path}: .npz weights are for ViT backbones, not {type(backbone).__name__}")
             try:
                 backbone.load_pretrained(path)
             except KeyError as e:
-                raise CheckpointError(f"{path}: key {e} missing from the .npz (not a Google ViT checkpoint of this size?)") from e
+                raise CheckpointError(f"{path}: key {e} missing from the .npz (not a Google ViT checkpoint of this "
+                                      f"size?); {_mismatch(sd, backbone)}") from e
             except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
                 raise CheckpointError(f"cannot read {path} as a Google ViT .npz: {type(e).__name__}: {e}") from e
             except RuntimeError as e:
-                raise CheckpointError(f"{path} does not fit the backbone: {e}") from e
+                raise CheckpointError(f"{path} does not fit the backbone: {e}; {_mismatch(sd, backbone)}") from e
         else:
             sd = read_state_dict(path)
+            check_finite(sd, path)
+            raw = sd
             filt = _filter_fn(backbone)
             if filt is not None and not in_model_layout(sd, backbone):
                 try:
                     sd = filt(sd, backbone)
                 except Exception as e:  # noqa: BLE001
-                    raise CheckpointError(f"{path}: timm's checkpoint filter failed: {type(e).__name__}: {e}") from e
-            sd = {k: v for k, v in sd.items() if not _head_key(k)}
+                    raise CheckpointError(f"{path}: timm's checkpoint filter failed ({type(e).__name__}: {e}): "
+                                          f"{_mismatch(raw, backbone)}") from e
             own = backbone.state_dict()
+            sd = {k: v for k, v in sd.items() if not (_head_key(k) and k not in own)}
             bad_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                          for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
             if bad_shape:
-                raise CheckpointError(f"{path}: tensors with wrong shapes: " + "; ".join(bad_shape[:10]))
+                raise CheckpointError(f"{path}: {_mismatch(raw, backbone)} (tensors with wrong shapes: "
+                                      + "; ".join(bad_shape[:3]) + (", ..." if len(bad_shape) > 3 else "") + ")")
             backbone.load_state_dict(sd, strict=False)
     missing: List[str] = [n for n, p in params.items() if torch.isnan(p).any()]
     if missing:
         shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
-        raise CheckpointError(f"{path} leaves backbone tensors uninitialised: {shown}")
+        raise CheckpointError(f"{path} leaves backbone tensors uninitialised: {shown}; {_mismatch(sd, backbone)}")
     backbone.weights_record = {"file": os.path.basename(path), "fingerprint": weights_fingerprint(params)}
     _logger.info("loaded %d backbone tensors from %s", len(params), path)
     return len(params)

@@ -57,7 +57,7 @@ _FIXTURE_KEYS = (
 
 def swin_from_fixture_config(config: Mapping[str, Any]) -> DTLSwinTransformer:
     """Build the model a Swin fixture's ``meta.json['config']`` describes (random weights)."""
-    if config.get("arch", "swin") != "swin":
+    if config.get("arch", DTLSwinTransformer.arch) != DTLSwinTransformer.arch:
         raise ValueError(f"not a Swin fixture config (arch={config.get('arch')!r})")
     missing = [k for k in _FIXTURE_KEYS if k not in config]
     if missing:
@@ -81,11 +81,14 @@ def swin_from_fixture_config(config: Mapping[str, Any]) -> DTLSwinTransformer:
 
 def model_from_fixture_config(c: Dict[str, Any]) -> nn.Module:
     """Build the model a fixture's ``meta.json['config']`` describes (random weights)."""
-    if c["arch"] == "vit":
-        return vit_from_fixture_config(c)
-    if c["arch"] == "swin":
-        return swin_from_fixture_config(c)
-    raise ValueError(f"unsupported fixture architecture {c['arch']!r}")
+    build = _FIXTURE_BUILDERS.get(c["arch"])
+    if build is None:
+        raise ValueError(f"unsupported fixture architecture {c['arch']!r}")
+    return build(c)
+
+
+#: the fixtures' ``config['arch']`` (the wrapper's family name) -> the builder of its model
+_FIXTURE_BUILDERS = {DTLVisionTransformer.arch: vit_from_fixture_config, DTLSwinTransformer.arch: swin_from_fixture_config}
 
 
 @dataclass

@@ -28,7 +28,7 @@ import importlib
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from timm.models._pretrained import PretrainedCfg
 
 from .config import DTL_KEYS, pop_model_kwargs
 from .delta_folder import DELTA_FILE, load_delta_tensors
-from .pretrained import CheckpointError, _head_key, in_model_layout, load_backbone_weights, weights_fingerprint
+from .pretrained import CheckpointError, _head_key, check_finite, in_model_layout, load_backbone_weights, weights_fingerprint
 
 __all__ = [
     "DTLTimmMixin", "ViTTimmMixin", "SwinTimmMixin", "dtl_default_cfgs", "build_dtl_model", "backbone_tag_of",
@@ -61,16 +61,18 @@ _BACKBONE_TAGS: Dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------------------------- cfgs
-def _wrapper_cfg(backbone_tag: str) -> PretrainedCfg:
+def _wrapper_cfg(backbone_tag: str, recipe_normalization: bool = True) -> PretrainedCfg:
     """The DTL cfg over backbone weights ``backbone_tag`` (``arch.tag``): the backbone's weight source and
-    input size, the wrapper's keys, the recipe's normalisation and the VTAB evaluation resize."""
+    input size, the wrapper's keys, the recipe's normalisation (``recipe_normalization=False``: the backbone
+    weights' own mean / std) and the VTAB evaluation resize."""
     b = get_pretrained_cfg(backbone_tag)
     if b is None:
         raise KeyError(f"timm has no pretrained cfg {backbone_tag!r}")
+    mean, std = (DTL_MEAN, DTL_STD) if recipe_normalization else (tuple(b.mean), tuple(b.std))
     return PretrainedCfg(
         hf_hub_id=b.hf_hub_id, hf_hub_filename=b.hf_hub_filename, url=b.url, custom_load=b.custom_load,
         input_size=b.input_size, min_input_size=b.min_input_size, fixed_input_size=b.fixed_input_size,
-        interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=DTL_MEAN, std=DTL_STD,
+        interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=mean, std=std,
         num_classes=1000, pool_size=b.pool_size, first_conv="backbone.patch_embed.proj", classifier="head",
         license=b.license, paper_ids="arXiv:2312.07856",
         paper_name="DTL: Disentangled Transfer Learning for Visual Recognition",
@@ -78,14 +80,15 @@ def _wrapper_cfg(backbone_tag: str) -> PretrainedCfg:
     )
 
 
-def dtl_default_cfgs(entries: Mapping[str, str]) -> Dict[str, Any]:
+def dtl_default_cfgs(entries: Mapping[str, str], recipe_normalization: bool = True) -> Dict[str, Any]:
     """``{dtl entry point: backbone "arch.tag"}`` -> the module-level ``default_cfgs`` timm's ``register_model``
-    reads: one cfg per entry point, tagged with the backbone's tag."""
+    reads: one cfg per entry point, tagged with the backbone's tag; normalised with the recipe's mean = std = 0.5
+    (the paper's entry points) or, with ``recipe_normalization=False``, with the backbone weights' own."""
     cfgs = {}
     for name, backbone_tag in entries.items():
         tag = backbone_tag.split(".", 1)[1]
         _BACKBONE_TAGS[f"{name}.{tag}"] = backbone_tag
-        cfgs[f"{name}.{tag}"] = _wrapper_cfg(backbone_tag)
+        cfgs[f"{name}.{tag}"] = _wrapper_cfg(backbone_tag, recipe_normalization)
     return generate_default_cfgs(cfgs)
 
 
@@ -122,6 +125,14 @@ def cfg_for_backbone(backbone: nn.Module) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- the mixins
+def set_normalization(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Record the input normalisation ``model`` is trained and evaluated with in its ``pretrained_cfg`` (what
+    ``timm.data.resolve_data_config`` reads), for models that describe themselves to timm (the DTL wrappers)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        cfg.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+
 class DTLTimmMixin:
     """timm's model interface over a DTL wrapper (``self.backbone``, ``self.side``, ``self.head``).
 
@@ -135,13 +146,14 @@ class DTLTimmMixin:
     global_pool: str = "avg"
     grad_checkpointing: bool = False
 
-    def _init_timm_api(self) -> None:
+    def _init_timm_api(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.global_pool = "avg"
         self.grad_checkpointing = False
         self.head_hidden_size = self.num_features
         self.feature_info = [dict(info, module="backbone." + info["module"])
                              for info in getattr(self.backbone, "feature_info", [])]
         self.pretrained_cfg = cfg_for_backbone(self.backbone)
+        self.pretrained_cfg.update(mean=tuple(mean), std=tuple(std))
         self._describe_self()
 
     # pretrained_cfg / default_cfg (timm keeps both names for the same dict)
@@ -285,7 +297,7 @@ class ViTTimmMixin:
         for i in range(last + 1):  # the wrapper's own block loop (run_blocks), one block at a time
             x, s = self.run_blocks(x, i, i + 1, s, grid)
             if i in take_indices:
-                kept.append(self.backbone.norm(x) if norm else x)
+                kept.append(self.final_norm()(x) if norm else x)
         prefix_tokens = [y[:, :npt] for y in kept]
         out = [y[:, npt:] for y in kept]
         if output_fmt == "NCHW":
@@ -375,9 +387,11 @@ def _backbone_filter(backbone: nn.Module, source: str) -> Callable:
         if any(k.startswith(("side.", "backbone.")) for k in state_dict):
             raise CheckpointError(f"{source} holds a whole DTL model (backbone.*/side.* keys), not backbone weights: "
                                   "load its folder with timm.create_model('local-dir:<folder>', pretrained=True)")
+        check_finite(state_dict, source)
         if family_filter is not None and not in_model_layout(state_dict, model):
             state_dict = family_filter(state_dict, model)
-        return {k: v for k, v in state_dict.items() if not _head_key(k)}
+        own = model.state_dict()
+        return {k: v for k, v in state_dict.items() if not (_head_key(k) and k not in own)}
 
     return fn
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import CheckpointError, count_parameters, delta_state_dict, load_delta_state_dict
+from models import CheckpointError, ModelSettingsError, count_parameters, delta_state_dict, load_delta_state_dict
 from models.baselines import (
     BASELINE_METHODS,
     SWIN_METHODS,
@@ -319,3 +319,44 @@ def test_saved_mib_of_a_linear_probe_is_the_final_norm_output():
     # DTL keeps much less than full fine-tuning
     full = saved_tensor_mib(make("full"), x)
     assert full > saved_tensor_mib(make("lora"), x) > saved_tensor_mib(model, x)
+
+
+# the families beyond the paper's (models/families.py): every baseline each one declares trains exactly its tensors
+_FAMILY_CASES = [
+    ("vit_medium_patch16_gap_256", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), 32),
+    ("eva02_tiny_patch14_224", dict(img_size=28, embed_dim=32, depth=2, num_heads=2), 28),
+    ("swinv2_tiny_window8_256", dict(img_size=32, patch_size=2, window_size=2, embed_dim=16, depths=(1, 1),
+                                     num_heads=(1, 2)), 32),
+]
+
+
+def _family_methods():
+    from models.families import family_of_name
+
+    out = []
+    for name, kw, size in _FAMILY_CASES:
+        methods = family_of_name(name).baselines
+        out += [(name, kw, size, m) for m in methods if not (m == "vpt" and "gap" in name)]
+    return out
+
+
+@pytest.mark.parametrize("name,kw,size,method", _family_methods(),
+                         ids=[f"{n.split('_')[0]}-{m}" for n, _, _, m in _family_methods()])
+def test_family_baselines_train_exactly_the_declared_tensors(name, kw, size, method):
+    torch.manual_seed(0)
+    model = create_baseline_model(method, name, NCLS, **kw)
+    for n, p in model.named_parameters():
+        assert p.requires_grad == is_trainable(model, n) == expected_trainable(method, n), n
+    trainable = {n for n, _ in model.named_parameters() if is_trainable(model, n)}
+    perturb_trainable(model)
+    grads, changed = one_step(model, torch.randn(3, 3, size, size), torch.tensor([0, 1, 4]))
+    for n, g in grads.items():
+        assert (g is not None) if n in trainable else g is None, n  # (a few bias gradients are ~0 on tiny models)
+    assert changed <= trainable and any(n.startswith("head.") for n in changed)
+
+
+def test_unsupported_family_baselines_are_refused():
+    with pytest.raises(ModelSettingsError, match="--method lora is not implemented for eva backbones"):
+        create_baseline_model("lora", "eva02_tiny_patch14_224", NCLS, img_size=28, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(ModelSettingsError, match="class token"):
+        create_baseline_model("vpt", "vit_medium_patch16_gap_256", NCLS, **_FAMILY_CASES[0][1])

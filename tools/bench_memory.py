@@ -47,7 +47,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models import DTLConfig, backbone_arch, create_dtl_model  # noqa: E402
+from models import DTLConfig, create_dtl_model, family_of_name, list_families  # noqa: E402
 from models.baselines import create_baseline_model  # noqa: E402
 from models.trainable import count_parameters  # noqa: E402
 from cli.flags import model_kwargs_type  # noqa: E402
@@ -104,11 +104,14 @@ def check_args(args: argparse.Namespace) -> List[str]:
     except argparse.ArgumentTypeError as e:
         raise SystemExit(f"--model_kwargs: {e}") from None
     try:
-        arch = backbone_arch(args.model)
+        family = family_of_name(args.model)
     except ValueError as e:
         raise SystemExit(f"--model: {e}") from None
-    if arch == "swin" and "vpt" in methods:
-        raise SystemExit("--methods: vpt is implemented for ViT backbones only; drop it for a Swin --model")
+    for m in methods:
+        if not m.startswith("dtl") and m not in family.baselines:
+            having = " / ".join(f.title for f in list_families() if m in f.baselines) or "no"
+            raise SystemExit(f"--methods: {m} is implemented for {having} backbones only; drop it for a "
+                             f"{family.title} --model")
     if args.json:
         d = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(d):
@@ -129,7 +132,7 @@ def build_model(method: str, args: argparse.Namespace):
         kw["drop_path_rate"] = args.drop_path
     if method.startswith("dtl"):
         plus = method.startswith("dtl+")
-        k = (5 if backbone_arch(args.model) == "swin" else 3) if plus else 0  # DTL+ defaults: ViT k=3, Swin k=5
+        k = family_of_name(args.model).plus_fusion_size if plus else 0  # DTL+ defaults: ViT k=3, Swin k=5
         lean = method.endswith("-lean")
         extra = {"lean": True} if lean else {}
         return create_dtl_model(args.model, args.num_classes, DTLConfig(fusion_size=k), **extra, **kw)

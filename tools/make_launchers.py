@@ -19,6 +19,7 @@ import argparse
 import csv
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,9 +39,33 @@ PAPER_DTL_VIT_VTAB = {
     "dsprites_ori": 53.9, "smallnorb_azi": 34.2, "smallnorb_ele": 47.1,
 }
 
+@dataclass(frozen=True)
+class LauncherBackbone:
+    """One ``backbone`` value of the table: the paper's backbone, its launchers' defaults and their comments."""
+
+    model: str            # --model (the original's name)
+    default_load: str     # LOAD_PATH default
+    title: str            # in the first comment line
+    load_doc: str         # the LOAD_PATH lines of the usage comment
+    vtab_note: str        # the paper comment of a VTAB-1k launcher without a recorded number ({method}, {dataset})
+    vtab_numbers: Dict[str, Dict[str, float]] = field(default_factory=dict)  # method -> task -> paper top-1
+
+
 BACKBONES = {
-    "vit": ("vit_base_patch16_224_in21k", "/path/to/ViT-B_16.npz", "ViT-B/16 (ImageNet-21k)"),
-    "swin": ("swin_base_patch4_window7_224_in22k", "timm", "Swin-B (ImageNet-22k, window 7, 224)"),
+    "vit": LauncherBackbone(
+        "vit_base_patch16_224_in21k", "/path/to/ViT-B_16.npz", "ViT-B/16 (ImageNet-21k)",
+        "#   LOAD_PATH   Google's ViT-B_16.npz (ImageNet-21k); 'timm' = timm's copy (downloaded);\n"
+        "#               empty = random initialisation (a loud warning; for tests only).",
+        "# Paper: see the paper's VTAB-1k results for DTL+ on ViT-B/16 (group-mean average ~77.7);\n"
+        "# the per-task DTL+ number is not recorded here.",
+        {"dtl": PAPER_DTL_VIT_VTAB},
+    ),
+    "swin": LauncherBackbone(
+        "swin_base_patch4_window7_224_in22k", "timm", "Swin-B (ImageNet-22k, window 7, 224)",
+        "#   LOAD_PATH   Swin-B weights: 'timm' (default) downloads timm's swin_base_patch4_window7_224.ms_in22k,\n"
+        "#               as the original did; or a local .pth/.safetensors file; empty = random init.",
+        "# Paper: see the paper's Swin-B VTAB-1k results ({method}, {dataset}); no number is recorded here.",
+    ),
 }
 
 
@@ -57,14 +82,12 @@ def launcher_path(row: Dict[str, str]) -> str:
 
 
 def paper_comment(row: Dict[str, str]) -> str:
-    b, bench, ds, m = row["backbone"], row["benchmark"], row["dataset"], row["method"]
-    if b == "vit" and bench == "vtab" and m == "dtl":
-        return f"# Paper (DTL, ViT-B/16, VTAB-1k {ds}): {PAPER_DTL_VIT_VTAB[ds]:.1f} top-1."
-    if b == "vit" and bench == "vtab":
-        return ("# Paper: see the paper's VTAB-1k results for DTL+ on ViT-B/16 (group-mean average ~77.7);\n"
-                "# the per-task DTL+ number is not recorded here.")
-    if b == "swin":
-        return f"# Paper: see the paper's Swin-B VTAB-1k results ({m.upper()}, {ds}); no number is recorded here."
+    b, bench, ds, m = BACKBONES[row["backbone"]], row["benchmark"], row["dataset"], row["method"]
+    if bench == "vtab":
+        numbers = b.vtab_numbers.get(m)
+        if numbers is not None:
+            return f"# Paper (DTL, ViT-B/16, VTAB-1k {ds}): {numbers[ds]:.1f} top-1."
+        return b.vtab_note.format(method=m.upper(), dataset=ds)
     if bench == "few_shot":
         return (f"# Paper: see the paper's few-shot FGFS results ({ds}, {row['shot']}-shot, {m.upper()}, mean of "
                 f"seeds 0,1,2);\n# no number is recorded here.")
@@ -73,7 +96,7 @@ def paper_comment(row: Dict[str, str]) -> str:
 
 
 def _flags(row: Dict[str, str]) -> List[Tuple[str, str]]:
-    model, _, _ = BACKBONES[row["backbone"]]
+    model = BACKBONES[row["backbone"]].model
     flags = [
         ("--benchmark", row["benchmark"]),
         ("--dataset", row["dataset"]),
@@ -118,16 +141,11 @@ def repo_lines(up: str) -> List[str]:
 
 def render(row: Dict[str, str]) -> str:
     """The text of one launcher."""
-    model, default_load, bb_name = BACKBONES[row["backbone"]]
+    backbone = BACKBONES[row["backbone"]]
+    default_load, bb_name, load_doc = backbone.default_load, backbone.title, backbone.load_doc
     bench = get_benchmark(row["benchmark"])
     method = "DTL+" if row["method"] == "dtl+" else "DTL"
     what = f"{bench.title} {row['dataset']}" + (f", {row['shot']}-shot" if bench.shot == "required" else "")
-    if row["backbone"] == "swin":
-        load_doc = ("#   LOAD_PATH   Swin-B weights: 'timm' (default) downloads timm's swin_base_patch4_window7_224.ms_in22k,\n"
-                    "#               as the original did; or a local .pth/.safetensors file; empty = random init.")
-    else:
-        load_doc = ("#   LOAD_PATH   Google's ViT-B_16.npz (ImageNet-21k); 'timm' = timm's copy (downloaded);\n"
-                    "#               empty = random initialisation (a loud warning; for tests only).")
     proto = "\n".join("# " + line for line in f"Protocol: {bench.protocol}".split("\n"))
     lines = [
         "#!/usr/bin/env bash",
@@ -209,7 +227,7 @@ def expected_files(table: str = TABLE) -> Dict[str, str]:
 
 def existing_launchers() -> List[str]:
     out = []
-    for sub in ("vit", "swin"):
+    for sub in BACKBONES:
         for dirpath, _, names in os.walk(os.path.join(SCRIPTS, sub)):
             out += [os.path.relpath(os.path.join(dirpath, n), REPO) for n in names if n.endswith(".sh")]
     return sorted(out)

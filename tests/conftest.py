@@ -86,6 +86,8 @@ SLOW: Tuple[str, ...] = (
     "test_reliability.py::test_failed_write_names_the_file_and_the_reason",  # 4 s
     "test_reliability.py::test_two_train_processes_in_one_folder",  # 7 s
     "test_swin.py::test_check_reference_cli_passes_on_swin",  # 4 s
+    "test_swin_train.py::test_eval_only_reproduces_the_accuracy",  # with the next: a launcher run (5 s)
+    "test_swin_train.py::test_launcher_trains_a_tiny_swin",
     "test_timm_api.py::test_trace_fx_export_compile",  # torch.compile (6 s)
     "test_train.py::test_demo_pipeline_pretrain_export_npz_and_launcher",  # 6 s
     "test_train_lean_cache.py::test_two_processes_train_from_the_cache",  # 8 s

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED
+from conftest import REPO
 from data.datasets import DataError, ListFileDataset, parse_list_file
 from data.domain_generalization import (
     DG_TARGETS, build_dg_source, build_dg_target, canonical_dg_target, dg_target_list_path,
@@ -147,7 +147,7 @@ def test_vtab_task_table_matches_spec():
 
 
 def test_every_launcher_dataset_name_resolves():
-    with open(SHARED / "hparams.tsv", newline="") as f:
+    with open(REPO / "train_scripts" / "hparams.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert rows
     for r in rows:

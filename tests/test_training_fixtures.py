@@ -1,4 +1,4 @@
-"""The original's VTAB training, epoch by epoch (../shared/fixtures/training/): both fixtures run through the
+"""The original's VTAB training, epoch by epoch (tests/fixtures/training/): both fixtures run through the
 real launchers (train_scripts/vit/vtab/eurosat/train_dtl{,+}.sh) from the original's initial tensors
 (``--initial_checkpoint`` in the original code's key layout) must give the same learning rate every epoch, every
 epoch's loss within 1e-5, every final tensor within 1e-5 relative (||ours - original|| / ||original||, per

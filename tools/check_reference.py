@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check this implementation against fixtures made by the original DTL code.
 
-    python tools/check_reference.py ../shared/fixtures/reference/vit_* [more folders]
+    python tools/check_reference.py tests/fixtures/reference/vit_* [more folders]
 
 One line per fixture with the measured differences (logits, side-off logits, loss, relative gradient error,
 trainable count). Exit status 1 when any fixture fails (tolerances: docs/method.md, section 6) or cannot be run.

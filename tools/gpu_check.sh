@@ -24,7 +24,7 @@
 #      with two or more GPUs, the launcher with NPROC=2.
 # Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (logs of every step in OUT_DIR/logs/); exit status 1
 # when any step failed. Environment: PYTHON (default: the repository's .venv, else python3), FIXTURES (default:
-# ../shared/fixtures/reference beside the repository; skipped when absent).
+# the repository's tests/fixtures/reference; the fixture checks are skipped when the folder is absent).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +32,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 OUT="$(mkdir -p "${1:-$REPO/gpu_check_out}" && cd "${1:-$REPO/gpu_check_out}" && pwd)"
-FIXTURES="${FIXTURES:-$REPO/../shared/fixtures/reference}"
+FIXTURES="${FIXTURES:-$REPO/tests/fixtures/reference}"
 mkdir -p "$OUT/logs"
 : > "$OUT/steps.tsv"
 cd "$REPO" || exit 1

@@ -15,7 +15,7 @@ import conftest
 from conftest import REPO, SLOW, TESTS, TIER_MARKERS, TIERS
 
 # What --quick must import: every module of these packages, and these scripts.
-PROJECT_PACKAGES = ("models", "data", "engine", "utils")
+PROJECT_PACKAGES = ("models", "data", "engine", "cli", "utils")
 PROJECT_SCRIPTS = ("train.py",)
 PROJECT_MODULES = sorted([p for pkg in PROJECT_PACKAGES for p in (REPO / pkg).rglob("*.py")]
                          + [REPO / s for s in PROJECT_SCRIPTS])

@@ -42,7 +42,7 @@ from .pretrained import load_backbone_weights
 from .trainable import HEAD_PREFIX, apply_trainable_rule
 
 __all__ = [
-    "BASELINE_METHODS", "SWIN_METHODS", "BaselineModel", "FullFineTune", "LinearProbe", "BitFit", "LoRA", "Adapter",
+    "BASELINE_METHODS", "baseline_methods_for", "BaselineModel", "FullFineTune", "LinearProbe", "BitFit", "LoRA", "Adapter",
     "AdaptFormer", "VPTDeep", "SSF", "LoRAQKV", "BottleneckAdapter", "ScaleShift", "create_baseline_model",
     "baseline_settings", "baseline_class",
 ]
@@ -565,9 +565,13 @@ _CLASSES: Dict[str, Type[BaselineModel]] = {
     "full": FullFineTune, "linear": LinearProbe, "bitfit": BitFit, "lora": LoRA, "adapter": Adapter,
     "adaptformer": AdaptFormer, "vpt": VPTDeep, "ssf": SSF,
 }
-#: ``--method`` names of the baselines, and those implemented for Swin.
+#: ``--method`` names of the baselines.
 BASELINE_METHODS = tuple(_CLASSES)
-SWIN_METHODS = tuple(m for m, c in _CLASSES.items() if "swin" in c.supported_archs())
+
+
+def baseline_methods_for(family: str) -> Tuple[str, ...]:
+    """The baselines implemented for backbone family ``family`` (:mod:`models.families`)."""
+    return tuple(m for m, c in _CLASSES.items() if family in c.supported_archs())
 
 
 def baseline_class(method: str) -> Type[BaselineModel]:

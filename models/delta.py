@@ -200,15 +200,18 @@ def plain_dtl_spec(delta: DeltaCheckpoint, backbone: str, add_back_blocks: str, 
     staged = {m.group(1) is not None for m in matches}
     if len(staged) > 1:
         raise CheckpointError(f"{path}: mixes ViT (side.taps.*) and Swin (side.<stage>.taps.*) tap names")
-    arch = "swin" if staged.pop() else "vit"
-    if backbone_arch(backbone) != arch:
-        raise CheckpointError(f"{path}: a {arch} delta, but {backbone} is a {backbone_arch(backbone)} backbone")
     fusions = [k for k in sd if _PLAIN_FUSION.match(k)]
     cfg = DTLConfig(r=int(sd[matches[0].group(0)].shape[0]), beta=beta,
                     fusion_size=int(sd[fusions[0]].shape[-1]) if fusions else 0,
                     csn_blocks=sorted(int(m.group(2)) for m in matches), add_back_blocks=parse_blocks(add_back_blocks))
     spec = ModelSpec(backbone=backbone, method=cfg.method, num_classes=int(sd["head.weight"].shape[0]),
                      method_config=cfg.to_dict(), **spec_fields)
+    with torch.device("meta"):  # the tensor names must be those of a DTL model on this backbone (no weights built)
+        names = {n for n, _ in _create(spec, None, False).named_parameters()}
+    foreign = sorted(set(sd) - names)
+    if foreign:
+        raise CheckpointError(f"{path}: tensors such as {foreign[0]} are not those of a DTL model on {backbone} "
+                              f"(a {backbone_arch(backbone)} backbone): a delta of another backbone family?")
     return replace(delta, spec=spec)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from models import CheckpointError, ModelSettingsError, count_parameters, delta_state_dict, load_delta_state_dict
 from models.baselines import (
     BASELINE_METHODS,
-    SWIN_METHODS,
+    baseline_methods_for,
     baseline_settings,
     create_baseline_model,
 )
@@ -72,7 +72,7 @@ def one_step(model, x, y):
     return grads, changed
 
 
-@pytest.mark.parametrize("arch,method", [("vit", m) for m in BASELINE_METHODS] + [("swin", m) for m in SWIN_METHODS])
+@pytest.mark.parametrize("arch,method", [("vit", m) for m in BASELINE_METHODS] + [("swin", m) for m in baseline_methods_for("swin")])
 def test_one_step_trains_exactly_the_declared_tensors(arch, method):
     model = make(method, arch)
     names = [n for n, _ in model.named_parameters()]

@@ -332,5 +332,5 @@ def test_predict_cli_and_plain_swin_delta(swin_deltas, tmp_path, capsys):
         assert torch.equal(shared(x)[0], models["taskB"](x))
     # a Swin delta given a ViT backbone name is refused before any model is built
     args.model = "vit_tiny_patch16_224"
-    with pytest.raises(CheckpointError, match="a swin delta, but vit_tiny_patch16_224 is a vit backbone"):
+    with pytest.raises(CheckpointError, match="are not those of a DTL model on vit_tiny_patch16_224"):
         predict.read_task_deltas(args)

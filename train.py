@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Sequence
@@ -51,7 +52,7 @@ from engine.run_folder import (
 from engine.setup import (
     Loaders, backbone_label, build_data, build_model, build_prefix_cache, check_model_flags,
 )
-from engine.spec import Experiment
+from engine.spec import Experiment, RunSpec
 from engine.trainer import Trainer
 from models import ModelSettingsError, count_parameters, trainable_report
 from models.delta import (
@@ -79,6 +80,45 @@ _logger = logging.getLogger("train")
 # to log.txt too, and the exception propagates (exit status 1 with the traceback on the console).
 USER_ERRORS = (UsageError, DataError, UnknownNameError, CheckpointError, ModelSettingsError, RunLockedError)
 RUN_ERRORS = (WriteError, FloatingPointError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the handler :func:`main` installs: the run unwinds as on Ctrl-C."""
+
+
+class Interrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM; the message says where it stopped and how to resume it."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status  # 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process the signal ended
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def interruption(folder: RunFolder, epochs: int, e: KeyboardInterrupt) -> Interrupted:
+    """The :class:`Interrupted` of a run whose folder is ``folder`` (``epochs``: epochs per seed)."""
+    status = 143 if isinstance(e, Terminated) else 130
+    last = folder.path("last.pth") if folder.out_dir else ""
+    if not last or not os.path.isfile(last):
+        where = f" (no last.pth in {folder.out_dir})" if folder.out_dir else ""
+        return Interrupted(f"interrupted: the run stopped before its first checkpoint{where}; nothing can be "
+                           f"resumed", status)
+    return Interrupted(f"interrupted at epoch {min(folder.epoch + 1, epochs)}; resume with --resume {last}", status)
+
+
+def check_resume_folder(run_spec: RunSpec) -> None:
+    """A last.pth belongs to its run folder: ``--resume X/last.pth`` continues in X, and an ``--output_dir``
+    naming another folder is refused (it would overwrite the run there)."""
+    if not (run_spec.resume and run_spec.output_dir):
+        return
+    own = os.path.realpath(os.path.dirname(os.path.abspath(run_spec.resume)))
+    named = os.path.realpath(run_spec.output_dir)
+    if own != named:
+        raise UsageError(f"--resume {run_spec.resume} continues the run in {own}, but --output_dir names {named}; "
+                         f"drop --output_dir to resume that run in its own folder")
 
 
 @dataclass
@@ -282,6 +322,7 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     if exp.model.weights.kind == "file":
         check_weights_file(exp.model.weights.source)
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(run_spec.resume)) if run_spec.resume else None
+    check_resume_folder(run_spec)
     initial = read_initial_checkpoint(run_spec.initial_checkpoint) if run_spec.initial_checkpoint else None
     eval_ckpt = read_delta(run_spec.checkpoint) if run_spec.eval_only else None
     if eval_ckpt is not None:  # the checkpoint's model replaces the flags' (read before any data work)
@@ -325,6 +366,7 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         exp = with_weights(exp, first_model)
         if resume is not None:
             resume.check_weights(exp, run_spec.resume)
+    folder.epoch = resume.epoch if resume is not None else 0
     try:
         folder.data_fingerprint = fingerprint
         folder.open(get_benchmark(exp.data.benchmark).run_name(exp.model.method, exp.data.shot, run_spec.eval_only),
@@ -337,13 +379,17 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         results = train_all(ctx, data, resume, first_model)
         folder.publish_deltas([plan.data_seed for plan in data.seeds])
         folder.write_results(results)
+    except KeyboardInterrupt as e:
+        raise interruption(folder, exp.optim.total_epochs, e) from None
     finally:
         folder.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad input, 1 other failure)."""
-    setup_logging(int(os.environ.get("RANK", "0")))
+    """Entry point; returns the exit status (0 ok, 2 bad input, 1 other failure, 130/143 SIGINT/SIGTERM)."""
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    on_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         exp = build_experiment(parse_args(argv, world_size=world_size), world_size)
@@ -357,12 +403,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RUN_ERRORS as e:
         _logger.error("error: %s", e)
         return 1
+    except Interrupted as e:
+        if rank == 0:
+            _logger.error("%s", e)
+        return e.status
+    except KeyboardInterrupt as e:  # before the run folder existed
+        if rank == 0:
+            _logger.error("interrupted before training started: nothing was written")
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         log_to_files(f"error: internal error (a bug; please report it with this traceback): {type(e).__name__}: {e}")
         raise
     finally:
         close_file_logs()
         cleanup_distributed()
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 if __name__ == "__main__":

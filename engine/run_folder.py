@@ -24,7 +24,7 @@ import yaml
 
 from data.benchmarks import get_benchmark
 from models.hub import delta_folder_next_to
-from utils.atomic import write_error
+from utils.atomic import WriteError, remove_stale_temporaries, write_error
 from utils.checkpoint import (
     RESUME_FORMAT, CheckpointError, atomic_write_json, atomic_write_text, capture_rng_state, save_checkpoint,
 )
@@ -302,6 +302,7 @@ class RunFolder:
         self.summary = SummaryTable(None)
         self.lock: Optional[RunLock] = None
         self.data_fingerprint: Optional[Dict[str, Dict[str, Any]]] = None
+        self.epoch = 0  # epochs of the current seed in the latest last.pth (rank 0; a resumed run's: set by the caller)
 
     def open(self, run_name: str, argv: Sequence[str], exp: Experiment,
              summary_rows: Optional[List[Dict[str, Any]]] = None) -> None:
@@ -314,8 +315,8 @@ class RunFolder:
         if self.dist.is_main:
             out, error = self._choose(run_name)
         out, error = broadcast_object((out, error))
-        if error:
-            raise UsageError(error)
+        if error is not None:
+            raise error
         self.out_dir = out
         if self.dist.is_main:
             try:
@@ -358,7 +359,10 @@ class RunFolder:
         if error:
             raise UsageError(error)
 
-    def _choose(self, run_name: str):
+    def _choose(self, run_name: str) -> Tuple[str, Optional[Exception]]:
+        """Create and lock the folder (rank 0); returns it and the error to raise on every rank: a
+        :class:`WriteError` when it cannot be created or locked, :class:`RunLockedError` when it is in use, a
+        :class:`UsageError` when it holds another run."""
         run, data = self.exp.run, self.exp.data
         if run.output_dir:
             out = run.output_dir
@@ -374,19 +378,30 @@ class RunFolder:
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
-            return out, str(write_error(out, e))
+            return out, write_error(out, e)
         lock = RunLock(out)
         try:
             lock.acquire()
-        except (RunLockedError, OSError) as e:
-            return out, str(e)
+        except RunLockedError as e:
+            return out, e
+        except OSError as e:
+            return out, e if isinstance(e, WriteError) else write_error(lock.path, e)
         self.lock = lock
         taken = [n for n in ("results.json", "last.pth", "summary.csv") if os.path.exists(os.path.join(out, n))]
         if taken and not run.resume:
             self.close()
-            return out, (f"--output_dir {out} already holds a run ({', '.join(taken)}); choose another folder, or "
-                         f"continue that run with --resume {os.path.join(out, 'last.pth')}")
+            return out, UsageError(f"--output_dir {out} already holds a run ({', '.join(taken)}); choose another "
+                                   f"folder, or continue that run with --resume {os.path.join(out, 'last.pth')}")
+        self._remove_temporaries(out, "left by a killed run")
         return out, None
+
+    @staticmethod
+    def _remove_temporaries(out: str, why: str) -> None:
+        """Remove the atomic-write temporaries in ``out`` and ``out/partial`` (the caller holds the lock)."""
+        removed = remove_stale_temporaries(out) + [
+            os.path.join("partial", n) for n in remove_stale_temporaries(os.path.join(out, "partial"))]
+        if removed:
+            _logger.info("removed %d temporary file(s) %s from %s: %s", len(removed), why, out, ", ".join(removed))
 
     def close(self) -> None:
         """Release the folder's lock (every exit path of a run calls this)."""
@@ -415,6 +430,7 @@ class RunFolder:
         if self.data_fingerprint is not None:
             state.data_fingerprint = self.data_fingerprint
         save_checkpoint(state.to_checkpoint(), self.path("last.pth"))
+        self.epoch = state.epoch
 
     def _staged(self, data_seed: int) -> str:
         return self.path(delta_names(data_seed, 1)[0])
@@ -451,6 +467,7 @@ class RunFolder:
                        output_dir=self.out_dir,
                        world_size=self.dist.world_size, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_json(self.path("results.json"), results)
+        self._remove_temporaries(self.out_dir, "left behind")
         self.tb.close()
         for line in summary_lines(results, self.path("results.json")):
             _logger.info(line)

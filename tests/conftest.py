@@ -72,6 +72,7 @@ TIERS: Dict[str, str] = {
     "test_data_strict.py": "integration",
     "test_folder_data.py": "integration",
     "test_run_identity.py": "integration",
+    "test_interrupt.py": "integration",
     "test_ddp.py": "e2e",
     "test_gpu_check.py": "e2e",
     "test_launch_ddp.py": "e2e",
@@ -105,6 +106,7 @@ SLOW: Tuple[str, ...] = (
     "test_timm_api.py::test_trace_fx_export_compile",  # torch.compile (6 s)
     "test_train.py::test_demo_pipeline_pretrain_export_npz_and_launcher",  # 6 s
     "test_train_lean_cache.py::test_two_processes_train_from_the_cache",  # 8 s
+    "test_interrupt.py::test_signal_ends_with_one_line_and_a_resumable_folder",  # SIGINT, SIGTERM on real runs
 )
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -182,3 +182,13 @@ def test_cli_runs_as_a_script(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "tools" / "aggregate.py"), str(tmp_path), "--fig_dir",
                         str(tmp_path / "f")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "| 88.0 |" in p.stdout, p.stdout + p.stderr
+
+
+def test_failed_write_is_exit_1_naming_the_file(tmp_path, capsys):
+    _vtab(tmp_path, "dtl", "dtd", 50.0)
+    (tmp_path / "blocker").write_text("x")
+    out_md = tmp_path / "blocker" / "table.md"
+    rc = main([str(tmp_path), "--out", str(out_md), "--fig_dir", str(tmp_path / "figs")])
+    assert rc == 1
+    assert capsys.readouterr().err.startswith(f"error: could not write {out_md}: ")  # the folder is a file
+    assert (tmp_path / "blocker").read_text() == "x"

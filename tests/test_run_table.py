@@ -145,6 +145,13 @@ def test_bad_input_fails_before_anything_runs(env, tmp_path, monkeypatch, capsys
     assert not out.exists() or not any(out.rglob("run_table.log"))
 
 
+def test_unwritable_output_root_is_exit_1_naming_it(env, tmp_path, capsys):
+    (tmp_path / "blocker").write_text("x")
+    out = tmp_path / "blocker" / "table"
+    assert _main([DTD, "--output_root", out, "--", *TINY]) == 1
+    assert f"run_table: error: could not write {out}: Not a directory" in capsys.readouterr().err
+
+
 def test_slurm_time_formats():
     assert parse_slurm_time("90") == 90
     assert parse_slurm_time("2:00:00") == 120

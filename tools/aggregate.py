@@ -48,7 +48,7 @@ from data.benchmark import Benchmark  # noqa: E402
 from data.benchmarks import REGISTRY  # noqa: E402
 from engine.tables import (Collection, ResultsError, build_tables, collect, long_rows, paper_rows,  # noqa: E402
                            render_markdown, rows_of)
-from utils.atomic import atomic_write_bytes  # noqa: E402
+from utils.atomic import WriteError, atomic_write_bytes  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -142,24 +142,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tables = build_tables(col, paper=args.paper)
     md = render_markdown(tables, args.decimals, col, args.output_root)
     base = os.path.splitext(args.out)[0] if args.out else os.path.join(args.output_root, "aggregate")
-    written = []
-    atomic_write_bytes(base + ".md", md.encode("utf-8"))
-    written.append(base + ".md")
-    csv_texts = []
-    for name, t in tables.items():
-        text = _csv_text(t.csv_rows())
-        path = f"{base}_{name}.csv"
-        atomic_write_bytes(path, text.encode("utf-8"))
-        written.append(path)
-        csv_texts.append(f"# {t.title}\n{text}")
-    if args.paper:
-        paper_path = f"{base}_paper.csv"
-        atomic_write_bytes(paper_path, _csv_text(paper_rows(tables)).encode("utf-8"))
-        written.append(paper_path)
-    long_path = f"{base}_long.csv"
-    atomic_write_bytes(long_path, _csv_text(long_rows(col)).encode("utf-8"))
-    written.append(long_path)
-    written += plot_shots(col, args.fig_dir)
+    written: List[str] = []
+    try:
+        atomic_write_bytes(base + ".md", md.encode("utf-8"))
+        written.append(base + ".md")
+        csv_texts = []
+        for name, t in tables.items():
+            text = _csv_text(t.csv_rows())
+            path = f"{base}_{name}.csv"
+            atomic_write_bytes(path, text.encode("utf-8"))
+            written.append(path)
+            csv_texts.append(f"# {t.title}\n{text}")
+        if args.paper:
+            paper_path = f"{base}_paper.csv"
+            atomic_write_bytes(paper_path, _csv_text(paper_rows(tables)).encode("utf-8"))
+            written.append(paper_path)
+        long_path = f"{base}_long.csv"
+        atomic_write_bytes(long_path, _csv_text(long_rows(col)).encode("utf-8"))
+        written.append(long_path)
+        written += plot_shots(col, args.fig_dir)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(md if args.format == "md" else "\n".join(csv_texts), end="")
     print("wrote: " + ", ".join(written), file=sys.stderr)
     return 0

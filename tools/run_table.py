@@ -64,7 +64,7 @@ from tools.runtable.plan import (MANIFEST, SETS, RunSpec, TableError, check_extr
                                  expand_launchers, lock_root, move_aside, plan_runs)
 from tools.runtable.slurm import collect_outcomes, submit_slurm, wait_slurm  # noqa: E402
 from tools.runtable.status import finish  # noqa: E402
-from utils.atomic import atomic_write_json  # noqa: E402
+from utils.atomic import WriteError, atomic_write_json, write_error  # noqa: E402
 
 
 def write_manifest(root: str, data: Dict[str, object]) -> None:
@@ -207,12 +207,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_extra(extra)
         if args.collect:
             return collect(root, args, extra)
-        os.makedirs(root, exist_ok=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise write_error(root, e) from e
         lock = lock_root(root)
         return run(root, args, extra, passthrough, sys.argv if argv is None else list(argv))
     except TableError as e:
         print(f"run_table: error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(f"run_table: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("run_table: interrupted", file=sys.stderr)
         return 130

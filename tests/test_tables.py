@@ -154,3 +154,17 @@ def test_few_shot_and_dg_tables_are_unchanged(tmp_path, capsys):
     assert main([str(tmp_path), "--fig_dir", str(tmp_path / "f")]) == 0
     md = capsys.readouterr().out
     assert md == f"## Results under {tmp_path} (5 results.json file(s))\n\n" + GOLDEN
+
+
+def test_your_own_data_gets_its_table(tmp_path, capsys):
+    """The registered `folder` benchmark (any dataset name) has a table of its own, no edit in tools/."""
+    for ds, m, v in (("my plants", "dtl", 91.5), ("my plants", "dtl+", 92.3), ("Fabrik-Teile", "dtl", 77.0)):
+        _w(tmp_path, f"{ds}/{m}", benchmark="folder", dataset=ds, backbone=BB, method=m, top1=v,
+           per_seed=[{"seed": 0, "top1": v}])
+    assert main([str(tmp_path), "--fig_dir", str(tmp_path / "f")]) == 0
+    md = capsys.readouterr().out
+    assert "No results found" not in md
+    table = md[md.index("### your own data (top-1 %)"):]
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == "| Backbone | Dataset | dtl | dtl+ |"
+    assert sorted(lines[2:4]) == sorted([f"| {BB} | my plants | 91.5 | 92.3 |", f"| {BB} | Fabrik-Teile | 77.0 | – |"])

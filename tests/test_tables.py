@@ -16,6 +16,7 @@ import data.benchmarks as registry
 from conftest import REPO
 from data.benchmark import TableLayout
 from data.vtab import BENCHMARK as VTAB
+from engine.tables import skipped_images
 from tools.aggregate import main
 
 BB = "vit_tiny_patch16_224"
@@ -168,3 +169,8 @@ def test_your_own_data_gets_its_table(tmp_path, capsys):
     lines = [line for line in table.splitlines() if line.startswith("|")]
     assert lines[0] == "| Backbone | Dataset | dtl | dtl+ |"
     assert sorted(lines[2:4]) == sorted([f"| {BB} | my plants | 91.5 | 92.3 |", f"| {BB} | Fabrik-Teile | 77.0 | – |"])
+
+
+@pytest.mark.parametrize("value, n", [(6, 6), (0, 0), (None, 0), (True, 0), ("6", 0), (-1, 0)])
+def test_skipped_images_reads_only_a_positive_count(value, n):
+    assert skipped_images({"skipped_images": value} if value is not None else {}) == n

@@ -5,14 +5,17 @@ import logging
 from typing import Any, Optional
 
 import torch.nn as nn
+from timm.models import generate_default_cfgs, register_model
+from timm.models._pretrained import PretrainedCfg
 
 from .backbones import backbone_arch, create_backbone
 from .config import DTLConfig, ModelSettingsError
 from .families import default_normalization, family_of_name, list_families
 from .methods import get_method, method_names
 from .pretrained import load_backbone_weights
+from .timm_api import DTL_MEAN, DTL_STD, GENERIC_ENTRY, create_dtl_variant
 
-__all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS", "DTL_WRAPPERS"]
+__all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS", "DTL_WRAPPERS", "dtl_timm"]
 
 # --method choices of train.py: the registered methods (DTL, with --fusion_size > 0 DTL+, and the baselines).
 METHODS = method_names()
@@ -66,3 +69,20 @@ def create_tuned_model(
     if config is None or isinstance(config, dict):
         config = entry.config_from_dict(config or {})
     return entry.build(model_name, num_classes, config, lean=lean, **kwargs)
+
+
+# timm's register_model reads this module's default_cfgs: the generic entry point's cfg (no weights of its own:
+# the backbone's come with pretrained=True from the backbone's own timm cfg, or a local file / folder)
+default_cfgs = generate_default_cfgs({f"{GENERIC_ENTRY}.untrained": PretrainedCfg(
+    input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=DTL_MEAN, std=DTL_STD,
+    num_classes=1000, first_conv="backbone.patch_embed.proj", classifier="head",
+    notes=("DTL on the timm backbone named by backbone=...; it reports that backbone's normalisation",))})
+
+
+@register_model
+def dtl_timm(pretrained: bool = False, backbone: str = "vit_base_patch16_224", **kwargs: Any) -> nn.Module:
+    """DTL / DTL+ on any supported timm backbone ``backbone`` (a timm name) that has no ``dtl_*`` entry point of
+    its own: what ``save_for_hf`` folders and delta folders of such models name, so that
+    ``timm.create_model("local-dir:...")`` rebuilds them."""
+    family = family_of_name(backbone)  # an unsupported family is refused, listing the supported ones
+    return create_dtl_variant(GENERIC_ENTRY, backbone, pretrained, family.wrapper, create_backbone, **kwargs)

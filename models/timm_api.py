@@ -54,6 +54,10 @@ DTL_STD = (0.5, 0.5, 0.5)
 _POOLS = ("avg", "")
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "custom_load")
 _CFG_FIELDS = set(PretrainedCfg.__dataclass_fields__)
+#: The entry point of a DTL model on a backbone without a ``dtl_*`` name of its own (``backbone=<timm name>``):
+#: what ``save_for_hf`` and delta folders record for it, so that ``local-dir:`` rebuilds any supported backbone.
+GENERIC_ENTRY = "dtl_timm"
+
 _RUNTIME_KWARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "output_fmt", "device", "dtype")
 
 # "dtl_<arch>.<tag>" -> the timm backbone "<arch>.<tag>" whose weights the DTL cfg loads
@@ -108,7 +112,7 @@ def cfg_for_backbone(backbone: nn.Module) -> Dict[str, Any]:
     from the backbone's cfg for an architecture without a ``dtl_*`` entry point."""
     bcfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
     arch, tag = bcfg.get("architecture"), bcfg.get("tag")
-    name = f"dtl_{arch}" if arch else "dtl_model"
+    name = f"dtl_{arch}" if arch else GENERIC_ENTRY
     cfg = None
     if arch and is_model(name):
         cfg = get_pretrained_cfg(f"{name}.{tag}") if backbone_tag_of(name, tag) else None
@@ -116,7 +120,7 @@ def cfg_for_backbone(backbone: nn.Module) -> Dict[str, Any]:
     if cfg is not None:
         return cfg.to_dict()
     out = PretrainedCfg(
-        architecture=name, tag=tag, input_size=tuple(bcfg.get("input_size", (3, 224, 224))),
+        architecture=name if is_model(name) else GENERIC_ENTRY, tag=tag, input_size=tuple(bcfg.get("input_size", (3, 224, 224))),
         fixed_input_size=bool(bcfg.get("fixed_input_size", True)), interpolation="bicubic", crop_pct=1.0,
         crop_mode="squash", mean=DTL_MEAN, std=DTL_STD, num_classes=1000, pool_size=bcfg.get("pool_size"),
         first_conv="backbone.patch_embed.proj", classifier="head",
@@ -244,6 +248,8 @@ class DTLTimmMixin:
         args = {k: v for k, v in raw.items() if k not in ("dtl", "lean") + DTL_KEYS}
         args.update({k: getattr(self.dtl_cfg, k) for k in DTL_KEYS})
         args["num_classes"] = self.num_classes
+        if self.pretrained_cfg.get("architecture") == GENERIC_ENTRY:  # which backbone dtl_timm is to build
+            args["backbone"] = (getattr(self.backbone, "pretrained_cfg", None) or {}).get("architecture")
         return args
 
     @_model_args.setter
@@ -254,7 +260,8 @@ class DTLTimmMixin:
         """The timm keyword arguments the backbone was built with (``img_size``, ``drop_path_rate``, ``depth``,
         ...; not the DTL settings, the class count or the pooling): what a delta records to rebuild it."""
         raw = self.__dict__.get("_raw_model_args", {})
-        return {k: v for k, v in raw.items() if k not in ("dtl", "lean", "num_classes", "global_pool") + DTL_KEYS}
+        return {k: v for k, v in raw.items()
+                if k not in ("dtl", "lean", "num_classes", "global_pool", "backbone") + DTL_KEYS}
 
     # loading pretrained weights the timm way (custom_load: a Google .npz given as the cfg's file)
     def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:

@@ -46,6 +46,7 @@ TIERS: Dict[str, str] = {
     "test_unseen_configs.py": "unit",
     "test_delta.py": "unit",
     "test_families.py": "unit",
+    "test_share_families.py": "unit",
     "test_layers.py": "unit",
     "test_pretrained_errors.py": "unit",
     "test_run_identity_utils.py": "unit",

@@ -18,7 +18,7 @@ from helpers_hub import write_timm_weights
 from models import DTLConfig, create_dtl_model
 from models.npz import save_vit_npz
 from models.pretrained import CheckpointError
-from models.timm_api import backbone_tag_of
+from models.timm_api import GENERIC_ENTRY, backbone_tag_of
 from models.trainable import delta_state_dict, is_trainable
 
 VIT = "dtl_vit_tiny_patch16_224"
@@ -61,7 +61,9 @@ def _backbone_sd(model):
 def test_registered_cfgs_name_the_papers_backbone_weights():
     tags = set(timm.list_pretrained("dtl_*"))
     assert {"dtl_vit_base_patch16_224.orig_in21k", "dtl_swin_base_patch4_window7_224.ms_in22k"} <= tags
-    assert set(timm.list_models("dtl_*")) == {n.split(".")[0] for n in tags}  # every entry point has a cfg
+    # every entry point has a cfg with backbone weights, except the generic one (its backbone is an argument)
+    assert set(timm.list_models("dtl_*")) - {GENERIC_ENTRY} == {n.split(".")[0] for n in tags}
+    assert timm.models.get_pretrained_cfg(GENERIC_ENTRY).architecture == GENERIC_ENTRY
     cfg = timm.models.get_pretrained_cfg("dtl_vit_base_patch16_224")  # the default tag is the paper's
     assert (cfg.tag, cfg.hf_hub_id) == ("orig_in21k", "timm/vit_base_patch16_224.orig_in21k")
     assert backbone_tag_of("dtl_vit_base_patch16_224", "orig_in21k") == "vit_base_patch16_224.orig_in21k"

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
 
 __all__ = ["FOLDER_SPLITS", "IMAGE_EXTENSIONS", "CLASSES_FILE", "canonical_folder_name", "split_source",
            "read_classes", "FolderClasses", "folder_classes", "split_entries", "build_folder_plan",
-           "check_folder_root", "looks_like_folder_root", "BENCHMARK"]
+           "check_folder_root", "looks_like_folder_root", "list_rows", "BENCHMARK"]
 
 _logger = logging.getLogger(__name__)
 
@@ -120,42 +120,47 @@ def _class_folders(folder: str) -> List[str]:
     return sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
 
 
-def _list_rows(root: str, path: str, known: Dict[str, int]) -> List[Row]:
-    """The ``(path, label, line)`` rows of a ``.txt`` or ``.csv`` list, without its header line if any."""
+def list_rows(root: str, path: str, known: Dict[str, int], labels_required: bool = True) -> List[Row]:
+    """The ``(path, label, line)`` rows of a ``.txt`` (``.lst``) or ``.csv`` list, without its header line if any.
+    ``labels_required=False`` (images to predict): a line may be a path alone (label ``""``); a whole line that
+    names a file under ``root`` is a path, even with spaces in it."""
     lines = read_lines(path)
     rows: List[Row] = []
     if path.endswith(".csv"):
         for n, fields in enumerate(csv.reader(lines), start=1):
             if not fields or not "".join(fields).strip():
                 continue
-            if len(fields) != 2:
+            if len(fields) != 2 and (labels_required or len(fields) != 1):
                 raise DataError(f"{path}:{n}: expected 2 columns 'path,label', got {len(fields)} ({lines[n - 1]!r}; "
                                 f"quote a path holding a comma)")
-            rows.append((fields[0].strip(), fields[1].strip(), n))
+            rows.append((fields[0].strip(), fields[1].strip() if len(fields) == 2 else "", n))
     else:
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             fields = split_line(line)
+            if not labels_required and (fields is None or os.path.isfile(os.path.join(root, line.strip()))):
+                fields = (line.strip(), "")  # a path alone
             if fields is None:
                 raise DataError(f"{path}:{n}: expected '<path> <label>', got {line.strip()!r} (no label)")
             rows.append((fields[0], fields[1], n))
-    if rows and _is_header(root, rows, known):
+    if rows and _is_header(root, rows, known, labels_required):
         _logger.info("%s:%d: header line %r skipped", path, rows[0][2], ",".join(rows[0][:2]))
         rows = rows[1:]
     return rows
 
 
-def _is_header(root: str, rows: Sequence[Row], known: Dict[str, int]) -> bool:
+def _is_header(root: str, rows: Sequence[Row], known: Dict[str, int], labels_required: bool = True) -> bool:
     """Whether the first row is a header: its path is no file, its label no index, no known class name and no
-    label of another row."""
+    label of another row (a list without labels: its path is no file and its label no index)."""
     path, label, _ = rows[0]
-    return (not os.path.isfile(os.path.join(root, path)) and parse_index(label) is None
-            and label not in known and all(label != other for _, other, _ in rows[1:]))
+    if os.path.isfile(os.path.join(root, path)) or parse_index(label) is not None:
+        return False
+    return not labels_required or (label not in known and all(label != other for _, other, _ in rows[1:]))
 
 
 def _rows(root: str, source: str, known: Dict[str, int]) -> List[Row]:
-    rows = _folder_rows(root, source) if os.path.isdir(source) else _list_rows(root, source, known)
+    rows = _folder_rows(root, source) if os.path.isdir(source) else list_rows(root, source, known)
     if not rows:
         raise DataError(f"{source}: no images" + (" (no <class>/<image> below it)" if os.path.isdir(source) else ""))
     return rows

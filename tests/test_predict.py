@@ -103,6 +103,9 @@ def test_list_and_csv_inputs(setup, tmp_path):
     Image.open(imgs[0]).save(tmp_path / "sub" / "a b.png")
     rel.write_text("image label\nsub/a b.png 3\n")  # a header; a path with a space, a label
     assert predict.collect_images([str(rel)]) == [str(tmp_path / "sub" / "a b.png")]
+    bare = tmp_path / "bare.txt"  # no labels, a one-word header
+    bare.write_text("image\n" + "".join(f"{p}\n" for p in imgs[:2]))
+    assert predict.collect_images([str(bare)]) == [str(p) for p in imgs[:2]]
     bad = tmp_path / "bad.csv"
     bad.write_text(f"{imgs[0]},0\nmissing.png,1\n")
     with pytest.raises(predict.DataError, match=r"missing.png: image not found \(listed at .*bad.csv:2\)"):

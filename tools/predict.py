@@ -41,6 +41,7 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data.folder import list_rows  # noqa: E402
 from data.listfile import to_rgb  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
 from models.delta import DeltaCheckpoint, plain_dtl_spec, read_delta  # noqa: E402
@@ -94,24 +95,15 @@ def read_task_deltas(args: argparse.Namespace) -> List[DeltaCheckpoint]:
 
 
 def _list_paths(item: str) -> List[str]:
-    """The image paths of a list file: ``path [label]`` or ``path,label`` per line; a header line is skipped."""
+    """The image paths of a list file, read as training reads lists (:func:`data.folder.list_rows`: ``path label``
+    or ``path,label``, a header line skipped) but with the label optional; relative paths from the list's folder."""
     base = os.path.dirname(os.path.abspath(item))
     out = []
-    with open(item, newline="") as f:
-        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-    for k, (n, line) in enumerate(lines):
-        if "," in line:
-            fields = next(csv.reader([line]))
-            path, label = fields[0].strip(), (fields[1].strip() if len(fields) > 1 else "")
-        else:
-            head, _, tail = line.rpartition(" ")
-            path, label = (head.strip(), tail) if head and tail.lstrip("-").isdigit() else (line, "")
-        path = path if os.path.isabs(path) else os.path.join(base, path)
-        if not os.path.isfile(path):
-            if k == 0 and not label.lstrip("-").isdigit():
-                continue  # a header (path,label / image ...)
-            raise DataError(f"{path}: image not found (listed at {item}:{n})")
-        out.append(path)
+    for path, _, n in list_rows(base, item, {}, labels_required=False):
+        full = os.path.join(base, path)
+        if not os.path.isfile(full):
+            raise DataError(f"{full}: image not found (listed at {item}:{n})")
+        out.append(full)
     return out
 
 

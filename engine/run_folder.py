@@ -30,6 +30,7 @@ from utils.checkpoint import (
 )
 from utils.errors import UsageError
 from utils.distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from utils.frozen import thaw
 from utils.fingerprint import FileFingerprint, describe_change, files_fingerprint
 from utils.hashing import file_sha256
 from utils.logger import SummaryTable, TensorBoardLogger, add_file_log, format_duration
@@ -54,13 +55,7 @@ LEGACY_RESUME_FLAGS = (
 )
 
 
-def flag_value(v: Any) -> Any:
-    """A JSON-friendly, comparable form of a flag value (tuples become lists)."""
-    if isinstance(v, (tuple, list)):
-        return [flag_value(x) for x in v]
-    if isinstance(v, Mapping):
-        return {k: flag_value(x) for k, x in v.items()}
-    return v
+flag_value = thaw  # a JSON-friendly, comparable form of a flag value (tuples become lists)
 
 
 def flag_values(flags: Mapping[str, Any]) -> Dict[str, Any]:

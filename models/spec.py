@@ -18,46 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from utils.errors import CheckpointError
+from utils.frozen import FrozenDict, freeze, thaw
 
 __all__ = ["ModelSpec", "WeightsSpec", "FrozenDict", "freeze", "thaw", "WEIGHT_KINDS"]
 
 WEIGHT_KINDS = ("file", "timm", "random")
-
-
-class FrozenDict(dict):
-    """A read-only dict (hashable; pickles and deep-copies as itself): the mappings inside a frozen spec."""
-
-    def _readonly(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("a spec is read-only: build a new one with .replace(...)")
-
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _readonly  # type: ignore
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(tuple(self.items()))
-
-    def __reduce__(self):
-        return (FrozenDict, (dict(self),))
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "FrozenDict":
-        return self
-
-
-def freeze(value: Any) -> Any:
-    """A read-only copy: mappings become :class:`FrozenDict` (keys sorted), lists tuples."""
-    if isinstance(value, Mapping):
-        return FrozenDict({k: freeze(value[k]) for k in sorted(value)})
-    if isinstance(value, (list, tuple)):
-        return tuple(freeze(v) for v in value)
-    return value
-
-
-def thaw(value: Any) -> Any:
-    """The plain (JSON/YAML-friendly) form of a :func:`freeze` d value: dicts and lists."""
-    if isinstance(value, Mapping):
-        return {k: thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [thaw(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)

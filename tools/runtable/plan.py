@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from data.benchmarks import get_benchmark
+from utils.frozen import thaw
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -132,15 +133,6 @@ def dry_run(launcher: str, extra: Sequence[str], env: Dict[str, str]) -> List[st
     return argv[idx[0] + 1:]
 
 
-def flag_value(v: Any) -> Any:
-    """A comparable form of a flag value (tuples become lists)."""
-    if isinstance(v, (tuple, list)):
-        return [flag_value(x) for x in v]
-    if isinstance(v, dict):
-        return {k: flag_value(x) for k, x in v.items()}
-    return v
-
-
 def describe(launcher: str, extra: Sequence[str], env: Dict[str, str]) -> Dict[str, Any]:
     """benchmark, dataset, method, shot, model, data_dir, load_path of a launcher, and ``settings`` (every
     resolved train.py flag), from train.py's own parser."""
@@ -151,7 +143,7 @@ def describe(launcher: str, extra: Sequence[str], env: Dict[str, str]) -> Dict[s
         raise TableError(f"{launcher}: train.py rejects its flags (see the message above): {' '.join(argv)}") from None
     except ValueError as e:  # UsageError
         raise TableError(f"{launcher}: {e}") from None
-    settings = {k: flag_value(v) for k, v in vars(args).items()}
+    settings = {k: thaw(v) for k, v in vars(args).items()}
     return dict(benchmark=args.benchmark, dataset=args.dataset, method=method, shot=getattr(args, "shot", None),
                 model=args.model, data_dir=args.data_dir, load_path=args.load_path, settings=settings)
 
@@ -262,7 +254,7 @@ def setting_differences(spec: RunSpec) -> List[str]:
         return []
     diffs = []
     for k in sorted(set(saved) & set(spec.settings) - RUN_ONLY_FLAGS):
-        a, b = flag_value(saved[k]), spec.settings[k]
+        a, b = thaw(saved[k]), spec.settings[k]
         if k == "dataset":
             a, b = _canonical_dataset(saved), _canonical_dataset(spec.settings)
         if a != b:

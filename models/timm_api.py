@@ -39,6 +39,7 @@ from timm.models._manipulate import checkpoint
 from timm.models._pretrained import PretrainedCfg
 
 from .config import DTL_KEYS, pop_model_kwargs
+from .families import RECIPE_MEAN, RECIPE_STD
 from .delta_folder import DELTA_FILE, load_delta_tensors
 from .pretrained import CheckpointError, _head_key, check_finite, in_model_layout, load_backbone_weights, weights_fingerprint
 
@@ -49,8 +50,7 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-DTL_MEAN = (0.5, 0.5, 0.5)  # the recipe normalises with mean = std = 0.5 (ViT and Swin)
-DTL_STD = (0.5, 0.5, 0.5)
+DTL_MEAN, DTL_STD = RECIPE_MEAN, RECIPE_STD  # the recipe normalises with mean = std = 0.5 (models.families)
 _POOLS = ("avg", "")
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "custom_load")
 _CFG_FIELDS = set(PretrainedCfg.__dataclass_fields__)

@@ -122,10 +122,7 @@ def _verify_all(seeds: Sequence[SeedPlan]) -> int:
 def backbone_label(spec: ModelSpec) -> str:
     """``results.json``'s ``backbone``: the model name, with ``--model_kwargs`` when given (so that tables keep
     differently sized backbones apart)."""
-    extra = thaw(spec.backbone_kwargs)
-    if not extra:
-        return spec.backbone
-    return spec.backbone + "[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
+    return spec.backbone + (f"[{_kwargs_text(spec)}]" if spec.backbone_kwargs else "")
 
 
 def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) -> nn.Module:
@@ -160,7 +157,8 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
 
 
 def _kwargs_text(spec: ModelSpec) -> str:
-    return ",".join(f"{k}={v}" for k, v in thaw(spec.backbone_kwargs).items()) or "(none)"
+    """``--model_kwargs`` as written back: ``k=v`` pairs in key order."""
+    return ",".join(f"{k}={v}" for k, v in sorted(thaw(spec.backbone_kwargs).items()))
 
 
 def _first_line(e: BaseException) -> str:

@@ -286,10 +286,8 @@ def build_eval_model(exp: Experiment, ck: DeltaCheckpoint) -> torch.nn.Module:
     """--eval_only: the model of the delta ``ck`` rebuilt from its spec on the given backbone weights (refusing
     other weights than the delta was trained on unless --allow_backbone_mismatch), its tensors loaded
     (:func:`models.delta.build_from_delta`)."""
-    weights = exp.model.weights
     random_seed(exp.optim.seed)
-    return build_from_delta(ck, load_path=weights.source if weights.kind == "file" else
-                            ("timm" if weights.kind == "timm" else ""),
+    return build_from_delta(ck, load_path=exp.model.weights.load_path,
                             allow_backbone_mismatch=exp.run.allow_backbone_mismatch)
 
 
@@ -340,7 +338,7 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     if resume is not None:
         resume.check_matches(exp, run_spec.resume)
         resume.check_data(fingerprint, run_spec.resume, split_paths(data))
-        folder_of_run = os.path.abspath(run_spec.output_dir or os.path.dirname(os.path.abspath(run_spec.resume)))
+        folder_of_run = os.path.dirname(os.path.abspath(run_spec.resume))  # its own folder (check_resume_folder)
         check_finished_seeds(folder_of_run, [p.data_seed for p in data.seeds[:resume.seed_index]], len(data.seeds),
                              run_spec.resume)
         if run_is_complete(folder_of_run, resume, len(data.seeds)):

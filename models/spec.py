@@ -58,6 +58,11 @@ class WeightsSpec:
             return cls("timm")
         return cls("file", str(load_path))
 
+    @property
+    def load_path(self) -> str:
+        """The ``--load_path`` value of these weights (the inverse of :meth:`from_load_path`)."""
+        return {"random": "", "timm": "timm"}.get(self.kind, str(self.source))
+
     def describe(self) -> str:
         """One phrase for messages: ``random initialisation``, ``timm's published weights``, ``<file>``."""
         if self.kind == "random":

@@ -13,6 +13,7 @@ import torch
 
 from helpers_train import single_thread  # noqa: F401 - autouse fixture
 from helpers_train import TINY, Killed, kill_after, read_results, run_train, vtab_root
+from models.spec import WeightsSpec
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +250,9 @@ def test_method_registry():
     with torch.device("meta"):
         m = create_tuned_model("linear", "vit_tiny_patch16_224", 3, img_size=32)
     assert m.model_config()["method"] == "linear"
+
+
+@pytest.mark.parametrize("load_path, kind", [("", "random"), ("timm", "timm"), ("/w/ViT-B_16.npz", "file")])
+def test_weights_spec_gives_back_its_load_path(load_path, kind):
+    w = WeightsSpec.from_load_path(load_path)
+    assert (w.kind, w.load_path) == (kind, load_path)

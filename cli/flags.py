@@ -5,10 +5,11 @@ the defaults; anything given on the command line wins. Unknown keys, empty value
 naming the file and key; a boolean flag takes a YAML boolean or true/false, yes/no, on/off, 1/0 (also quoted),
 anything else is an error naming the key.
 
-This module imports no torch/timm (only the stdlib, yaml and the light benchmark registry), so that
-``build_parser()`` is cheap for tools and launcher checks. The checks that depend on the tuning method read its
-capabilities from :mod:`models.methods`, imported when the flags are validated. The parsed flags become the
-run's typed specs in :mod:`cli.specs`; nothing below train.py reads the namespace.
+This module imports no torch/timm (only the stdlib, yaml and the light registries of benchmarks and methods):
+parsing and validating flags is cheap for tools and launcher checks (``tools/run_table.py`` reads every
+launcher's flags without torch). The checks that depend on the tuning method read its capabilities from
+:mod:`methods`. The parsed flags become the run's typed specs in :mod:`cli.specs`; nothing below train.py reads
+the namespace.
 """
 from __future__ import annotations
 
@@ -20,14 +21,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from data.benchmarks import BENCHMARKS, REGISTRY, get_benchmark
+from methods import get_method, method_names
 from utils.blocks import parse_blocks
 from utils.errors import UsageError
 
 __all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "parse_int_list", "block_range",
-           "float_triple", "CACHE_STORAGES", "CACHE_DTYPES"]
+           "float_triple", "CACHE_STORAGES", "CACHE_DTYPES", "DTL_FLAGS", "method_config_of_flags",
+           "resolved_method"]
 
 CACHE_STORAGES = ("auto", "device", "host", "mmap")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
+#: The flags of the DTL settings -> their keys in the method's configuration (``ModelSpec.method_config`` of a
+#: method with ``uses_dtl_flags``): the original's flag names, the configuration's names.
+DTL_FLAGS = {"fusion_size": "fusion_size", "r": "r", "beta": "beta", "lora_before_blocks": "csn_blocks",
+             "add_after_blocks": "add_back_blocks"}
 #: The most YAML nodes a --config file may have (a config is a few dozen flag: value pairs).
 CONFIG_MAX_NODES = 10_000
 #: The longest repr of a value an error message shows.
@@ -167,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-trained backbone weights (.npz / .pth / .safetensors); 'timm' = timm's published "
                         "weights for --model (downloaded); empty = random initialisation (a warning)")
     g.add_argument("--method", default="dtl",
-                   help="tuning method: dtl (DTL, or DTL+ with --fusion_size > 0) or a baseline (full, linear, "
-                        "bitfit, lora, adapter, adaptformer, vpt, ssf; models/methods.py)")
+                   help=f"tuning method: {', '.join(method_names())} (dtl: DTL, or DTL+ with --fusion_size > 0; "
+                        f"the others: the baselines; methods/builtin.py)")
     g.add_argument("--fusion_size", type=_nonneg_int, default=0, help="DTL+ depthwise kernel (0 = DTL)")
     g.add_argument("--r", type=_positive_int, default=None, help="CSN rank (default: ViT 2, Swin 4)")
     g.add_argument("--beta", type=float, default=100.0, help="swish gate slope")
@@ -380,8 +387,7 @@ def infer_benchmark(dataset: str) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> argparse.Namespace:
     """Parse and validate; the benchmark's defaults (``--benchmark`` from ``--dataset``, its seeds, shot and
     validation interval) are filled in. Raises :class:`UsageError` for a bad combination (argparse exits for bad
-    syntax). Validation imports the method registry (:mod:`models.methods`, with torch); :func:`build_parser`
-    does not."""
+    syntax). No torch: the method checks read the light registry :mod:`methods`."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
@@ -486,9 +492,7 @@ def validate_args(args: argparse.Namespace, world_size: int = 1) -> None:
 
 def validate_method_flags(args: argparse.Namespace) -> None:
     """The flags that only some methods take, checked against the capabilities of ``--method``
-    (:mod:`models.methods`): each rule once, no method names."""
-    from models.methods import get_method  # the registry imports torch; build_parser() does not need it
-
+    (:mod:`methods`): each rule once, no method names."""
     method = get_method(args.method)  # an unknown name: UnknownNameError listing the methods
     if args.delta_folder and not method.supports("delta_folder"):
         raise UsageError(f"--delta_folder writes DTL/DTL+ deltas (a dtl_* timm model); not --method {args.method}")
@@ -496,12 +500,14 @@ def validate_method_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--fusion_size is a DTL+ setting; it does not apply to --method {args.method}")
     if args.eval_only:
         return  # evaluation runs the plain forward; --lean / --cache_prefix only change training
-    used = [f for f, on, cap in (("--lean", args.lean, "lean"), ("--cache_prefix", args.cache_prefix, "prefix_cache"))
+    used = [(f, cap) for f, on, cap in (("--lean", args.lean, "lean"),
+                                        ("--cache_prefix", args.cache_prefix, "prefix_cache"))
             if on and not method.supports(cap)]
     if used:
         verb = "applies" if len(used) == 1 else "apply"
-        raise UsageError(f"{' and '.join(used)} {verb} to --method dtl (DTL/DTL+) only (built on DTL's frozen "
-                         f"backbone and side network), not to --method {args.method}")
+        having = [m for m in method_names() if all(get_method(m).supports(cap) for _, cap in used)]
+        raise UsageError(f"{' and '.join(f for f, _ in used)} {verb} to --method {' / '.join(having) or '(none)'} "
+                         f"only, not to --method {args.method}")
 
 
 def validate_memory_flags(args: argparse.Namespace) -> None:
@@ -525,3 +531,16 @@ def validate_memory_flags(args: argparse.Namespace) -> None:
                          "--cache_prefix, or accept that approximation with --cache_prefix_approx")
     if args.cache_dir and not os.path.isdir(args.cache_dir):
         raise UsageError(f"--cache_dir {args.cache_dir}: folder not found")
+
+
+def method_config_of_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The method's settings as the flags give them, before the backbone's defaults: DTL's from its flags
+    (:data:`DTL_FLAGS`; ``r`` is ``None`` unless given), empty for a baseline (its own defaults)."""
+    if not get_method(args.method).supports("uses_dtl_flags"):
+        return {}
+    return {key: getattr(args, flag) for flag, key in DTL_FLAGS.items()}
+
+
+def resolved_method(args: argparse.Namespace) -> str:
+    """results.json's ``method`` of parsed flags (``--method dtl --fusion_size 3``: ``dtl+``), without torch."""
+    return get_method(args.method).results_name(method_config_of_flags(args))

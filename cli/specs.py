@@ -20,12 +20,12 @@ from data.spec import DataSpec
 from engine.spec import Experiment, OptimSpec, RunSpec
 from engine.trainer import effective_precision
 from models.backbones import backbone_arch, default_normalization, default_rank
-from models.config import DTLConfig, format_blocks
-from models.methods import get_method
+from methods import get_method
+from models.config import format_blocks
 from models.spec import ModelSpec, WeightsSpec
 from utils.errors import ModelSettingsError, UsageError
 
-from .flags import parse_args
+from .flags import DTL_FLAGS, method_config_of_flags, parse_args, resolved_method
 
 __all__ = ["build_experiment", "model_spec", "with_data", "with_model", "on_device", "resolved_method",
            "parse_args", "RUN_LOCAL_FLAGS", "DTL_FLAGS"]
@@ -34,31 +34,28 @@ _logger = logging.getLogger("train")
 
 #: Flags that go into no spec: they only steer the parsing itself.
 RUN_LOCAL_FLAGS = ("config",)
-#: The flags of the DTL settings (``model.method_config`` of a method with ``uses_dtl_flags``).
-DTL_FLAGS = ("fusion_size", "r", "beta", "lora_before_blocks", "add_after_blocks")
 
 
 def _method_config(args: argparse.Namespace) -> Dict[str, Any]:
-    """The method's settings from the flags: DTL's from its flags (``--r`` left out: the backbone's default
-    rank), a baseline's defaults (empty)."""
-    if not get_method(args.method).supports("uses_dtl_flags"):
-        given = [f"--{k}" for k in ("r", "lora_before_blocks", "add_after_blocks") if getattr(args, k) is not None]
+    """The method's settings from the flags (:func:`cli.flags.method_config_of_flags`), checked, with the
+    backbone's default rank for a left-out ``--r`` (DTL); a baseline's are its defaults (empty)."""
+    method = get_method(args.method)
+    if not method.supports("uses_dtl_flags"):
+        given = [f"--{k}" for k in DTL_FLAGS if k not in ("fusion_size", "beta") and getattr(args, k) is not None]
         if given:
             _logger.info("%s are DTL settings: --method %s ignores them and uses its own configuration",
                          ", ".join(given), args.method)
         return {}
+    config = method_config_of_flags(args)
+    if config["r"] is None:
+        try:
+            config["r"] = default_rank(backbone_arch(args.model))
+        except ModelSettingsError as e:
+            raise UsageError(f"--model: {e}") from None
     try:
-        arch = backbone_arch(args.model)
-    except ModelSettingsError as e:
-        raise UsageError(f"--model: {e}") from None
-    try:
-        cfg = DTLConfig(r=args.r if args.r is not None else default_rank(arch), beta=args.beta,
-                        fusion_size=args.fusion_size, csn_blocks=args.lora_before_blocks,
-                        add_back_blocks=args.add_after_blocks)
+        return method.config_to_dict(method.config_from_dict(config))
     except ModelSettingsError as e:
         raise UsageError(f"cannot build --model {args.model} --method {args.method}: {e}") from None
-    return cfg.to_dict()
-
 
 def model_spec(args: argparse.Namespace, num_classes: int) -> ModelSpec:
     """The :class:`~models.spec.ModelSpec` of the model flags (``--mean``/``--std`` left out: the backbone's
@@ -128,15 +125,10 @@ def _model_flags(spec: ModelSpec) -> Dict[str, Any]:
     out: Dict[str, Any] = {"model": spec.backbone, "method": method.name, "img_size": spec.img_size}
     cfg = spec.method_config
     if method.supports("uses_dtl_flags"):
-        blocks = {k: format_blocks(cfg[key]) if cfg.get(key) is not None else None
-                  for k, key in (("lora_before_blocks", "csn_blocks"), ("add_after_blocks", "add_back_blocks"))}
-        out.update(fusion_size=int(cfg.get("fusion_size") or 0), r=cfg.get("r"),
-                   beta=float(cfg.get("beta", 100.0)), **blocks)
+        values = {flag: cfg.get(key) for flag, key in DTL_FLAGS.items()}
+        out.update(values, fusion_size=int(values["fusion_size"] or 0), beta=float(cfg.get("beta", 100.0)),
+                   **{f: format_blocks(values[f]) for f in ("lora_before_blocks", "add_after_blocks")
+                      if values[f] is not None})
     else:
         out.update(fusion_size=0, r=None, lora_before_blocks=None, add_after_blocks=None)
     return out
-
-
-def resolved_method(args: argparse.Namespace) -> str:
-    """results.json's ``method`` of parsed flags (``--method dtl --fusion_size 3``: ``dtl+``)."""
-    return get_method(args.method).results_name(_method_config(args))

@@ -19,10 +19,10 @@ from data.benchmarks import get_benchmark
 from data.errors import DataError
 from data.spec import DataSpec
 from data.transforms import Uint8Normalizer, build_transform
+from methods import get_method
 from models import ModelSettingsError, create_tuned_model
 from models.timm_api import set_normalization
 from models.initial import InitialCheckpoint, check_initial_checkpoint
-from models.methods import get_method
 from models.spec import ModelSpec, thaw
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from engine.run_folder import CacheInfo
@@ -186,7 +186,7 @@ def check_model_flags(exp: Experiment, initial: Optional[InitialCheckpoint] = No
     """The model's settings and input size (:func:`check_forward`), the method's wiring, --initial_checkpoint,
     --lean, --cache_prefix: check them on the model's structure
     (built on the meta device: no memory, no weights) before the run folder, the data loaders or the real model
-    exist. The method's own check (:attr:`models.methods.Method.check`; DTL: a block selection in which no tap
+    exist. The method's own check (:meth:`methods.Method.check`; DTL: a block selection in which no tap
     reaches an add-back block would train the head alone, a linear probe recorded as DTL) runs whenever the
     model is built here."""
     run, spec = exp.run, exp.model
@@ -201,7 +201,7 @@ def check_model_flags(exp: Experiment, initial: Optional[InitialCheckpoint] = No
     with torch.device("meta"):
         model = build_model(spec, lean=run.lean, weights=False)
     check_forward(model, spec)
-    problem = method.check(model) if method.check is not None else None
+    problem = method.check(model)
     if problem:
         raise UsageError(problem)
     if run.cache_prefix:

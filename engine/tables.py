@@ -19,12 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from data.benchmark import Benchmark, TableLayout
 from data.benchmarks import REGISTRY, canonical_benchmark, get_benchmark
+from methods import featured_results_names
 
 __all__ = ["ResultsError", "Cell", "Collection", "Value", "Table", "collect", "add_results_file", "find_results",
            "build_tables", "long_rows", "paper_rows", "render_markdown", "skipped_images", "rows_of",
            "PARTIAL", "SKIPPED", "DASH", "SKIPPED_NOTE"]
 
-METHOD_ORDER = ("dtl", "dtl+")
 DASH = "–"
 PARTIAL = "†"  # marks a mean over an incomplete set (no Markdown meaning, unlike *)
 SKIPPED = "‡"  # marks a value from a run that dropped unreadable images (--skip_bad_images)
@@ -316,6 +316,12 @@ class Table:
             self.footnotes.append(SKIPPED_NOTE)
 
 
+def _method_key(method: str) -> Tuple[int, str]:
+    """The order of methods in a table: the featured method's names first (DTL, DTL+), then by name."""
+    first = featured_results_names()
+    return (first.index(method) if method in first else len(first), method)
+
+
 def _cell_value(cell: Optional[Cell]) -> Value:
     if cell is None or cell.n == 0:
         return Value(None)
@@ -335,7 +341,7 @@ def rows_of(col: Collection, bench: str) -> List[Tuple[str, str]]:
 
     def order(r: Tuple[str, str]) -> Tuple[str, int, str]:
         b, m = r
-        return (b, METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+        return (b, *_method_key(m))
 
     return sorted(rows, key=order)
 
@@ -485,8 +491,7 @@ def methods_table(col: Collection, bench: Benchmark) -> List[Tuple[str, Table]]:
     keys = [k for k in col.cells if k[0] == bench.name]
     if not keys:
         return []
-    methods = sorted({k[2] for k in keys},
-                     key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    methods = sorted({k[2] for k in keys}, key=_method_key)
     order = {d: i for i, d in enumerate(bench.dataset_names)}
     pairs = sorted({(k[1], k[3]) for k in keys}, key=lambda p: (p[0], order.get(p[1], len(order)), p[1]))
     rows = [[b, d, *(_cell_value(col.cells.get((bench.name, b, m, d, None))) for m in methods)] for b, d in pairs]

@@ -44,7 +44,7 @@ from .trainable import HEAD_PREFIX, apply_trainable_rule
 __all__ = [
     "BASELINE_METHODS", "baseline_methods_for", "BaselineModel", "FullFineTune", "LinearProbe", "BitFit", "LoRA", "Adapter",
     "AdaptFormer", "VPTDeep", "SSF", "LoRAQKV", "BottleneckAdapter", "ScaleShift", "create_baseline_model",
-    "baseline_settings", "baseline_class",
+    "baseline_settings", "baseline_class", "build_baseline",
 ]
 
 _CONFIG_KEYS = ("arch", "method", "num_classes")
@@ -58,6 +58,10 @@ def _module_key(path: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------------------------
+#: method name -> its model class; filled by ``BaselineModel.__init_subclass__``.
+_CLASSES: Dict[str, Type["BaselineModel"]] = {}
+
+
 class BaselineModel(ClassifierMixin, nn.Module):
     """A timm ViT/Swin backbone with a fresh classifier head; subclasses add a tuning method.
 
@@ -69,6 +73,15 @@ class BaselineModel(ClassifierMixin, nn.Module):
 
     method: str = ""
     trainable_prefixes: Tuple[str, ...] = (HEAD_PREFIX,)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass with a ``method`` name is the model of that ``--method`` (its line in methods/builtin.py)."""
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            if cls.method in _CLASSES:
+                raise ValueError(f"two baseline classes for method {cls.method!r}: "
+                                 f"{_CLASSES[cls.method].__name__} and {cls.__name__}")
+            _CLASSES[cls.method] = cls
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
@@ -561,11 +574,7 @@ class VPTDeep(BaselineModel):
 # --------------------------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------------------------
-_CLASSES: Dict[str, Type[BaselineModel]] = {
-    "full": FullFineTune, "linear": LinearProbe, "bitfit": BitFit, "lora": LoRA, "adapter": Adapter,
-    "adaptformer": AdaptFormer, "vpt": VPTDeep, "ssf": SSF,
-}
-#: ``--method`` names of the baselines.
+#: ``--method`` names of the baselines (the classes above with a ``method`` name, in the order defined).
 BASELINE_METHODS = tuple(_CLASSES)
 
 
@@ -578,6 +587,13 @@ def baseline_class(method: str) -> Type[BaselineModel]:
     if method not in _CLASSES:
         raise ModelSettingsError(f"unknown baseline method {method!r}; choose from {', '.join(BASELINE_METHODS)}")
     return _CLASSES[method]
+
+
+def build_baseline(method: str, model_name: str, num_classes: int, config: Optional[Mapping[str, Any]],
+                   lean: bool = False, **kwargs: Any) -> BaselineModel:
+    """The builder of every baseline in the method registry (:mod:`methods.builtin`): ``config`` is the
+    method's settings (a dict; empty: its defaults). ``lean`` is always off (no baseline has lean mode)."""
+    return create_baseline_model(method, model_name, num_classes, settings=config or None, **kwargs)
 
 
 def baseline_settings(config: Mapping[str, Any]) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 __all__ = ["DTLConfig", "ModelSettingsError", "parse_blocks", "format_blocks", "pop_model_kwargs"]
 
 
+from methods.builtin import dtl_results_name
 from utils.blocks import format_blocks, parse_blocks
 from utils.errors import ModelSettingsError
 
@@ -40,8 +41,8 @@ class DTLConfig:
 
     @property
     def method(self) -> str:
-        """``'dtl'`` or ``'dtl+'``."""
-        return "dtl+" if self.fusion_size > 0 else "dtl"
+        """The results.json name: ``'dtl'``, or ``'dtl+'`` with a fusion kernel (:mod:`methods.builtin`)."""
+        return dtl_results_name(self.fusion_size)
 
     def resolve(
         self, num_blocks: int, default_csn: Sequence[int], default_add_back: Sequence[int], default_r: int

@@ -40,6 +40,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
+from methods import Method, get_method
 from utils.atomic import atomic_write, atomic_write_text
 from utils.checkpoint import (
     CHECKSUM_KEY, DELTA_FORMAT, RESUME_FORMAT, load_torch_file, non_finite_tensors, save_checkpoint, verify_checksum,
@@ -54,7 +55,6 @@ from .delta_folder import (
     CONFIG_FILE, DELTA_FILE, delta_file_sha256, folder_weights, read_folder_config, read_folder_tensors,
 )
 from .factory import create_tuned_model
-from .methods import Method, get_method
 from .pretrained import check_backbone_match, weights_record, weights_spec
 from .timm_api import set_normalization
 from .spec import ModelSpec, WeightsSpec, thaw
@@ -130,7 +130,7 @@ class DeltaCheckpoint:
 
 # ------------------------------------------------------------------------------------------------------ specs
 def _method(name: str, source: str) -> Method:
-    """The registered method ``name`` (:mod:`models.methods`); an unknown one is a :class:`CheckpointError`."""
+    """The registered method ``name`` (:mod:`methods`); an unknown one is a :class:`CheckpointError`."""
     try:
         return get_method(name)
     except ValueError as e:

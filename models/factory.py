@@ -8,14 +8,16 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 from timm.models._pretrained import PretrainedCfg
 
+from methods import get_method, method_names
+
 from .backbones import backbone_arch, create_backbone
 from .config import DTLConfig, ModelSettingsError
 from .families import default_normalization, family_of_name, list_families
-from .methods import get_method, method_names
 from .pretrained import load_backbone_weights
 from .timm_api import DTL_MEAN, DTL_STD, GENERIC_ENTRY, create_dtl_variant
 
-__all__ = ["create_dtl_model", "create_tuned_model", "backbone_arch", "METHODS", "DTL_WRAPPERS", "dtl_timm"]
+__all__ = ["create_dtl_model", "create_tuned_model", "build_dtl", "dtl_side_network_reaches_head", "backbone_arch",
+           "METHODS", "DTL_WRAPPERS", "dtl_timm"]
 
 # --method choices of train.py: the registered methods (DTL, with --fusion_size > 0 DTL+, and the baselines).
 METHODS = method_names()
@@ -52,19 +54,34 @@ def create_dtl_model(
     return model
 
 
+def build_dtl(method: str, model_name: str, num_classes: int, config: DTLConfig, lean: bool = False,
+              **kwargs: Any) -> nn.Module:
+    """DTL's builder in the method registry (:mod:`methods.builtin`): :func:`create_dtl_model`."""
+    return create_dtl_model(model_name, num_classes, config, lean=lean, **kwargs)
+
+
+def dtl_side_network_reaches_head(model: nn.Module) -> Optional[str]:
+    """DTL's check of a built model: a block selection in which no tap comes at or before an add-back block
+    trains the head alone (a message), ``None`` when the side network is wired."""
+    if any(n.endswith("lora_A") and ".taps." in f".{n}" for n, _ in model.named_parameters()):
+        return None
+    cfg = model.model_config().get("dtl", {})
+    return (f"--lora_before_blocks {cfg.get('csn_blocks')} and --add_after_blocks {cfg.get('add_back_blocks')}: "
+            f"no tapped block comes at or before an add-back block (of its stage, for Swin), so the side network "
+            f"would add nothing and only the head would train; tap earlier blocks or add back after later ones")
+
+
 def create_tuned_model(
     method: str, model_name: str, num_classes: int, dtl: Optional[DTLConfig] = None, lean: bool = False,
     settings: Optional[Any] = None, **kwargs: Any
 ) -> nn.Module:
-    """The model of tuning method ``method`` (a name of :mod:`models.methods`); its configuration is ``dtl`` (DTL)
+    """The model of tuning method ``method`` (a name of :mod:`methods`); its configuration is ``dtl`` (DTL)
     or ``settings`` (a baseline's, e.g. LoRA's rank; the method's object or its dict form), ``kwargs`` are
     ``load_path``, ``pretrained`` and timm's backbone arguments. ``lean=True`` needs a method with lean mode."""
     try:
         entry = get_method(method)
     except ValueError as e:
         raise ModelSettingsError(str(e)) from None
-    if lean and not entry.lean:
-        raise ModelSettingsError(f"lean mode (--lean) is implemented for DTL only, not for --method {method}")
     config = dtl if dtl is not None else settings
     if config is None or isinstance(config, dict):
         config = entry.config_from_dict(config or {})

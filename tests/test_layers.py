@@ -1,8 +1,9 @@
-"""The layers of the project: ``utils < data, models < engine < cli < train.py / tools``.
+"""The layers of the project: ``utils < methods < data, models < engine < cli < train.py / tools``.
 
 Every import of every project module (read with ``ast``, function-level imports included) may only go to its
-own package or to a lower layer, and the packages import each other without cycles. ``cli.flags`` (the parser)
-imports no torch."""
+own package or to a lower layer, and the packages import each other without cycles. Reading flags imports no
+torch: the parser and its validation (``cli.flags``, the method registry ``methods``), the results tables
+(``engine.tables``) and ``tools/run_table.py`` reading every launcher's flags."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: package -> layer; a module may import its own package and packages of a lower layer.
-LAYERS: Dict[str, int] = {"utils": 0, "data": 1, "models": 1, "engine": 2, "cli": 3, "tools": 4, "demo": 4}
+LAYERS: Dict[str, int] = {"utils": 0, "methods": 1, "data": 2, "models": 2, "engine": 3, "cli": 4, "tools": 5,
+                          "demo": 5}
 TOP_MODULES = ("train.py",)  # the top of the program: may import every package
 
 # Known upward imports: none (an entry here would be a (module path, imported module) pair).
@@ -61,7 +63,7 @@ def test_no_upward_import():
     for (src, dst), where in sorted(_edges().items()):
         if src and LAYERS[dst] >= LAYERS[src]:
             bad += sorted(where)
-    assert not bad, "imports against the layers utils < data, models < engine < cli < train.py/tools:\n" + \
+    assert not bad, "imports against the layers utils < methods < data, models < engine < cli < train.py/tools:\n" + \
         "\n".join(bad)
 
 
@@ -84,11 +86,33 @@ def test_known_exceptions_still_exist():
     assert KNOWN_EXCEPTIONS <= present, sorted(KNOWN_EXCEPTIONS - present)
 
 
+_READ_LAUNCHERS = """
+import glob, os
+import tools.run_table
+from tools.runtable.plan import plan_runs
+found = [sorted(glob.glob(f"train_scripts/{p}"))[:2] for p in (
+    "vit/vtab/*/train_dtl*.sh", "swin/vtab/*/train_dtl*.sh", "vit/few_shot/*/train_dtl*_shot_*.sh",
+    "vit/domain_generalization/*/train_dtl*.sh", "custom/train_dtl*.sh")]
+specs = plan_runs([os.path.abspath(p) for ps in found for p in ps], "/nonexistent", [], {},
+                  check_paths=False, check_placeholders=False)
+assert len(specs) == 10, [s.name for s in specs]
+assert {s.name.split("/")[-1].split("_shot_")[0] for s in specs} == {"dtl", "dtl+"}, [s.name for s in specs]
+"""
+
+
 @pytest.mark.parametrize("code", [
     "import cli.flags; cli.flags.build_parser()",
     "import cli.flags; cli.flags.build_parser().parse_args(['--dataset', 'dtd', '--lr', '0.1'])",
-])
-def test_the_parser_imports_no_torch(code):
-    probe = code + "; import sys; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    # validation and the run's method name read the light method registry
+    "import cli.flags as f; a = f.parse_args(['--dataset', 'dtd', '--fusion_size', '3', '--cache_prefix']); "
+    "assert f.resolved_method(a) == 'dtl+'",
+    "import methods; assert methods.get_method('dtl+').supports('lean')",
+    "import engine.tables",
+    # run_table reads every launcher's flags with train.py's parser
+    _READ_LAUNCHERS,
+], ids=["parser", "parse", "validate", "methods", "tables", "run_table-launchers"])
+def test_reading_flags_imports_no_torch(code):
+    probe = code + "\nimport sys; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

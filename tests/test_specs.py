@@ -14,6 +14,7 @@ import torch
 from helpers_train import single_thread  # noqa: F401 - autouse fixture
 from helpers_train import TINY, Killed, kill_after, read_results, run_train, vtab_root
 from models.spec import WeightsSpec
+from utils.errors import ModelSettingsError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +233,8 @@ def test_config_yaml_records_the_specs_and_is_usable_as_config(vtab, tmp_path):
 
 # --------------------------------------------------------------------------------------------- registry
 def test_method_registry():
+    from methods import Method, get_method, method_names, methods_with, register_method
     from models.factory import METHODS, create_tuned_model
-    from models.methods import Method, get_method, method_names, methods_with, register_method
 
     assert METHODS == method_names() and METHODS[0] == "dtl" and "lora" in METHODS
     assert get_method("dtl+") is get_method("dtl")
@@ -242,14 +243,70 @@ def test_method_registry():
     assert get_method("lora").results_name({}) == "lora"
     for cap in ("lean", "prefix_cache", "delta_folder", "uses_dtl_flags"):
         assert methods_with(cap) == ("dtl",)
-    assert get_method("vpt").archs == ("vit",)
     with pytest.raises(ValueError, match="already registered"):
-        register_method(Method(name="lora", build=lambda *a, **k: None))
+        register_method(Method(name="lora", builder=lambda *a, **k: None))
     with pytest.raises(ValueError, match="unknown --method 'nope'"):
         get_method("nope")
     with torch.device("meta"):
         m = create_tuned_model("linear", "vit_tiny_patch16_224", 3, img_size=32)
     assert m.model_config()["method"] == "linear"
+
+
+def test_every_registered_method_resolves_and_builds():
+    """The registry names its model code by import path (so that it loads without torch): every path of every
+    registered method must import, and every method build, check and describe a model."""
+    from methods import get_method, method_names
+    from methods.builtin import BASELINES
+    from methods.registry import resolve
+    from models.baselines import BASELINE_METHODS
+
+    assert set(BASELINES) == set(BASELINE_METHODS), "a BaselineModel without its line in methods/builtin.py"
+    for name in method_names():
+        method = get_method(name)
+        for ref in (method.builder, method.config_class, method.model_config_reader, method.checker):
+            if ref is not None:
+                assert callable(resolve(ref)), (name, ref)
+        with torch.device("meta"):
+            model = method.build("vit_tiny_patch16_224", 3, method.config_from_dict({}), img_size=32)
+        assert method.check(model) is None, name
+        config = method.config_from_model(model.model_config())
+        assert method.config_to_dict(method.config_from_dict(config)) == config, name
+        assert method.results_name(config) == name
+
+
+def test_a_method_registered_from_code_reaches_the_flags_and_the_factory(monkeypatch):
+    """Adding a method is one registry line: --method, its capability checks and the factory take it."""
+    from cli.flags import parse_args, resolved_method
+    from methods import Method, registry
+    from models.baselines import create_baseline_model
+    from models.factory import create_tuned_model
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))
+
+    def build(method, model_name, num_classes, config, lean=False, **kwargs):
+        return create_baseline_model("linear", model_name, num_classes, **kwargs)
+
+    registry.register_method(Method(name="probe", builder=build))
+    args = parse_args(["--dataset", "dtd", "--method", "probe"])
+    assert resolved_method(args) == "probe"
+    with pytest.raises(UsageError, match="--lean applies to --method dtl .* not to --method probe"):
+        parse_args(["--dataset", "dtd", "--method", "probe", "--lean"])
+    with pytest.raises(ModelSettingsError, match="lean mode .* not for --method probe"):
+        create_tuned_model("probe", "vit_tiny_patch16_224", 3, lean=True, img_size=32)
+    with torch.device("meta"):
+        assert create_tuned_model("probe", "vit_tiny_patch16_224", 3, img_size=32).model_config()["method"] == "linear"
+
+
+def test_method_references_are_checked():
+    from methods.registry import resolve
+
+    assert resolve("os.path:join") is os.path.join
+    for bad in ("os.path.join", ":join", "os.path:"):
+        with pytest.raises(ValueError, match="not a 'package.module:attribute' reference"):
+            resolve(bad)
+    with pytest.raises(AttributeError):
+        resolve("os.path:no_such_function")
 
 
 @pytest.mark.parametrize("load_path, kind", [("", "random"), ("timm", "timm"), ("/w/ViT-B_16.npz", "file")])

@@ -1,6 +1,6 @@
 """The suite's tiers (tests/conftest.py): every test module has one, the slow list names tests that exist, an
 untiered module cannot be collected, ``--quick`` drops exactly the slow tests, and what ``--quick`` keeps still
-imports every project module (models/, data/, engine/, utils/, train.py)."""
+imports every project module (methods/, models/, data/, engine/, cli/, utils/, train.py)."""
 from __future__ import annotations
 
 import ast
@@ -15,7 +15,7 @@ import conftest
 from conftest import REPO, SLOW, TESTS, TIER_MARKERS, TIERS
 
 # What --quick must import: every module of these packages, and these scripts.
-PROJECT_PACKAGES = ("models", "data", "engine", "cli", "utils")
+PROJECT_PACKAGES = ("methods", "models", "data", "engine", "cli", "utils")
 PROJECT_SCRIPTS = ("train.py",)
 PROJECT_MODULES = sorted([p for pkg in PROJECT_PACKAGES for p in (REPO / pkg).rglob("*.py")]
                          + [REPO / s for s in PROJECT_SCRIPTS])

@@ -2,7 +2,8 @@
 parser), where it runs, and what its folder already holds (finished, resumable, stale, in use elsewhere,
 recorded with other settings).
 
-Light: the standard library, ``yaml`` and ``data.benchmarks``; train.py's parser is reached through
+Light: the standard library, ``yaml``, ``data.benchmarks`` and train.py's own parser (``cli.flags``, with the
+method registry ``methods``), none of which imports torch; the parser is reached through
 :func:`parse_train_flags` only.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from cli.flags import parse_args, resolved_method
 from data.benchmarks import get_benchmark
 from utils.frozen import thaw
 
@@ -66,9 +68,6 @@ class RunSpec:
 def parse_train_flags(argv: Sequence[str]) -> Tuple[argparse.Namespace, str]:
     """train.py's own parsing of a launcher's arguments, and the resolved method (``dtl+`` for DTL with a
     fusion size). Every use of train.py's parser in run_table goes through here."""
-    from cli.flags import parse_args  # validating --method reads the method registry (torch): imported here
-    from cli.specs import resolved_method
-
     args = parse_args(list(argv))
     return args, resolved_method(args)
 

@@ -5,8 +5,8 @@ checked and runs named before anything heavy is imported. :mod:`methods.registry
 :mod:`methods.builtin` the one line per method.
 """
 from . import builtin  # noqa: F401 - registers DTL / DTL+ and the baselines
-from .registry import (CAPABILITIES, Method, Ref, featured_results_names, get_method, method_names, methods_with,
-                       register_method, results_names)
+from .registry import (CAPABILITIES, LEAN_SUFFIX, Method, Ref, featured_results_names, get_method, method_names,
+                       methods_with, parse_label, register_method, results_names)
 
 __all__ = ["Method", "Ref", "register_method", "get_method", "method_names", "methods_with", "results_names",
-           "featured_results_names", "CAPABILITIES"]
+           "featured_results_names", "parse_label", "CAPABILITIES", "LEAN_SUFFIX"]

@@ -19,10 +19,13 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from utils.errors import ModelSettingsError, UnknownNameError
 
 __all__ = ["Method", "register_method", "get_method", "method_names", "methods_with", "results_names",
-           "featured_results_names", "CAPABILITIES", "Ref"]
+           "featured_results_names", "parse_label", "CAPABILITIES", "Ref", "LEAN_SUFFIX"]
 
 #: The capability names a :class:`Method` declares (``Method.supports(name)``).
 CAPABILITIES = ("lean", "prefix_cache", "delta_folder", "uses_dtl_flags")
+
+#: The benchmark tools' label of a method's lean mode: ``<results name>-lean`` (tools/bench_memory.py).
+LEAN_SUFFIX = "-lean"
 
 #: A callable, or where to import it from: ``"package.module:attribute"`` (``attribute`` may be dotted).
 Ref = Union[str, Callable[..., Any]]
@@ -158,3 +161,11 @@ def get_method(name: str) -> Method:
         return _BY_NAME[name]
     except KeyError:
         raise UnknownNameError(f"unknown --method {name!r}; choose from {', '.join(_REGISTRY)}") from None
+
+
+def parse_label(label: str) -> Tuple[Method, str, bool]:
+    """A benchmark tool's method label -- a results name, ``-lean`` appended for lean mode (``dtl+-lean``) --
+    as ``(method, results name, lean)``; :class:`~utils.errors.UnknownNameError` for an unknown name."""
+    lean = label.endswith(LEAN_SUFFIX)
+    name = label[:-len(LEAN_SUFFIX)] if lean else label
+    return get_method(name), name, lean

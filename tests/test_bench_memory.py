@@ -73,7 +73,7 @@ def test_lean_dtl_keeps_less_than_dtl():
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--model", "resnet50"], "--model: unsupported backbone"),
     (["--model_kwargs", "depth"], "key=value"),
-    (["--model", "swin_tiny_patch4_window7_224", "--methods", "vpt"], "vpt is implemented for ViT"),
+    (["--model", "swin_tiny_patch4_window7_224", "--methods", "vpt"], "--methods vpt: --method vpt is not implemented for swin"),
     (["--json", "/nonexistent/dir/x.json"], "does not exist"),
 ])
 def test_bad_arguments_stop_before_any_work(argv, message):

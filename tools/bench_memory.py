@@ -39,7 +39,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,16 +47,24 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models import DTLConfig, create_dtl_model, family_of_name, list_families  # noqa: E402
-from models.baselines import create_baseline_model  # noqa: E402
+from methods import LEAN_SUFFIX, Method, featured_results_names, get_method, parse_label, results_names  # noqa: E402
+from models import create_tuned_model, family_of_name  # noqa: E402
 from models.trainable import count_parameters  # noqa: E402
 from cli.flags import model_kwargs_type  # noqa: E402
 from utils.atomic import atomic_write_json  # noqa: E402
+from utils.errors import ModelSettingsError  # noqa: E402
 from utils.memory import MIB, SavedTensorMeter  # noqa: E402
 from utils.metrics import peak_rss_mib  # noqa: E402
 
-ALL_METHODS = ("full", "linear", "bitfit", "lora", "adapter", "adaptformer", "vpt", "ssf", "dtl", "dtl+")
-EXTRA_METHODS = ("dtl-lean", "dtl+-lean")  # the project's lean mode (models.lean), not in the default list
+def _labels() -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """The method labels: every results name of the method registry, the baselines first and the featured method
+    (DTL, DTL+) last as in the paper's tables; and, not in the default list, ``<name>-lean`` for each with lean mode."""
+    featured = featured_results_names()
+    names = tuple(n for n in results_names() if n not in featured) + featured
+    return names, tuple(n + LEAN_SUFFIX for n in names if get_method(n).supports("lean"))
+
+
+ALL_METHODS, EXTRA_METHODS = _labels()
 JSON_KEYS = ("method", "device", "batch_size", "img_size", "precision", "fused_attn", "saved_mib", "peak_alloc_mib",
              "peak_reserved_mib", "peak_rss_mib", "step_s", "images_per_s", "n_trainable")
 _RESULT_MARK = "@@BENCH_RESULT@@ "
@@ -107,11 +115,12 @@ def check_args(args: argparse.Namespace) -> List[str]:
         family = family_of_name(args.model)
     except ValueError as e:
         raise SystemExit(f"--model: {e}") from None
-    for m in methods:
-        if not m.startswith("dtl") and m not in family.baselines:
-            having = " / ".join(f.title for f in list_families() if m in f.baselines) or "no"
-            raise SystemExit(f"--methods: {m} is implemented for {having} backbones only; drop it for a "
-                             f"{family.title} --model")
+    for m in methods:  # built on the meta device: the model code's own checks (a baseline the family lacks, ...)
+        try:
+            with torch.device("meta"):
+                build_model(m, args)
+        except ModelSettingsError as e:
+            raise SystemExit(f"--methods {m}: {e}; drop it for a {family.title} --model") from None
     if args.json:
         d = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(d):
@@ -125,18 +134,24 @@ def check_args(args: argparse.Namespace) -> List[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # One method (runs in a worker process unless --in_process)
 # ----------------------------------------------------------------------------------------------------------------
-def build_model(method: str, args: argparse.Namespace):
+def method_of_label(label: str, model: str) -> Tuple[Method, Mapping[str, Any], bool]:
+    """The registered method of a label, its configuration (dict form) and lean mode. DTL's labels are its
+    results names: ``dtl`` (no fusion) and ``dtl+`` (the family's DTL+ kernel: ViT k=3, Swin k=5)."""
+    method, name, lean = parse_label(label)
+    config: Mapping[str, Any] = {}
+    if method.supports("uses_dtl_flags"):
+        choices = ({"fusion_size": 0}, {"fusion_size": family_of_name(model).plus_fusion_size})
+        config = next(c for c in choices if method.results_name(c) == name)
+    return method, config, lean
+
+
+def build_model(label: str, args: argparse.Namespace):
     kw = dict(args.model_kwargs_dict)
     kw.setdefault("img_size", args.img_size)
     if args.drop_path:
         kw["drop_path_rate"] = args.drop_path
-    if method.startswith("dtl"):
-        plus = method.startswith("dtl+")
-        k = family_of_name(args.model).plus_fusion_size if plus else 0  # DTL+ defaults: ViT k=3, Swin k=5
-        lean = method.endswith("-lean")
-        extra = {"lean": True} if lean else {}
-        return create_dtl_model(args.model, args.num_classes, DTLConfig(fusion_size=k), **extra, **kw)
-    return create_baseline_model(method, args.model, args.num_classes, **kw)
+    method, config, lean = method_of_label(label, args.model)
+    return create_tuned_model(method.name, args.model, args.num_classes, settings=dict(config), lean=lean, **kw)
 
 
 def _read_status_kib(field: str) -> Optional[int]:

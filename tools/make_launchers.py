@@ -144,7 +144,7 @@ def render(row: Dict[str, str]) -> str:
     backbone = BACKBONES[row["backbone"]]
     default_load, bb_name, load_doc = backbone.default_load, backbone.title, backbone.load_doc
     bench = get_benchmark(row["benchmark"])
-    method = "DTL+" if row["method"] == "dtl+" else "DTL"
+    method = row["method"].upper()  # hparams.tsv: dtl / dtl+
     what = f"{bench.title} {row['dataset']}" + (f", {row['shot']}-shot" if bench.shot == "required" else "")
     proto = "\n".join("# " + line for line in f"Protocol: {bench.protocol}".split("\n"))
     lines = [

@@ -27,6 +27,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from methods import parse_label  # noqa: E402
+from utils.errors import UnknownNameError  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
 
 # Published VTAB-1k accuracies for ViT-B/16 (ImageNet-21k) on the DTL paper's convention: the mean of the three
@@ -134,7 +136,11 @@ def collect_points(bench: List[dict], metric: str, own: Dict[str, float], overri
         if mem is None:
             print(f"plot_memory: {m}: no {metric} in the benchmark; not plotted", file=sys.stderr)
             continue
-        base = m[: -len("-lean")] if m.endswith("-lean") else m
+        try:
+            base = parse_label(m)[1]  # a lean label is plotted at its method's accuracy
+        except UnknownNameError as e:
+            print(f"plot_memory: {m}: {e}; not plotted", file=sys.stderr)
+            continue
         if m in own:
             acc, src = own[m], "own"
         elif m in overrides:
@@ -183,7 +189,7 @@ def plot(points: List[dict], bench: List[dict], metric: str, out: str, model_lab
               "published": dict(marker="o", filled=False)}
     used = set()
     for p in points:
-        dtl = p["method"].startswith("dtl")
+        dtl = parse_label(p["method"])[0].featured  # DTL, DTL+ and their lean modes
         color = "#d62728" if dtl else "#1f77b4"
         st = styles[p["source"]]
         marker = "*" if dtl else st["marker"]

@@ -111,7 +111,10 @@ SLOW: Tuple[str, ...] = (
     "test_folder_data.py::test_custom_launcher",  # train_scripts/custom through bash and train.py (8 s)
 )
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# run_tests.sh gives each parallel worker its share of the cores through OMP_NUM_THREADS (torch reads it at
+# import); run on its own, pytest uses at most 2 threads: tiny models are slower on more.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def module_key(path) -> str:

@@ -16,7 +16,6 @@ A class index is written in mixed radix over the task's factors (first factor va
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import zlib
@@ -487,35 +486,3 @@ def make_folder_root(
     if classes_file:
         atomic_write_text(os.path.join(root, "classes.txt"), "".join(f"{c}\n" for c in classes))
     return root
-
-
-def main(argv=None) -> int:
-    """``python -m data.synthetic {vtab,few_shot,dg} ROOT [options]``: write a generated data root."""
-    p = argparse.ArgumentParser(prog="python -m data.synthetic", description=main.__doc__, allow_abbrev=False)
-    p.add_argument("benchmark", choices=("vtab", "few_shot", "dg"))
-    p.add_argument("root")
-    p.add_argument("--tasks", nargs="+", default=None,
-                   help="VTAB tasks / few-shot datasets / DG targets (default: cifar_100 / all five / all five)")
-    p.add_argument("--n_train", type=int, default=800, help="VTAB: train800 images per task (default 800)")
-    p.add_argument("--n_val", type=int, default=200, help="VTAB: val200 images per task (default 200)")
-    p.add_argument("--n_test", type=int, default=500, help="VTAB: test images per task (default 500)")
-    p.add_argument("--classes", type=int, default=4, help="few_shot / dg: classes used per dataset (default 4)")
-    p.add_argument("--img_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kind", choices=("shapes", "noise"), default="shapes")
-    a = p.parse_args(argv)
-    if a.benchmark == "vtab":
-        make_vtab_root(a.root, tasks=tuple(a.tasks or ("cifar_100",)), n_train=a.n_train, n_val=a.n_val,
-                       n_test=a.n_test, img_size=a.img_size, seed=a.seed, kind=a.kind)
-    elif a.benchmark == "few_shot":
-        make_fgfs_root(a.root, datasets=tuple(a.tasks or FGFS_DATASETS), classes_per_dataset=a.classes,
-                       img_size=a.img_size, seed=a.seed, kind=a.kind)
-    else:
-        make_dg_root(a.root, targets=tuple(a.tasks or DG_TARGETS), classes=a.classes, img_size=a.img_size,
-                     seed=a.seed, kind=a.kind)
-    print(f"wrote a synthetic {a.benchmark} root at {a.root}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

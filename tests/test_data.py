@@ -389,7 +389,7 @@ def test_shapes_images_are_learnable(task, dims):
 
 
 def test_synthetic_cli(tmp_path, capsys):
-    from data.synthetic import main
+    from tools.make_synthetic_data import main
 
     assert main(["vtab", str(tmp_path / "v"), "--tasks", "kitti", "--n_train", "4", "--n_val", "2", "--n_test", "3",
                  "--img_size", "8"]) == 0

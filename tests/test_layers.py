@@ -1,9 +1,10 @@
 """The layers of the project: ``utils < methods < data, models < engine < cli < train.py / tools``.
 
 Every import of every project module (read with ``ast``, function-level imports included) may only go to its
-own package or to a lower layer, and the packages import each other without cycles. Reading flags imports no
-torch: the parser and its validation (``cli.flags``, the method registry ``methods``), the results tables
-(``engine.tables``) and ``tools/run_table.py`` reading every launcher's flags."""
+own package or to a lower layer, and the packages import each other without cycles; the library layers (below
+``cli/``) never import argparse. Reading flags imports no torch: the parser and its validation (``cli.flags``,
+the method registry ``methods``), the results tables (``engine.tables``) and ``tools/run_table.py`` reading
+every launcher's flags."""
 from __future__ import annotations
 
 import ast
@@ -78,6 +79,18 @@ def test_no_package_cycle():
 
     cycles = sorted(p for p in graph if reaches(p, p, set()))
     assert not cycles, f"packages in an import cycle: {cycles}"
+
+
+#: the library layers: they take specs or keyword arguments; flags are parsed above them (cli/, train.py, tools/).
+LIBRARY_PACKAGES = ("utils", "methods", "data", "models", "engine")
+
+
+def test_library_layers_parse_no_flags():
+    """No module of the library layers imports argparse: no flag namespace is built or passed below ``cli/``
+    (command-line front ends such as the synthetic-data writer live in ``tools/``)."""
+    bad = [path for path, pkg in _modules() if pkg in LIBRARY_PACKAGES
+           for name in _imports(path) if name.split(".")[0] == "argparse"]
+    assert not bad, f"argparse imported in the library layers (parse flags in cli/ or tools/): {bad}"
 
 
 def test_known_exceptions_still_exist():

@@ -129,7 +129,7 @@ echo "gpu_check: repository $REPO, output $OUT, python $PYTHON"
 step environment 120 "$PYTHON" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda); print('cuda available', torch.cuda.is_available()); [print(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]"
 HAS_CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 rm -rf "$OUT/data" "$OUT/runs"
-step make_data 120 "$PYTHON" -m data.synthetic vtab "$OUT/data" --tasks eurosat --n_train 24 --n_val 8 --n_test 32 --img_size 64
+step make_data 120 "$PYTHON" tools/make_synthetic_data.py vtab "$OUT/data" --tasks eurosat --n_train 24 --n_val 8 --n_test 32 --img_size 64
 
 # ---------------------------------------------------------------------------------------------- CPU parts
 if [[ -d "$FIXTURES" ]]; then

@@ -67,7 +67,14 @@ class DTLBase(DTLTimmMixin, ClassifierMixin, nn.Module):
 
     arch: str = ""
     trainable_prefixes = ("side.", "head.")
+    backbone_class: type = nn.Module  #: the timm backbone class a wrapper runs (set by each subclass)
     backbone: nn.Module
+
+    def _check_backbone_class(self, backbone: nn.Module) -> None:
+        """Refuse a backbone that is not the timm class this wrapper runs (``backbone_class``)."""
+        if not isinstance(backbone, self.backbone_class):
+            raise TypeError(f"{type(self).__name__} wraps a timm {self.backbone_class.__name__}, "
+                            f"got {type(backbone).__name__}")
 
     def _resolve_config(self, dtl: Optional[DTLConfig], num_blocks: Optional[int] = None) -> DTLConfig:
         """``dtl`` with its ``None`` fields set to the family's defaults (:class:`~models.families.BackboneFamily`

@@ -102,9 +102,7 @@ class DTLSwinTransformer(SwinTimmMixin, DTLBase):
         mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, self.backbone_class):
-            raise TypeError(f"{type(self).__name__} wraps a timm {self.backbone_class.__name__}, "
-                            f"got {type(backbone).__name__}")
+        self._check_backbone_class(backbone)
         if isinstance(backbone.norm, nn.Identity):
             raise ValueError("the Swin backbone must keep its final norm in .norm")
         self.depths: Tuple[int, ...] = tuple(len(stage.blocks) for stage in backbone.layers)

@@ -80,9 +80,7 @@ class DTLVisionTransformer(ViTTimmMixin, DTLBase):
         mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, self.backbone_class):
-            raise TypeError(f"{type(self).__name__} wraps a timm {self.backbone_class.__name__}, "
-                            f"got {type(backbone).__name__}")
+        self._check_backbone_class(backbone)
         if getattr(backbone, "attn_pool", None) is not None:
             raise ValueError("remove the backbone's attention pool first (models.backbones.prepare_token_backbone)")
         self.backbone = backbone

@@ -163,6 +163,9 @@ def test_block_selection_errors():
         DTLVisionTransformer(tiny_vit(depth=12), 5, DTLConfig(add_back_blocks="6-12"))
     with pytest.raises(ValueError, match="cannot parse"):
         DTLConfig(csn_blocks="a-b")
+    with pytest.raises(TypeError, match="DTLVisionTransformer wraps a timm VisionTransformer, got SwinTransformer"):
+        DTLVisionTransformer(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2,
+                                               embed_dim=16, depths=(1, 1), num_heads=(1, 1), num_classes=0), 5)
 
 
 def _npz_source(tmp_path):

@@ -130,17 +130,8 @@ def float_triple(text: str) -> Tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``train.py`` (also used by the launcher tests to read the launchers' commands)."""
-    p = argparse.ArgumentParser(
-        prog="train.py",
-        description="DTL / DTL+ (and baseline tuning methods) on VTAB-1k, few-shot FGFS and domain generalisation.",
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--config", default=None, metavar="YAML", help="YAML file of flag defaults (flag: value)")
-
-    g = p.add_argument_group("data")
+def _data_flags(g: argparse._ArgumentGroup) -> None:
+    """Data: root, benchmark, dataset, shots and seeds, input size, loading and its checks, classes."""
     g.add_argument("--data_dir", default="", help="benchmark root (VTAB-1k / FGFS / DG folder)")
     g.add_argument("--dataset", default="", help="VTAB task (cifar_100, ...), few-shot dataset (food101-FS, ...) "
                    "or DG target (imagenet-sketch, ...)")
@@ -166,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_train_test_overlap", action="store_true",
                    help="accept an image listed both for training and for testing (refused otherwise)")
 
-    g = p.add_argument_group("model")
+
+def _model_flags(g: argparse._ArgumentGroup) -> None:
+    """Model: backbone and its weights, the tuning method and its settings, drop path, normalisation."""
     g.add_argument("--model", default="vit_base_patch16_224_in21k",
                    help="backbone: vit_base_patch16_224_in21k (the original's), swin_base_patch4_window7_224_in22k, "
                         "or any timm ViT/Swin name")
@@ -195,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--std", type=float_triple, default=None, metavar="R,G,B",
                    help="input normalisation std per channel (default: the backbone's)")
 
-    g = p.add_argument_group("optimisation")
+
+def _optimisation_flags(g: argparse._ArgumentGroup) -> None:
+    """The recipe: learning rate and schedule, epochs, batch sizes, mixed precision."""
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on *.bias)")
     g.add_argument("--epochs", type=_nonneg_int, default=100, help="cosine epochs (t_initial)")
@@ -211,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp_dtype", default="float16", choices=("float16", "bfloat16"),
                    help="autocast dtype of --amp (bfloat16 needs no scaler and also works on the CPU)")
 
-    g = p.add_argument_group("regularisation")
+
+def _regularisation_flags(g: argparse._ArgumentGroup) -> None:
+    """The recipe's regularisation: Mixup / CutMix, label smoothing, EMA."""
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
     g.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup/cutmix per batch")
@@ -220,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep an EMA of the trainable tensors and evaluate/save it")
     g.add_argument("--ema_decay", type=float, default=0.9998, help="EMA decay per step")
 
-    g = p.add_argument_group("memory/speed (beyond the original)")
+
+def _memory_speed_flags(g: argparse._ArgumentGroup) -> None:
+    """Beyond the original: lean mode and the frozen-prefix cache."""
     g.add_argument("--lean", action=argparse.BooleanOptionalAction, default=False,
                    help="DTL only: recompute the frozen blocks' activations in backward instead of storing them "
                         "(same results up to float summation order, a fraction of the training memory)")
@@ -239,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", default=None, metavar="DIR",
                    help="folder of the memory-mapped --cache_prefix file (default: the system temp folder)")
 
-    g = p.add_argument_group("run")
+
+def _run_flags(g: argparse._ArgumentGroup) -> None:
+    """The run: seed, device, output folder, resume and starting points, evaluation, logging, DDP."""
     g.add_argument("--seed", type=int, default=42, help="random seed (offset by the seed index and the rank)")
     g.add_argument("--device", default="auto",
                    help="auto, cpu, cuda, cuda:N (under torchrun: process LOCAL_RANK uses GPU N + LOCAL_RANK)")
@@ -267,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write TensorBoard events into the run folder")
     g.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP: allow trainable tensors without gradient (not needed for DTL)")
+
+
+#: The groups of ``train.py --help``, in order: (title, the function adding its flags).
+FLAG_SECTIONS = (
+    ("data", _data_flags),
+    ("model", _model_flags),
+    ("optimisation", _optimisation_flags),
+    ("regularisation", _regularisation_flags),
+    ("memory/speed (beyond the original)", _memory_speed_flags),
+    ("run", _run_flags),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``train.py`` (also used by the launcher tests to read the launchers' commands)."""
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="DTL / DTL+ (and baseline tuning methods) on VTAB-1k, few-shot FGFS and domain generalisation.",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, metavar="YAML", help="YAML file of flag defaults (flag: value)")
+    for title, add_flags in FLAG_SECTIONS:
+        add_flags(p.add_argument_group(title))
     return p
 
 

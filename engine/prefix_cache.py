@@ -214,6 +214,52 @@ def _allocate(storage, shapes, n, dtype, device, dir) -> Tuple[Dict[int, torch.T
         off += numels[i]
     return out, path
 
+
+def _first_image(dataset: Dataset, check_repeatable: bool) -> torch.Tensor:
+    """Image 0 of ``dataset`` as a tensor; with ``check_repeatable``, loaded twice and refused if the two differ
+    (this catches random transforms that the transform-class check cannot see)."""
+    def load() -> torch.Tensor:
+        image = dataset[0][0]
+        return image if isinstance(image, torch.Tensor) else torch.as_tensor(image)
+
+    first = load()
+    if check_repeatable and not torch.equal(first, load()):
+        raise PrefixCacheError(
+            "the training transform is not deterministic: image 0 came out differently twice; "
+            "train without --cache_prefix or pass --cache_prefix_approx"
+        )
+    return first
+
+
+def _fill(tensors: Dict[int, torch.Tensor], n: int, loader: DataLoader,
+          record: Callable[[torch.Tensor], Dict[int, torch.Tensor]]) -> torch.Tensor:
+    """Write ``record(images)`` (block index -> that block's inputs) of every batch of ``loader`` into
+    ``tensors`` (block index -> an ``n x ...`` tensor of the storage dtype), in order, and return the ``n``
+    labels. A block input that is not finite, or overflows the storage dtype, is refused naming the block and the
+    images; so is a loader that yields another number of images than ``n``."""
+    labels = torch.empty(n, dtype=torch.int64)
+    offset = 0
+    for batch in loader:
+        images, target = _as_items(batch)
+        b = images.shape[0]
+        for i, t in record(images).items():
+            if not torch.isfinite(t).all():
+                raise PrefixCacheError(f"the input of block {i} is not finite for images {offset}..{offset + b - 1}")
+            dtype = tensors[i].dtype
+            q = t.to(dtype)
+            if not torch.isfinite(q).all():
+                raise PrefixCacheError(
+                    f"the input of block {i} overflows {dtype} (max |x| = {t.abs().max().item():.4g}) for "
+                    f"images {offset}..{offset + b - 1}; build with dtype=torch.bfloat16 or torch.float32"
+                )
+            tensors[i][offset:offset + b].copy_(q)
+        labels[offset:offset + b] = target.to(torch.int64)
+        offset += b
+    if offset != n:
+        raise PrefixCacheError(f"the data loader yielded {offset} images, the dataset has {n}")
+    return labels
+
+
 # --- use -----------------------------------------------------------------------------------------------
 
 
@@ -328,16 +374,7 @@ class PrefixCache:
         n = len(dataset)
         if n == 0:
             raise PrefixCacheError("the dataset is empty")
-        first = dataset[0][0]
-        first = first if isinstance(first, torch.Tensor) else torch.as_tensor(first)
-        # Image 0 twice: catches random transforms that the class-name check cannot see.
-        if not reasons:
-            again = dataset[0][0]
-            if not torch.equal(first, again if isinstance(again, torch.Tensor) else torch.as_tensor(again)):
-                raise PrefixCacheError(
-                    "the training transform is not deterministic: image 0 came out differently twice; "
-                    "train without --cache_prefix or pass --cache_prefix_approx"
-                )
+        first = _first_image(dataset, check_repeatable=not reasons)
         blocks, resume = model.prefix_plan()
         was_training = model.training
         model.eval()
@@ -357,27 +394,9 @@ class PrefixCache:
                 for r in reasons:
                     log(f"prefix cache: APPROXIMATE (allowed): {r}")
             tensors, path = _allocate(storage, shapes, n, dtype, device, dir)
-            labels = torch.empty(n, dtype=torch.int64)
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
-            offset = 0
-            for batch in loader:
-                images, target = _as_items(batch)
-                rec = _record(model, images, blocks, device, preprocess, autocast_dtype)
-                b = images.shape[0]
-                for i, t in rec.items():
-                    if not torch.isfinite(t).all():
-                        raise PrefixCacheError(f"the input of block {i} is not finite for images {offset}..{offset + b - 1}")
-                    q = t.to(dtype)
-                    if not torch.isfinite(q).all():
-                        raise PrefixCacheError(
-                            f"the input of block {i} overflows {dtype} (max |x| = {t.abs().max().item():.4g}) for "
-                            f"images {offset}..{offset + b - 1}; build with dtype=torch.bfloat16 or torch.float32"
-                        )
-                    tensors[i][offset:offset + b].copy_(q)
-                labels[offset:offset + b] = target.to(torch.int64)
-                offset += b
-            if offset != n:
-                raise PrefixCacheError(f"the data loader yielded {offset} images, the dataset has {n}")
+            labels = _fill(tensors, n, loader,
+                           lambda images: _record(model, images, blocks, device, preprocess, autocast_dtype))
         finally:
             model.train(was_training)
         cache = cls(tensors, labels, blocks, resume, storage, approximate=bool(reasons), path=path)

@@ -159,6 +159,10 @@ def test_refuses_overflow_and_models_without_prefix():
     assert PrefixCache.build(model, TensorDataset(x, y), deterministic=True, dtype=torch.bfloat16, log=None)
     with pytest.raises(PrefixCacheError, match="does not support the prefix cache"):
         PrefixCache.build(nn.Linear(3, 3), TensorDataset(x, y), deterministic=True, log=None)
+    # a NaN image (e.g. a corrupt float input) names the block and the images of its batch
+    x[4] = float("nan")
+    with pytest.raises(PrefixCacheError, match=r"input of block 0 is not finite for images 4\.\.5"):
+        PrefixCache.build(tiny(), TensorDataset(x, y), deterministic=True, batch_size=2, log=None)
 
 
 def test_storage_choice_and_size_refusals(monkeypatch, tmp_path):

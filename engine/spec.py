@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from data.spec import DataSpec
 from models.spec import FrozenDict, ModelSpec, freeze
 
-__all__ = ["OptimSpec", "RunSpec", "Experiment", "RUN_LOCAL_FIELDS", "FIELD_FLAGS", "SECTIONS",
+__all__ = ["OptimSpec", "RunSpec", "Experiment", "RUN_LOCAL_FIELDS", "FIELD_FLAGS", "DERIVED_FIELDS", "SECTIONS",
            "spec_differences", "SpecDifference"]
 
 #: The sections of an :class:`Experiment`, in the order config.yaml / last.pth / results.json write them.
@@ -111,7 +111,6 @@ class RunSpec:
 
 #: Fields that belong to one invocation, not to what is trained: a resume ignores their differences.
 RUN_LOCAL_FIELDS: Mapping[str, Tuple[str, ...]] = FrozenDict({
-    "model": ("class_names",),
     "data": ("data_dir", "check_images", "skip_bad_images"),
     "optim": ("batch_size_test", "amp", "amp_dtype"),  # what autocast does is run.precision, which is compared
     "run": ("output_dir", "device", "deterministic", "world_size", "num_workers", "tensorboard", "prefetcher",
@@ -132,6 +131,12 @@ FIELD_FLAGS: Mapping[str, str] = FrozenDict({
     **{f"run.{f.name}": f.name for f in dataclasses.fields(RunSpec) if f.name not in ("precision", "world_size")},
 })
 
+
+#: Spec fields that no flag sets, with where they come from (named when a resume finds them changed).
+DERIVED_FIELDS: Mapping[str, str] = FrozenDict({
+    "model.class_names": "label i is class i of the data: classes.txt, else the sorted train/ folders or list "
+                         "labels; a changed order would permute the labels the head learnt",
+})
 
 @dataclass(frozen=True)
 class Experiment:
@@ -173,7 +178,9 @@ class SpecDifference:
     def describe(self) -> str:
         where = f"{self.section} spec, {self.field}"
         head = f"{self.flag}: " if self.flag else f"{self.section}.{self.field}: "
-        return f"{head}checkpoint {_short(self.saved)} vs now {_short(self.current)} ({where})"
+        hint = DERIVED_FIELDS.get(f"{self.section}.{self.field}")
+        return f"{head}checkpoint {_short(self.saved)} vs now {_short(self.current)} ({where}" + \
+            (f"; {hint})" if hint else ")")
 
 
 def _short(value: Any) -> str:

@@ -95,3 +95,24 @@ def test_model_settings_the_backbone_cannot_take_are_one_line(vtab, tmp_path, ca
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and says in errors[0] and "\n" not in errors[0], errors
     assert not out.exists()
+
+
+def test_resume_with_another_class_order_is_refused(tmp_path, caplog):
+    """Your own data: a classes.txt written (or edited) between the interruption and the resume reorders the
+    classes, so every label would mean another class than the head learnt: refused, naming the class names."""
+    from data.synthetic import FOLDER_CLASSES, make_folder_root
+
+    root = make_folder_root(str(tmp_path / "root"), n_train=2, n_test=1)
+    out = tmp_path / "run"
+    argv = ["--benchmark", "folder", "--data_dir", root, "--dataset", "mine", *TINY, "--epochs", "2",
+            "--warmup_epochs", "0", "--batch_size", "4", "--output_dir", out]
+    with kill_after(0, 1), pytest.raises(Killed):
+        run_train(argv)
+    with open(os.path.join(root, "classes.txt"), "w", encoding="utf-8") as f:
+        f.writelines(f"{c}\n" for c in sorted(FOLDER_CLASSES, reverse=True))
+    before = _md5s(out)
+    caplog.clear()
+    assert run_train([*argv, "--resume", out / "last.pth"]) == 2
+    err = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert len(err) == 1 and "model.class_names: checkpoint" in err[0] and "classes.txt" in err[0], caplog.text
+    assert _md5s(out) == before

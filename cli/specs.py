@@ -43,8 +43,8 @@ def _method_config(args: argparse.Namespace) -> Dict[str, Any]:
     if not method.supports("uses_dtl_flags"):
         given = [f"--{k}" for k in DTL_FLAGS if k not in ("fusion_size", "beta") and getattr(args, k) is not None]
         if given:
-            _logger.info("%s are DTL settings: --method %s ignores them and uses its own configuration",
-                         ", ".join(given), args.method)
+            _logger.info("%s: DTL setting%s that --method %s ignores (it uses its own configuration)",
+                         ", ".join(given), "s" if len(given) > 1 else "", args.method)
         return {}
     config = method_config_of_flags(args)
     if config["r"] is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, List, Optional, Sequence
@@ -26,7 +27,7 @@ from models.initial import InitialCheckpoint, check_initial_checkpoint
 from models.spec import ModelSpec, thaw
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from engine.run_folder import CacheInfo
-from engine.spec import Experiment, OptimSpec, RunSpec
+from engine.spec import FIELD_FLAGS, Experiment, OptimSpec, RunSpec
 from utils.errors import UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
@@ -146,7 +147,8 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
                                    settings=method.config_from_dict(spec.method_config), load_path=load_path,
                                    pretrained=pretrained, lean=lean, **spec.timm_kwargs())
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
-        raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}") from e
+        raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}"
+                         f"{_setting_flags_hint(str(e))}") from e
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         if not spec.backbone_kwargs:  # without the user's own timm arguments this is a bug: keep its traceback
             raise
@@ -155,6 +157,14 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
     set_normalization(model, spec.mean, spec.std)  # what resolve_data_config on the model reports
     return model
 
+
+def _setting_flags_hint(message: str) -> str:
+    """`` (csn_blocks: --lora_before_blocks)`` for each method setting that ``message`` names by its configuration
+    name where the flag has another name (the original's flag names), so that the error says what to change."""
+    pairs = [(key.rsplit(".", 1)[1], flag) for key, flag in FIELD_FLAGS.items()
+             if key.startswith("model.method_config.") and key.rsplit(".", 1)[1] != flag]
+    named = [f"{name}: --{flag}" for name, flag in pairs if re.search(rf"\b{re.escape(name)}\b", message)]
+    return f" ({', '.join(named)})" if named else ""
 
 def _kwargs_text(spec: ModelSpec) -> str:
     """``--model_kwargs`` as written back: ``k=v`` pairs in key order."""

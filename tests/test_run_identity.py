@@ -87,6 +87,10 @@ def test_few_shot_resume_without_a_finished_seeds_delta_is_refused_at_once(fgfs,
 @pytest.mark.parametrize("extra, says", [
     (["--img_size", "8"], "--img_size 8 does not fit --model vit_tiny_patch16_224"),
     (["--model_kwargs", "embed_dim=-4"], "--model_kwargs embed_dim=-4"),
+    # a launcher's block ranges on a shallower backbone: the error names the original's flag, not only the setting
+    (["--model_kwargs", "depth=4", "--lora_before_blocks", "0-11"],
+     "csn_blocks contains [4, 5, 6, 7, 8, 9, 10, 11], but the backbone has 4 blocks (valid: 0-3) "
+     "(csn_blocks: --lora_before_blocks)"),
 ])
 def test_model_settings_the_backbone_cannot_take_are_one_line(vtab, tmp_path, caplog, extra, says):
     out = tmp_path / "run"

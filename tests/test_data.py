@@ -397,3 +397,19 @@ def test_synthetic_cli(tmp_path, capsys):
     assert main(["dg", str(tmp_path / "d"), "--tasks", "imagenet-r", "--classes", "2", "--img_size", "8"]) == 0
     assert len(build_dg_target(str(tmp_path / "d"), "imagenet-rendition")) == 4
     assert "wrote a synthetic" in capsys.readouterr().out
+    # your own data's layout, with every list form: the classes and counts train.py will read
+    from data.benchmark import DataRequest
+    from data.benchmarks import get_benchmark
+
+    for layout in ("folders", "txt", "csv"):
+        root = str(tmp_path / f"f_{layout}")
+        assert main(["folder", root, "--classes", "6", "--n_train", "2", "--n_val", "1", "--n_test", "1",
+                     "--layout", layout, "--img_size", "8"]) == 0
+        plan = get_benchmark("folder").build(DataRequest(
+            data_dir=root, dataset="mine", seeds=[0], shot=None, target=None, train_transform=None,
+            test_transform=None, need_train=True))
+        seed = plan.seeds[0]
+        assert plan.num_classes == 6 and "class_5" in plan.class_names, layout
+        assert (len(seed.train), len(seed.val), len(seed.tests["test"])) == (12, 6, 6), layout
+        # every image is listed under its own class (index labels follow classes.txt's order)
+        assert all(os.path.basename(os.path.dirname(p)) == plan.class_names[y] for p, y in seed.train.samples)

@@ -14,6 +14,7 @@ the namespace.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,7 +26,7 @@ from methods import get_method, method_names
 from utils.blocks import parse_blocks
 from utils.errors import UsageError
 
-__all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "parse_int_list", "block_range",
+__all__ = ["UsageError", "FlagParser", "build_parser", "parse_args", "infer_benchmark", "parse_int_list", "block_range",
            "float_triple", "CACHE_STORAGES", "CACHE_DTYPES", "DTL_FLAGS", "method_config_of_flags",
            "resolved_method"]
 
@@ -270,6 +271,28 @@ def _run_flags(g: argparse._ArgumentGroup) -> None:
                    help="DDP: allow trainable tensors without gradient (not needed for DTL)")
 
 
+class FlagParser(argparse.ArgumentParser):
+    """``train.py``'s parser. A usage error is two lines (the error, with the closest flag for a misspelled one,
+    and where every flag is listed) instead of argparse's whole usage text before it; the exit status stays 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {self._suggest(message)}\n"
+                     f"{self.prog}: every flag and its default: {self.prog} --help\n")
+
+    def _suggest(self, message: str) -> str:
+        """``unrecognized arguments: --epoch 3`` -> ``... --epoch (did you mean --epochs?) 3``."""
+        head, sep, rest = message.partition("unrecognized arguments: ")
+        if not sep:
+            return message
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        words = []
+        for word in rest.split(" "):
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75) \
+                if word.startswith("--") else []
+            words.append(f"{word} (did you mean {close[0]}?)" if close else word)
+        return head + sep + " ".join(words)
+
+
 #: The groups of ``train.py --help``, in order: (title, the function adding its flags).
 FLAG_SECTIONS = (
     ("data", _data_flags),
@@ -283,7 +306,7 @@ FLAG_SECTIONS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``train.py`` (also used by the launcher tests to read the launchers' commands)."""
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="train.py",
         description="DTL / DTL+ (and baseline tuning methods) on VTAB-1k, few-shot FGFS and domain generalisation.",
         allow_abbrev=False,

@@ -117,6 +117,15 @@ def test_bad_normalisation_flags_exit_2(flag, value, capsys):
     assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
 
 
+def test_a_misspelled_flag_is_two_lines_with_the_closest_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train(["--dataset", "dtd", "--epoch", "3", "--lr_warmup", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage:" not in err and len(err.splitlines()) == 2, err
+    assert "unrecognized arguments: --epoch (did you mean --epochs?) 3 --lr_warmup 1" in err
+    assert "train.py --help" in err
+
+
 # ------------------------------------------------------------------------------------------------- resume
 def test_resume_refuses_other_backbone_weights_and_accepts_run_local_changes(vtab, backbone_file, tmp_path,
                                                                                 caplog):

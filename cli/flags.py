@@ -26,7 +26,7 @@ from utils.blocks import parse_blocks
 from utils.errors import UsageError
 
 __all__ = ["UsageError", "build_parser", "parse_args", "infer_benchmark", "parse_int_list", "block_range",
-           "float_triple", "CACHE_STORAGES", "CACHE_DTYPES", "DTL_FLAGS", "method_config_of_flags",
+           "float_triple", "positive_float_triple", "CACHE_STORAGES", "CACHE_DTYPES", "DTL_FLAGS", "method_config_of_flags",
            "resolved_method"]
 
 CACHE_STORAGES = ("auto", "device", "host", "mmap")
@@ -130,6 +130,21 @@ def float_triple(text: str) -> Tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+#: The smallest --std value: float32's smallest normal number (a smaller one, e.g. 1e-45, is 0 or denormal in
+#: float32 and 1/std is infinite).
+MIN_STD = 1.1754943508222875e-38
+
+
+def positive_float_triple(text: str) -> Tuple[float, float, float]:
+    """:func:`float_triple` whose values are > 0 (``--std``: the images are divided by it); values below
+    :data:`MIN_STD`, whose reciprocal is not finite in float32, are refused too."""
+    values = float_triple(text)
+    if not all(v >= MIN_STD for v in values):
+        raise argparse.ArgumentTypeError(f"expected three numbers > 0 (at least {MIN_STD:.2g}, one per RGB "
+                                         f"channel; the images are divided by them), got {text!r}")
+    return values
+
+
 def _data_flags(g: argparse._ArgumentGroup) -> None:
     """Data: root, benchmark, dataset, shots and seeds, input size, loading and its checks, classes."""
     g.add_argument("--data_dir", default="", help="benchmark root (VTAB-1k / FGFS / DG folder)")
@@ -185,7 +200,7 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--mean", type=float_triple, default=None, metavar="R,G,B",
                    help="input normalisation mean per channel (default: the backbone's, 0.5,0.5,0.5 for the "
                         "paper's backbones)")
-    g.add_argument("--std", type=float_triple, default=None, metavar="R,G,B",
+    g.add_argument("--std", type=positive_float_triple, default=None, metavar="R,G,B",
                    help="input normalisation std per channel (default: the backbone's)")
 
 

@@ -110,11 +110,28 @@ def test_spec_differences_name_section_and_field_and_skip_run_local():
     assert "--seeds: checkpoint [0] vs now [1] (data spec, seeds)" in text
 
 
-@pytest.mark.parametrize("flag, value", [("--mean", "0.5,0.5"), ("--std", "a,b,c"), ("--mean", "nan,0,0")])
-def test_bad_normalisation_flags_exit_2(flag, value, capsys):
-    with pytest.raises(SystemExit) as e:  # argparse: usage and one error line naming the flag
-        run_train(["--dataset", "dtd", flag, value])
-    assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value", [("--mean", "0.5,0.5"), ("--std", "a,b,c"), ("--mean", "nan,0,0"),
+                                         ("--std", "0,1,1"), ("--std", "-1,1,1"), ("--std", "1e-45,1,1"),
+                                         ("--std", "1,inf,1")])
+def test_bad_normalisation_flags_exit_2(flag, value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # argparse: usage and one error line naming the flag, no run folder
+        run_train(["--dataset", "dtd", flag, value, "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1 and f"error: argument {flag}:" in errors[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_std_takes_small_positive_values_and_refuses_them_in_a_config(tmp_path):
+    from cli.flags import MIN_STD
+    from cli.specs import parse_args
+
+    assert parse_args(["--dataset", "dtd", "--std", "1e-3,0.5,2"]).std == (1e-3, 0.5, 2.0)
+    assert parse_args(["--dataset", "dtd", "--std", f"{MIN_STD!r},1,1"]).std[0] == MIN_STD
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("std: [0, 1, 1]\n")
+    with pytest.raises(UsageError, match="bad value for 'std': expected three numbers > 0"):
+        parse_args(["--dataset", "dtd", "--config", str(cfg)])
 
 
 # ------------------------------------------------------------------------------------------------- resume

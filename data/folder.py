@@ -11,7 +11,9 @@ A list file of a split wins over a folder of the same name (the list may point i
 ``path label``, split on the last whitespace run (paths may hold spaces, labels may not); ``.csv`` rows are
 ``path,label`` (CSV quoting for commas, quotes or spaces). Either may start with a header line: the first line
 is taken as one when its path is no file under the root and its label neither a class index nor a class name.
-Relative paths start from the root. A label of ASCII digits is a class index, anything else a class name.
+Relative paths start from the root. A label of ASCII digits is a class index, anything else a class name; a
+label of digits that is no class index (not below the class count) but a class name is that class, and one that
+is the index of one class and the name of another is refused.
 
 Classes: ``classes.txt`` when present; else the sorted folder names of ``train/`` (as torchvision's
 ImageFolder); else the sorted class names of the training list; else (integer labels) ``0 .. max``. A class in
@@ -204,9 +206,12 @@ def folder_classes(root: str, train_source: str) -> FolderClasses:
 
 def _label_index(label: str, classes: FolderClasses, folder: bool) -> Tuple[Optional[int], Optional[str]]:
     """``(index, None)`` of a label (a class folder's name: by name when classes are named), or
-    ``(None, problem)``."""
+    ``(None, problem)``. A list label of digits that is a class name but no class index (not below the class
+    count) is that name; one that is the index of one class and the name of another is refused."""
     by_name = classes.index_of.get(label)
     index = parse_index(label) if not (folder and classes.names) else None
+    if by_name is not None and index is not None and not 0 <= index < classes.count:
+        index = None  # no class has this index: the label can only be the name
     if by_name is not None and index is not None and by_name != index:
         return None, (f"label {label!r} is both class index {index} and the name of class {by_name} "
                       f"(rename the classes, e.g. zero-padded, or list them in {CLASSES_FILE} in index order)")

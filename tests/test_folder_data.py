@@ -134,6 +134,18 @@ def test_digit_named_folders_are_names_and_ambiguous_list_labels_are_refused(tmp
         _plan(root)
 
 
+def test_a_digit_label_beyond_the_class_indices_is_the_class_of_that_name(tmp_path):
+    root = make_folder_root(str(tmp_path / "r"), classes=["0", "1", "2", "10"], n_train=1, n_test=1)
+    Path(root, "test.txt").write_text("test/10/bild 00 ü.png 10\ntest/1/bild 00 ü.png 1\n", encoding="utf-8")
+    plan = _plan(root)
+    assert plan.class_names == ["0", "1", "10", "2"]
+    # '10': there is no index 10 of 4 classes, so the name (class 2); '1': index 1 is the class named '1'
+    assert [y for _, y in plan.seeds[0].tests["test"].samples] == [2, 1]
+    Path(root, "test.txt").write_text("test/2/bild 00 ü.png 2\n", encoding="utf-8")
+    with pytest.raises(DataError, match="is both class index 2 and the name of class 3"):
+        _plan(root)  # index 2 is class '10', the name '2' is class 3: ambiguous
+
+
 def test_mixed_labels_bad_csv_and_classes_txt_problems(tmp_path):
     root = make_folder_root(str(tmp_path / "r"), layout="csv", n_train=1, n_test=1)
     with open(os.path.join(root, "train.csv"), "a", encoding="utf-8") as f:

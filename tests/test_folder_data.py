@@ -239,6 +239,26 @@ def test_train_py_without_val_and_csv(tmp_path):
     assert res["benchmark"] == "folder" and res["per_seed"][0]["best_epoch"] is None  # no selection
 
 
+@pytest.mark.parametrize("data_dir, cwd", [(".", "meine Daten"), ("..", "meine Daten/train"),
+                                           ("meine Daten/.", ""), ("./meine Daten/", ""), ("nowhere/x/", "")])
+def test_custom_launchers_name_the_run_after_the_resolved_data_folder(tmp_path, data_dir, cwd):
+    """DATASET left empty: the name of DATA_DIR's folder, also for DATA_DIR=. or .. (not '.'); the launchers'
+    train.py command line is read from a stand-in interpreter."""
+    (tmp_path / "meine Daten" / "train").mkdir(parents=True)
+    fake, argv_out = tmp_path / "fake_python", tmp_path / "argv.bin"
+    fake.write_text('#!/usr/bin/env bash\nprintf \'%s\\0\' "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATASET", "NPROC", "TORCHRUN_ARGS", "DTL_ROOT")}
+    env.update(DATA_DIR=data_dir, LOAD_PATH="", PYTHON=str(fake), ARGS_OUT=str(argv_out))
+    for launcher in ("train_dtl.sh", "train_dtl+.sh"):
+        proc = subprocess.run(["bash", str(REPO / "train_scripts" / "custom" / launcher)], env=env,
+                              cwd=tmp_path / cwd, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        argv = argv_out.read_bytes().decode().split("\0")[:-1]
+        assert argv[argv.index("--dataset") + 1] == ("x" if data_dir.startswith("nowhere") else "meine Daten")
+        assert argv[argv.index("--data_dir") + 1] == data_dir  # passed on as given
+
+
 def test_custom_launcher(tmp_path):
     root = make_folder_root(str(tmp_path / "meine Daten"), n_train=2, n_test=1)
     out = tmp_path / "out"

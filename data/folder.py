@@ -42,8 +42,8 @@ if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
     from .datasets import ListFileDataset
 
 __all__ = ["FOLDER_SPLITS", "IMAGE_EXTENSIONS", "CLASSES_FILE", "canonical_folder_name", "split_source",
-           "read_classes", "FolderClasses", "folder_classes", "split_entries", "build_folder_plan",
-           "check_folder_root", "looks_like_folder_root", "list_rows", "BENCHMARK"]
+           "read_classes", "FolderClasses", "folder_classes", "split_entries", "classes_without_images",
+           "build_folder_plan", "check_folder_root", "looks_like_folder_root", "list_rows", "BENCHMARK"]
 
 _logger = logging.getLogger(__name__)
 
@@ -265,6 +265,18 @@ def _dataset(root: str, source: str, classes: FolderClasses, transform, kwargs) 
     return ListFileDataset(root, source, classes.count, transform=transform, entries=entries, **kwargs)
 
 
+def classes_without_images(train_source: str, classes: FolderClasses, labels: Sequence[int]) -> Optional[str]:
+    """The warning (train.py's and the checker's) about classes of which the training split holds no image
+    (an empty ``train/<class>/`` folder, a class of classes.txt or an index the training list skips), ``None``
+    when every class has one."""
+    unused = sorted(set(range(classes.count)) - set(labels))
+    if not unused:
+        return None
+    shown = ", ".join(repr(classes.names[c]) if classes.names else str(c) for c in unused[:5])
+    return (f"{train_source}: {len(unused)} of {classes.count} classes have no training image ({shown}"
+            f"{' ...' if len(unused) > 5 else ''})")
+
+
 def build_folder_plan(req: DataRequest) -> DataPlan:
     """Every seed trains on ``train``, selects on ``val`` when it exists and is tested on ``test``."""
     require_root(req.data_dir, "data root")
@@ -278,11 +290,9 @@ def build_folder_plan(req: DataRequest) -> DataPlan:
     train = val = None
     if req.need_train:
         train = _dataset(root, sources["train"], classes, req.train_transform, kw)
-        unused = sorted(set(range(classes.count)) - set(train.targets))
+        unused = classes_without_images(sources["train"], classes, train.targets)
         if unused:
-            shown = ", ".join(repr(classes.names[c]) if classes.names else str(c) for c in unused[:5])
-            _logger.warning("%s: %d of %d classes have no training image (%s%s)", sources["train"], len(unused),
-                            classes.count, shown, " ..." if len(unused) > 5 else "")
+            _logger.warning("%s", unused)
         if sources["val"] is not None:
             val = _dataset(root, sources["val"], classes, req.test_transform, kw)
     seeds = [SeedPlan(i, s, train, val, {"test": test}) for i, s in enumerate(req.seeds)]
@@ -320,6 +330,9 @@ def _check_split(root: str, split: str, source: str, classes: FolderClasses) -> 
         (rep.errors if split == "test" else rep.warnings).append(
             f"{source}: {len(repeats)} duplicate line(s){note}: " + "; ".join(repeats[:3]))
     rep.n_classes_seen = len({e.label for e in entries})
+    unused = classes_without_images(source, classes, [e.label for e in entries]) if split == "train" else None
+    if unused and not problems:  # with label problems, the lines of a class may be among the bad ones
+        rep.warnings.append(unused)
     return rep
 
 

@@ -217,6 +217,25 @@ def test_checker_detects_and_reports_the_layout(tmp_path, capsys):
         assert any(line.split()[:2] == [split, str(n)] for line in out.splitlines()), out
 
 
+def test_checker_warns_of_a_class_without_training_images_as_train_py_does(tmp_path, capsys, caplog):
+    from tools.check_data import main
+
+    folders = make_folder_root(str(tmp_path / "f"), n_train=1, n_test=1)
+    os.remove(os.path.join(folders, "train", "grün square", "bild 00 ü.png"))  # an empty train/<class>/ folder
+    lists = make_folder_root(str(tmp_path / "l"), layout="txt", names=False, n_train=1, n_test=1)
+    train = Path(lists, "train.txt")
+    train.write_text("".join(line + "\n" for line in train.read_text(encoding="utf-8").splitlines()
+                             if not line.endswith(" 1")), encoding="utf-8")  # the labels skip class 1
+    for root, shown in ((folders, "'grün square'"), (lists, "1")):
+        warning = f"{root}/train{'.txt' if root == lists else ''}: 1 of 4 classes have no training image ({shown})"
+        caplog.clear()
+        _plan(root)
+        assert warning in caplog.text  # train.py's warning
+        assert main([root, "--no_check_images"]) == 0  # a warning, not a problem
+        out = capsys.readouterr().out
+        assert f"  - {warning}" in out and "Result: OK (1 warning(s))" in out, out
+
+
 def _tiny_args(root, out, *extra):
     return ["--data_dir", root, "--benchmark", "folder", "--dataset", "meine Daten", *TINY, "--epochs", "2",
             "--warmup_epochs", "0", "--batch_size", "4", "--lr", "1e-2", "--output_dir", out, *extra]

@@ -479,10 +479,22 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> arg
         parser.set_defaults(**_load_config(pre.config, parser))
     raw = parser.parse_args(argv)
     if not raw.dataset:
-        raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
+        raise UsageError(_dataset_required(raw.benchmark))
     args = argparse.Namespace(**{**vars(raw), **_benchmark_defaults(raw)})
     validate_args(args, world_size)
     return args
+
+
+def _dataset_required(benchmark: Optional[str]) -> str:
+    """The message for a missing --dataset: what it names with ``--benchmark`` (any name for your own data)."""
+    if benchmark is not None and get_benchmark(benchmark).any_dataset_name:
+        return (f"--dataset is required: with --benchmark {benchmark} any name works (it only names the run), e.g. "
+                f"the name of the data folder")
+    own = " or ".join(f"--benchmark {b} and any name" for b, bench in REGISTRY.items() if bench.any_dataset_name)
+    if benchmark is not None:
+        names = get_benchmark(benchmark).dataset_names
+        return f"--dataset is required: one of --benchmark {benchmark}'s ({', '.join(names)})"
+    return f"--dataset is required (a VTAB task, a few-shot dataset or a DG target; your own data: {own})"
 
 
 def _benchmark_defaults(args: argparse.Namespace) -> Dict[str, Any]:

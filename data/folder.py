@@ -61,8 +61,8 @@ def canonical_folder_name(name: str) -> str:
     separator."""
     key = name.strip()
     if not key or key in (".", "..") or any(c in key for c in "/\\\0"):
-        raise UnknownNameError(f"--dataset {name!r}: name your data with a plain folder name (no '/', not '.' "
-                               f"or '..'); it only names the run")
+        raise UnknownNameError(f"name your data with a plain folder name (no '/', not '.' or '..'; it only names "
+                               f"the run), got {name!r}")
     return key
 
 

@@ -173,6 +173,25 @@ def test_missing_split_and_dataset_names(tmp_path):
         FOLDER.canonical_dataset("a/b")
 
 
+def test_dataset_flag_messages_for_your_own_data(tmp_path, caplog):
+    root = make_folder_root(str(tmp_path / "r"), n_train=1, n_test=1)
+    argv = ["--data_dir", root, "--benchmark", "folder", *TINY, "--output_dir", str(tmp_path / "out")]
+    caplog.clear()
+    assert run_train(argv) == 2
+    assert "--dataset is required: with --benchmark folder any name works (it only names the run)" in caplog.text
+    assert "a VTAB task" not in caplog.text
+    for name in ("a/b", ".."):
+        caplog.clear()
+        assert run_train([*argv, "--dataset", name]) == 2
+        assert f"--dataset {name!r} (--benchmark folder): name your data with a plain folder name" in caplog.text
+        assert caplog.text.count("--dataset") == 1, caplog.text
+    caplog.clear()
+    assert run_train(["--data_dir", root, *TINY, "--output_dir", str(tmp_path / "out")]) == 2
+    assert "--dataset is required (a VTAB task, a few-shot dataset or a DG target; your own data: --benchmark " \
+           "folder and any name)" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicates_and_overlap(tmp_path, caplog):
     root = make_folder_root(str(tmp_path / "r"), layout="txt", names=False, n_train=2, n_test=1)
     train = Path(root, "train.txt")

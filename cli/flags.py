@@ -26,9 +26,9 @@ from methods import get_method, method_names
 from utils.blocks import parse_blocks
 from utils.errors import UsageError
 
-__all__ = ["UsageError", "FlagParser", "build_parser", "parse_args", "infer_benchmark", "parse_int_list", "block_range",
-           "float_triple", "CACHE_STORAGES", "CACHE_DTYPES", "DTL_FLAGS", "method_config_of_flags",
-           "resolved_method"]
+__all__ = ["UsageError", "FlagParser", "build_parser", "parse_args", "infer_benchmark", "parse_int_list",
+           "block_range", "float_triple", "positive_float_triple", "model_kwargs_type", "MODEL_KWARGS_OWNED",
+           "CACHE_STORAGES", "CACHE_DTYPES", "DTL_FLAGS", "method_config_of_flags", "resolved_method"]
 
 CACHE_STORAGES = ("auto", "device", "host", "mmap")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
@@ -62,29 +62,71 @@ def block_range(text: str) -> str:
     return str(text)
 
 
+#: ``--model_kwargs`` keys that other flags own (the model builder passes them itself) -> the flag to use.
+MODEL_KWARGS_OWNED = {
+    "num_classes": "--num_classes (the class count comes from the data)",
+    "img_size": "--img_size",
+    "drop_path_rate": "--drop_path",
+    "pretrained": "--load_path timm",
+    "load_path": "--load_path",
+    "checkpoint_path": "--load_path",
+    "lean": "--lean",
+    "model_name": "--model",
+    "name": "--model",
+    "method": "--method",
+    "dtl": "--method and its flags (--r, --fusion_size, ...)",
+    "settings": "--method and its flags",
+    "config": "--method and its flags",
+}
+_KWARGS_FORM = "key=value pairs separated by ',' only (e.g. embed_dim=64,num_heads=2)"
+
+
 def model_kwargs_type(text: str) -> Dict[str, Any]:
-    """``"embed_dim=64,patch_size=8"`` -> ``{"embed_dim": 64, "patch_size": 8}`` (values read as YAML scalars)."""
-    if isinstance(text, dict):
+    """``"embed_dim=64,patch_size=8"`` -> ``{"embed_dim": 64, "patch_size": 8}`` (values read as YAML scalars;
+    ``(2,2,6,2)`` as a list). Refused: a piece without ``=``, an empty value, another separator than ``,``
+    (``a=1 b=2``, ``a=1;b=2``), a key given twice, and the keys other flags own (:data:`MODEL_KWARGS_OWNED`);
+    an explicit ``null`` is a value (timm's ``None``)."""
+    if isinstance(text, dict):  # a --config mapping
+        for key, value in text.items():
+            _check_kwarg(str(key))
         return dict(text)
     out: Dict[str, Any] = {}
     for part in _split_top_level(str(text)):
         if not part.strip():
             continue
         key, sep, value = part.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {part!r}")
-        value = value.strip()
+        key, value = key.strip(), value.strip()
+        where = f"{part.strip()!r}" + (f" in {str(text)!r}" if part.strip() != str(text).strip() else "")
+        if not sep or not key.isidentifier():
+            raise argparse.ArgumentTypeError(f"expected {_KWARGS_FORM}, got {where}")
+        outside = "".join(_split_top_level(value, keep_nested=False))
+        if "=" in outside or (not value.startswith(("'", '"')) and any(c.isspace() or c == ";" for c in outside)):
+            raise argparse.ArgumentTypeError(f"expected {_KWARGS_FORM}, got {where}")
+        if not value:
+            raise argparse.ArgumentTypeError(f"{key!r} has no value (expected {key}=VALUE), got {where}")
+        if key in out:
+            raise argparse.ArgumentTypeError(f"{key!r} is given twice in {str(text)!r}")
         if value.startswith("(") and value.endswith(")"):  # a tuple, e.g. depths=(2,2,6,2): read as a list
             value = "[" + value[1:-1] + "]"
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise argparse.ArgumentTypeError(f"cannot read the value of {key.strip()!r}: {value!r}") from None
+            raise argparse.ArgumentTypeError(f"cannot read the value of {key!r}: {value!r}") from None
+        _check_kwarg(key)
     return out
 
 
-def _split_top_level(text: str) -> List[str]:
-    """Split at the commas outside brackets: ``"a=1,b=[1,2]"`` -> ``["a=1", "b=[1,2]"]``."""
+def _check_kwarg(key: str) -> None:
+    if not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{key!r} is not a keyword argument name (expected {_KWARGS_FORM})")
+    if key in MODEL_KWARGS_OWNED:
+        raise argparse.ArgumentTypeError(f"{key} is set by {MODEL_KWARGS_OWNED[key]}, not by --model_kwargs; "
+                                         f"remove it from --model_kwargs")
+
+
+def _split_top_level(text: str, keep_nested: bool = True) -> List[str]:
+    """Split at the commas outside brackets: ``"a=1,b=[1,2]"`` -> ``["a=1", "b=[1,2]"]`` (``keep_nested=False``:
+    without the bracketed parts, ``["a=1", "b="]``)."""
     parts, depth, cur = [], 0, []
     for ch in text:
         if ch in "([{":
@@ -93,6 +135,8 @@ def _split_top_level(text: str) -> List[str]:
             depth -= 1
             if depth < 0:
                 raise argparse.ArgumentTypeError(f"unbalanced brackets in {text!r}")
+        elif depth and not keep_nested:
+            continue
         if ch == "," and depth == 0:
             parts.append("".join(cur))
             cur = []
@@ -129,6 +173,21 @@ def float_triple(text: str) -> Tuple[float, float, float]:
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected three finite numbers (one per RGB channel), got {text!r}")
     return values  # type: ignore[return-value]
+
+
+#: The smallest --std value: float32's smallest normal number (a smaller one, e.g. 1e-45, is 0 or denormal in
+#: float32 and 1/std is infinite).
+MIN_STD = 1.1754943508222875e-38
+
+
+def positive_float_triple(text: str) -> Tuple[float, float, float]:
+    """:func:`float_triple` whose values are > 0 (``--std``: the images are divided by it); values below
+    :data:`MIN_STD`, whose reciprocal is not finite in float32, are refused too."""
+    values = float_triple(text)
+    if not all(v >= MIN_STD for v in values):
+        raise argparse.ArgumentTypeError(f"expected three numbers > 0 (at least {MIN_STD:.2g}, one per RGB "
+                                         f"channel; the images are divided by them), got {text!r}")
+    return values
 
 
 def _data_flags(g: argparse._ArgumentGroup) -> None:
@@ -182,11 +241,12 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--model_kwargs", type=model_kwargs_type, default=None, metavar="K=V,...",
                    help="extra timm arguments of the backbone, e.g. embed_dim=64,num_heads=2,patch_size=8 or, for "
                         "Swin, embed_dim=16,depths=[1,1,2,1],num_heads=[1,1,2,2],window_size=2 (small experiments; "
-                        "stored in the delta checkpoint)")
+                        "stored in the delta checkpoint); not the settings of other flags (img_size: --img_size, "
+                        "num_classes, drop_path_rate: --drop_path, ...)")
     g.add_argument("--mean", type=float_triple, default=None, metavar="R,G,B",
                    help="input normalisation mean per channel (default: the backbone's, 0.5,0.5,0.5 for the "
                         "paper's backbones)")
-    g.add_argument("--std", type=float_triple, default=None, metavar="R,G,B",
+    g.add_argument("--std", type=positive_float_triple, default=None, metavar="R,G,B",
                    help="input normalisation std per channel (default: the backbone's)")
 
 
@@ -442,10 +502,22 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> arg
         parser.set_defaults(**_load_config(pre.config, parser))
     raw = parser.parse_args(argv)
     if not raw.dataset:
-        raise UsageError("--dataset is required (a VTAB task, a few-shot dataset or a DG target)")
+        raise UsageError(_dataset_required(raw.benchmark))
     args = argparse.Namespace(**{**vars(raw), **_benchmark_defaults(raw)})
     validate_args(args, world_size)
     return args
+
+
+def _dataset_required(benchmark: Optional[str]) -> str:
+    """The message for a missing --dataset: what it names with ``--benchmark`` (any name for your own data)."""
+    if benchmark is not None and get_benchmark(benchmark).any_dataset_name:
+        return (f"--dataset is required: with --benchmark {benchmark} any name works (it only names the run), e.g. "
+                f"the name of the data folder")
+    own = " or ".join(f"--benchmark {b} and any name" for b, bench in REGISTRY.items() if bench.any_dataset_name)
+    if benchmark is not None:
+        names = get_benchmark(benchmark).dataset_names
+        return f"--dataset is required: one of --benchmark {benchmark}'s ({', '.join(names)})"
+    return f"--dataset is required (a VTAB task, a few-shot dataset or a DG target; your own data: {own})"
 
 
 def _benchmark_defaults(args: argparse.Namespace) -> Dict[str, Any]:

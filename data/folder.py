@@ -11,7 +11,9 @@ A list file of a split wins over a folder of the same name (the list may point i
 ``path label``, split on the last whitespace run (paths may hold spaces, labels may not); ``.csv`` rows are
 ``path,label`` (CSV quoting for commas, quotes or spaces). Either may start with a header line: the first line
 is taken as one when its path is no file under the root and its label neither a class index nor a class name.
-Relative paths start from the root. A label of ASCII digits is a class index, anything else a class name.
+Relative paths start from the root. A label of ASCII digits is a class index, anything else a class name; a
+label of digits that is no class index (not below the class count) but a class name is that class, and one that
+is the index of one class and the name of another is refused.
 
 Classes: ``classes.txt`` when present; else the sorted folder names of ``train/`` (as torchvision's
 ImageFolder); else the sorted class names of the training list; else (integer labels) ``0 .. max``. A class in
@@ -40,8 +42,8 @@ if TYPE_CHECKING:  # the torch Dataset is imported only when a dataset is built
     from .datasets import ListFileDataset
 
 __all__ = ["FOLDER_SPLITS", "IMAGE_EXTENSIONS", "CLASSES_FILE", "canonical_folder_name", "split_source",
-           "read_classes", "FolderClasses", "folder_classes", "split_entries", "build_folder_plan",
-           "check_folder_root", "looks_like_folder_root", "list_rows", "BENCHMARK"]
+           "read_classes", "FolderClasses", "folder_classes", "split_entries", "classes_without_images",
+           "build_folder_plan", "check_folder_root", "looks_like_folder_root", "list_rows", "BENCHMARK"]
 
 _logger = logging.getLogger(__name__)
 
@@ -59,8 +61,8 @@ def canonical_folder_name(name: str) -> str:
     separator."""
     key = name.strip()
     if not key or key in (".", "..") or any(c in key for c in "/\\\0"):
-        raise UnknownNameError(f"--dataset {name!r}: name your data with a plain folder name (no '/', not '.' "
-                               f"or '..'); it only names the run")
+        raise UnknownNameError(f"name your data with a plain folder name (no '/', not '.' or '..'; it only names "
+                               f"the run), got {name!r}")
     return key
 
 
@@ -204,9 +206,12 @@ def folder_classes(root: str, train_source: str) -> FolderClasses:
 
 def _label_index(label: str, classes: FolderClasses, folder: bool) -> Tuple[Optional[int], Optional[str]]:
     """``(index, None)`` of a label (a class folder's name: by name when classes are named), or
-    ``(None, problem)``."""
+    ``(None, problem)``. A list label of digits that is a class name but no class index (not below the class
+    count) is that name; one that is the index of one class and the name of another is refused."""
     by_name = classes.index_of.get(label)
     index = parse_index(label) if not (folder and classes.names) else None
+    if by_name is not None and index is not None and not 0 <= index < classes.count:
+        index = None  # no class has this index: the label can only be the name
     if by_name is not None and index is not None and by_name != index:
         return None, (f"label {label!r} is both class index {index} and the name of class {by_name} "
                       f"(rename the classes, e.g. zero-padded, or list them in {CLASSES_FILE} in index order)")
@@ -260,6 +265,18 @@ def _dataset(root: str, source: str, classes: FolderClasses, transform, kwargs) 
     return ListFileDataset(root, source, classes.count, transform=transform, entries=entries, **kwargs)
 
 
+def classes_without_images(train_source: str, classes: FolderClasses, labels: Sequence[int]) -> Optional[str]:
+    """The warning (train.py's and the checker's) about classes of which the training split holds no image
+    (an empty ``train/<class>/`` folder, a class of classes.txt or an index the training list skips), ``None``
+    when every class has one."""
+    unused = sorted(set(range(classes.count)) - set(labels))
+    if not unused:
+        return None
+    shown = ", ".join(repr(classes.names[c]) if classes.names else str(c) for c in unused[:5])
+    return (f"{train_source}: {len(unused)} of {classes.count} classes have no training image ({shown}"
+            f"{' ...' if len(unused) > 5 else ''})")
+
+
 def build_folder_plan(req: DataRequest) -> DataPlan:
     """Every seed trains on ``train``, selects on ``val`` when it exists and is tested on ``test``."""
     require_root(req.data_dir, "data root")
@@ -273,11 +290,9 @@ def build_folder_plan(req: DataRequest) -> DataPlan:
     train = val = None
     if req.need_train:
         train = _dataset(root, sources["train"], classes, req.train_transform, kw)
-        unused = sorted(set(range(classes.count)) - set(train.targets))
+        unused = classes_without_images(sources["train"], classes, train.targets)
         if unused:
-            shown = ", ".join(repr(classes.names[c]) if classes.names else str(c) for c in unused[:5])
-            _logger.warning("%s: %d of %d classes have no training image (%s%s)", sources["train"], len(unused),
-                            classes.count, shown, " ..." if len(unused) > 5 else "")
+            _logger.warning("%s", unused)
         if sources["val"] is not None:
             val = _dataset(root, sources["val"], classes, req.test_transform, kw)
     seeds = [SeedPlan(i, s, train, val, {"test": test}) for i, s in enumerate(req.seeds)]
@@ -315,6 +330,9 @@ def _check_split(root: str, split: str, source: str, classes: FolderClasses) -> 
         (rep.errors if split == "test" else rep.warnings).append(
             f"{source}: {len(repeats)} duplicate line(s){note}: " + "; ".join(repeats[:3]))
     rep.n_classes_seen = len({e.label for e in entries})
+    unused = classes_without_images(source, classes, [e.label for e in entries]) if split == "train" else None
+    if unused and not problems:  # with label problems, the lines of a class may be among the bad ones
+        rep.warnings.append(unused)
     return rep
 
 

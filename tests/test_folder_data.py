@@ -134,6 +134,18 @@ def test_digit_named_folders_are_names_and_ambiguous_list_labels_are_refused(tmp
         _plan(root)
 
 
+def test_a_digit_label_beyond_the_class_indices_is_the_class_of_that_name(tmp_path):
+    root = make_folder_root(str(tmp_path / "r"), classes=["0", "1", "2", "10"], n_train=1, n_test=1)
+    Path(root, "test.txt").write_text("test/10/bild 00 ü.png 10\ntest/1/bild 00 ü.png 1\n", encoding="utf-8")
+    plan = _plan(root)
+    assert plan.class_names == ["0", "1", "10", "2"]
+    # '10': there is no index 10 of 4 classes, so the name (class 2); '1': index 1 is the class named '1'
+    assert [y for _, y in plan.seeds[0].tests["test"].samples] == [2, 1]
+    Path(root, "test.txt").write_text("test/2/bild 00 ü.png 2\n", encoding="utf-8")
+    with pytest.raises(DataError, match="is both class index 2 and the name of class 3"):
+        _plan(root)  # index 2 is class '10', the name '2' is class 3: ambiguous
+
+
 def test_mixed_labels_bad_csv_and_classes_txt_problems(tmp_path):
     root = make_folder_root(str(tmp_path / "r"), layout="csv", n_train=1, n_test=1)
     with open(os.path.join(root, "train.csv"), "a", encoding="utf-8") as f:
@@ -159,6 +171,25 @@ def test_missing_split_and_dataset_names(tmp_path):
     assert FOLDER.canonical_dataset(" my data ü ") == "my data ü"
     with pytest.raises(ValueError, match="plain folder name"):
         FOLDER.canonical_dataset("a/b")
+
+
+def test_dataset_flag_messages_for_your_own_data(tmp_path, caplog):
+    root = make_folder_root(str(tmp_path / "r"), n_train=1, n_test=1)
+    argv = ["--data_dir", root, "--benchmark", "folder", *TINY, "--output_dir", str(tmp_path / "out")]
+    caplog.clear()
+    assert run_train(argv) == 2
+    assert "--dataset is required: with --benchmark folder any name works (it only names the run)" in caplog.text
+    assert "a VTAB task" not in caplog.text
+    for name in ("a/b", ".."):
+        caplog.clear()
+        assert run_train([*argv, "--dataset", name]) == 2
+        assert f"--dataset {name!r} (--benchmark folder): name your data with a plain folder name" in caplog.text
+        assert caplog.text.count("--dataset") == 1, caplog.text
+    caplog.clear()
+    assert run_train(["--data_dir", root, *TINY, "--output_dir", str(tmp_path / "out")]) == 2
+    assert "--dataset is required (a VTAB task, a few-shot dataset or a DG target; your own data: --benchmark " \
+           "folder and any name)" in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 def test_duplicates_and_overlap(tmp_path, caplog):
@@ -205,6 +236,25 @@ def test_checker_detects_and_reports_the_layout(tmp_path, capsys):
         assert any(line.split()[:2] == [split, str(n)] for line in out.splitlines()), out
 
 
+def test_checker_warns_of_a_class_without_training_images_as_train_py_does(tmp_path, capsys, caplog):
+    from tools.check_data import main
+
+    folders = make_folder_root(str(tmp_path / "f"), n_train=1, n_test=1)
+    os.remove(os.path.join(folders, "train", "grün square", "bild 00 ü.png"))  # an empty train/<class>/ folder
+    lists = make_folder_root(str(tmp_path / "l"), layout="txt", names=False, n_train=1, n_test=1)
+    train = Path(lists, "train.txt")
+    train.write_text("".join(line + "\n" for line in train.read_text(encoding="utf-8").splitlines()
+                             if not line.endswith(" 1")), encoding="utf-8")  # the labels skip class 1
+    for root, shown in ((folders, "'grün square'"), (lists, "1")):
+        warning = f"{root}/train{'.txt' if root == lists else ''}: 1 of 4 classes have no training image ({shown})"
+        caplog.clear()
+        _plan(root)
+        assert warning in caplog.text  # train.py's warning
+        assert main([root, "--no_check_images"]) == 0  # a warning, not a problem
+        out = capsys.readouterr().out
+        assert f"  - {warning}" in out and "Result: OK (1 warning(s))" in out, out
+
+
 def _tiny_args(root, out, *extra):
     return ["--data_dir", root, "--benchmark", "folder", "--dataset", "meine Daten", *TINY, "--epochs", "2",
             "--warmup_epochs", "0", "--batch_size", "4", "--lr", "1e-2", "--output_dir", out, *extra]
@@ -225,6 +275,26 @@ def test_train_py_without_val_and_csv(tmp_path):
     assert run_train(_tiny_args(root, out)) == 0
     res = read_results(out)
     assert res["benchmark"] == "folder" and res["per_seed"][0]["best_epoch"] is None  # no selection
+
+
+@pytest.mark.parametrize("data_dir, cwd", [(".", "meine Daten"), ("..", "meine Daten/train"),
+                                           ("meine Daten/.", ""), ("./meine Daten/", ""), ("nowhere/x/", "")])
+def test_custom_launchers_name_the_run_after_the_resolved_data_folder(tmp_path, data_dir, cwd):
+    """DATASET left empty: the name of DATA_DIR's folder, also for DATA_DIR=. or .. (not '.'); the launchers'
+    train.py command line is read from a stand-in interpreter."""
+    (tmp_path / "meine Daten" / "train").mkdir(parents=True)
+    fake, argv_out = tmp_path / "fake_python", tmp_path / "argv.bin"
+    fake.write_text('#!/usr/bin/env bash\nprintf \'%s\\0\' "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATASET", "NPROC", "TORCHRUN_ARGS", "DTL_ROOT")}
+    env.update(DATA_DIR=data_dir, LOAD_PATH="", PYTHON=str(fake), ARGS_OUT=str(argv_out))
+    for launcher in ("train_dtl.sh", "train_dtl+.sh"):
+        proc = subprocess.run(["bash", str(REPO / "train_scripts" / "custom" / launcher)], env=env,
+                              cwd=tmp_path / cwd, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        argv = argv_out.read_bytes().decode().split("\0")[:-1]
+        assert argv[argv.index("--dataset") + 1] == ("x" if data_dir.startswith("nowhere") else "meine Daten")
+        assert argv[argv.index("--data_dir") + 1] == data_dir  # passed on as given
 
 
 def test_custom_launcher(tmp_path):

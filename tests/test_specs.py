@@ -110,11 +110,66 @@ def test_spec_differences_name_section_and_field_and_skip_run_local():
     assert "--seeds: checkpoint [0] vs now [1] (data spec, seeds)" in text
 
 
-@pytest.mark.parametrize("flag, value", [("--mean", "0.5,0.5"), ("--std", "a,b,c"), ("--mean", "nan,0,0")])
-def test_bad_normalisation_flags_exit_2(flag, value, capsys):
-    with pytest.raises(SystemExit) as e:  # argparse: usage and one error line naming the flag
-        run_train(["--dataset", "dtd", flag, value])
-    assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value", [("--mean", "0.5,0.5"), ("--std", "a,b,c"), ("--mean", "nan,0,0"),
+                                         ("--std", "0,1,1"), ("--std", "-1,1,1"), ("--std", "1e-45,1,1"),
+                                         ("--std", "1,inf,1")])
+def test_bad_normalisation_flags_exit_2(flag, value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # argparse: usage and one error line naming the flag, no run folder
+        run_train(["--dataset", "dtd", flag, value, "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1 and f"error: argument {flag}:" in errors[0], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("embed_dim=,depth=4", "'embed_dim' has no value (expected embed_dim=VALUE)"),
+    ("embed_dim=32 num_heads=2", "separated by ',' only (e.g. embed_dim=64,num_heads=2), got 'embed_dim=32 num"),
+    ("embed_dim=32;depth=4", "separated by ',' only"),
+    ("embed_dim=32 depth", "separated by ',' only"),
+    ("depth", "separated by ',' only"),
+    ("embed_dim=32,embed_dim=64", "'embed_dim' is given twice"),
+    ("num_classes=7", "num_classes is set by --num_classes (the class count comes from the data), not by "
+                      "--model_kwargs"),
+    ("embed_dim=32,img_size=64", "img_size is set by --img_size, not by --model_kwargs"),
+    ("drop_path_rate=0.1", "drop_path_rate is set by --drop_path, not by --model_kwargs"),
+    ("pretrained=true", "pretrained is set by --load_path timm"),
+    ("lean=true", "lean is set by --lean"),
+])
+def test_bad_model_kwargs_exit_2_naming_the_flag(value, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_train(["--dataset", "dtd", *TINY, "--img_size", "32", "--model_kwargs", value,
+                   "--output_dir", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1 and "error: argument --model_kwargs: " in errors[0], errors
+    assert needle in errors[0], errors
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_kwargs_values_and_the_config_file(tmp_path):
+    from cli.flags import model_kwargs_type
+    from cli.specs import parse_args
+
+    assert model_kwargs_type("embed_dim=32, depths=(2, 2,6,2),num_heads=[1,2],x=null,y='a b',") == {
+        "embed_dim": 32, "depths": [2, 2, 6, 2], "num_heads": [1, 2], "x": None, "y": "a b"}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_kwargs: {embed_dim: 32, num_classes: 7}\n")
+    with pytest.raises(UsageError, match="bad value for 'model_kwargs': num_classes is set by --num_classes"):
+        parse_args(["--dataset", "dtd", "--config", str(cfg)])
+    cfg.write_text("model_kwargs: {embed_dim: 32, depth: 4}\n")
+    assert parse_args(["--dataset", "dtd", "--config", str(cfg)]).model_kwargs == {"embed_dim": 32, "depth": 4}
+
+
+def test_std_takes_small_positive_values_and_refuses_them_in_a_config(tmp_path):
+    from cli.flags import MIN_STD
+    from cli.specs import parse_args
+
+    assert parse_args(["--dataset", "dtd", "--std", "1e-3,0.5,2"]).std == (1e-3, 0.5, 2.0)
+    assert parse_args(["--dataset", "dtd", "--std", f"{MIN_STD!r},1,1"]).std[0] == MIN_STD
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("std: [0, 1, 1]\n")
+    with pytest.raises(UsageError, match="bad value for 'std': expected three numbers > 0"):
+        parse_args(["--dataset", "dtd", "--config", str(cfg)])
 
 
 def test_a_misspelled_flag_is_two_lines_with_the_closest_flag(capsys):

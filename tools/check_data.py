@@ -11,7 +11,8 @@ whitespace run), labels against the class count, missing image files, duplicate 
 lists, a problem in test lists), test images that are also training images (a problem unless
 --allow_train_test_overlap), and (``--check_images``; by default
 only for roots listing at most 5000 images) unreadable images; 16-bit images are listed as warnings (they are
-scaled to 8 bits at load), 32-bit integer/float images as problems. Prints image/class counts per split and every
+scaled to 8 bits at load), 32-bit integer/float images as problems; a class of your own data without training
+images is a warning, worded as train.py's. Prints image/class counts per split and every
 problem with its file and line. Exit status: 0 = OK (warnings allowed), 1 = problems found, 2 = bad usage.
 """
 import argparse

@@ -12,7 +12,8 @@
 # Usage: DATA_DIR=/data/my_data bash train_scripts/custom/train_dtl+.sh [extra train.py flags, e.g. --epochs 1]
 #   DATA_DIR    your data: train/<class>/<image> + test/<class>/<image> (+ val/), or train/test(/val) .txt/.csv
 #               lists (python tools/check_data.py DATA_DIR checks it).
-#   DATASET     the name of the run (output/folder/<DATASET>/...; empty = the name of DATA_DIR's folder).
+#   DATASET     the name of the run (output/folder/<DATASET>/...; empty = the name of DATA_DIR's folder,
+#               also for DATA_DIR=. or ..).
 #   LOAD_PATH   Google's ViT-B_16.npz (ImageNet-21k); 'timm' = timm's copy (downloaded);
 #               empty = random initialisation (a loud warning; for tests only).
 #   NPROC       processes (GPUs) on this machine; >1 runs torchrun (--batch_size stays the global batch).
@@ -33,7 +34,12 @@ if [[ ! -f "$REPO/train_scripts/launch_common.sh" ]]; then
   exit 2
 fi
 source "$REPO/train_scripts/launch_common.sh"  # sets LAUNCH: python, or torchrun ... -- when NPROC > 1
-if [[ -z "$DATASET" ]]; then DATASET="$(basename "${DATA_DIR%/}")"; DATASET="${DATASET:-my_data}"; fi
+if [[ -z "$DATASET" ]]; then  # the name of DATA_DIR's folder, resolved (DATA_DIR=. or ..: the folder meant)
+  DATASET="$(CDPATH='' cd -- "$DATA_DIR" 2> /dev/null && pwd || true)"  # empty if DATA_DIR is no folder
+  DATASET="$(basename -- "${DATASET:-${DATA_DIR%/}}")"
+  case "$DATASET" in /|.|..) DATASET="";; esac
+  DATASET="${DATASET:-my_data}"
+fi
 
 # exec: this PID becomes the training (or torchrun) process, so signals sent to the launcher reach it.
 exec "${LAUNCH[@]}" "$REPO/train.py" \

@@ -91,15 +91,20 @@ class Interrupted(BaseException):
         self.status = status  # 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process the signal ended
 
 
-def interruption(folder: RunFolder, epochs: int, e: BaseException) -> Interrupted:
-    """The :class:`Interrupted` of a run whose folder is ``folder`` (``epochs``: epochs per seed)."""
+def interruption(folder: RunFolder, epochs: int, e: BaseException, seeds: Sequence[int] = ()) -> Interrupted:
+    """The :class:`Interrupted` of a run whose folder is ``folder`` (``epochs``: epochs per seed; ``seeds``: the
+    run's data seeds, named in the line when there are several)."""
     status = signals.status(e)
     last = folder.path("last.pth") if folder.out_dir else ""
     if not last or not os.path.isfile(last):
         where = f" (no last.pth in {folder.out_dir})" if folder.out_dir else ""
         return Interrupted(f"interrupted: the run stopped before its first checkpoint{where}; nothing can be "
                            f"resumed", status)
-    return Interrupted(f"interrupted at epoch {min(folder.epoch + 1, epochs)}; resume with --resume {last}", status)
+    where = f"epoch {min(folder.epoch + 1, epochs)}"
+    if len(seeds) > 1:
+        i = min(folder.seed_index, len(seeds) - 1)
+        where += f" of seed {seeds[i]} ({i + 1}/{len(seeds)})"
+    return Interrupted(f"interrupted at {where}; resume with --resume {last}", status)
 
 
 def check_resume_folder(run_spec: RunSpec) -> None:
@@ -358,6 +363,8 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         if resume is not None:
             resume.check_weights(exp, run_spec.resume)
     folder.epoch = resume.epoch if resume is not None else 0
+    folder.seed_index = resume.seed_index if resume is not None else 0
+    seeds = [plan.data_seed for plan in data.seeds]
     try:
         folder.data_fingerprint = fingerprint
         folder.open(get_benchmark(exp.data.benchmark).run_name(exp.model.method, exp.data.shot, run_spec.eval_only),
@@ -371,12 +378,12 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         folder.publish_deltas([plan.data_seed for plan in data.seeds])
         folder.write_results(results)
     except KeyboardInterrupt as e:
-        raise interruption(folder, exp.optim.total_epochs, e) from None
+        raise interruption(folder, exp.optim.total_epochs, e, seeds) from None
     except Exception as e:
         if signals.pending() is None:
             raise
         # a failure caused by the signal (e.g. a DataLoader worker that died of it): the interruption it is
-        raise interruption(folder, exp.optim.total_epochs, e) from None
+        raise interruption(folder, exp.optim.total_epochs, e, seeds) from None
     finally:
         folder.close()
 

@@ -248,3 +248,24 @@ def test_group_signal_with_dataloader_workers(vtab, backbone, tmp_path, sig, sta
         assert not (out / ".lock").exists()
         state = ResumeState.from_checkpoint(read_resume_checkpoint(str(out / "last.pth")))
         assert state.epoch >= 1 and state.trainer is not None
+
+
+def test_interrupt_line_names_the_seed_of_a_multi_seed_run(tmp_path_factory, tmp_path, caplog, monkeypatch):
+    from engine.run_folder import RunFolder
+    from helpers_train import fgfs_root
+
+    orig = RunFolder.save_resume
+
+    def interrupted_in_seed_1(self, state):
+        orig(self, state)
+        if state.seed_index == 1 and state.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "save_resume", interrupted_in_seed_1)
+    out = tmp_path / "run"
+    argv = ["--data_dir", fgfs_root(tmp_path_factory), "--dataset", "food101-FS", "--shot", "2", *TINY,
+            "--epochs", "2", "--warmup_epochs", "0", "--batch_size", "4", "--seeds", "0,1,2", "--output_dir", out]
+    caplog.clear()
+    assert run_train(argv) == 130
+    line = f"interrupted at epoch 2 of seed 1 (2/3); resume with --resume {out / 'last.pth'}"
+    assert line in caplog.text and line in (out / "log.txt").read_text()

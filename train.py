@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Sequence
@@ -71,6 +70,8 @@ from utils.logger import close_file_logs, format_duration, log_to_files, setup_l
 from utils.determinism import configure_backends
 from utils.metrics import PeakMemory
 from utils.runlock import RunLockedError
+from utils import signals
+from utils.signals import Terminated  # noqa: F401 - SIGTERM's KeyboardInterrupt (was defined here)
 
 _logger = logging.getLogger("train")
 
@@ -82,10 +83,6 @@ USER_ERRORS = (UsageError, DataError, UnknownNameError, CheckpointError, ModelSe
 RUN_ERRORS = (WriteError, FloatingPointError)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised by the handler :func:`main` installs: the run unwinds as on Ctrl-C."""
-
-
 class Interrupted(BaseException):
     """A run stopped by SIGINT or SIGTERM; the message says where it stopped and how to resume it."""
 
@@ -94,19 +91,20 @@ class Interrupted(BaseException):
         self.status = status  # 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process the signal ended
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
-def interruption(folder: RunFolder, epochs: int, e: KeyboardInterrupt) -> Interrupted:
-    """The :class:`Interrupted` of a run whose folder is ``folder`` (``epochs``: epochs per seed)."""
-    status = 143 if isinstance(e, Terminated) else 130
+def interruption(folder: RunFolder, epochs: int, e: BaseException, seeds: Sequence[int] = ()) -> Interrupted:
+    """The :class:`Interrupted` of a run whose folder is ``folder`` (``epochs``: epochs per seed; ``seeds``: the
+    run's data seeds, named in the line when there are several)."""
+    status = signals.status(e)
     last = folder.path("last.pth") if folder.out_dir else ""
     if not last or not os.path.isfile(last):
         where = f" (no last.pth in {folder.out_dir})" if folder.out_dir else ""
         return Interrupted(f"interrupted: the run stopped before its first checkpoint{where}; nothing can be "
                            f"resumed", status)
-    return Interrupted(f"interrupted at epoch {min(folder.epoch + 1, epochs)}; resume with --resume {last}", status)
+    where = f"epoch {min(folder.epoch + 1, epochs)}"
+    if len(seeds) > 1:
+        i = min(folder.seed_index, len(seeds) - 1)
+        where += f" of seed {seeds[i]} ({i + 1}/{len(seeds)})"
+    return Interrupted(f"interrupted at {where}; resume with --resume {last}", status)
 
 
 def check_resume_folder(run_spec: RunSpec) -> None:
@@ -365,6 +363,8 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         if resume is not None:
             resume.check_weights(exp, run_spec.resume)
     folder.epoch = resume.epoch if resume is not None else 0
+    folder.seed_index = resume.seed_index if resume is not None else 0
+    seeds = [plan.data_seed for plan in data.seeds]
     try:
         folder.data_fingerprint = fingerprint
         folder.open(get_benchmark(exp.data.benchmark).run_name(exp.model.method, exp.data.shot, run_spec.eval_only),
@@ -378,16 +378,28 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
         folder.publish_deltas([plan.data_seed for plan in data.seeds])
         folder.write_results(results)
     except KeyboardInterrupt as e:
-        raise interruption(folder, exp.optim.total_epochs, e) from None
+        raise interruption(folder, exp.optim.total_epochs, e, seeds) from None
+    except Exception as e:
+        if signals.pending() is None:
+            raise
+        # a failure caused by the signal (e.g. a DataLoader worker that died of it): the interruption it is
+        raise interruption(folder, exp.optim.total_epochs, e, seeds) from None
     finally:
         folder.close()
+
+
+def _interrupted_early(e: BaseException, rank: int) -> int:
+    """The exit status (130/143) of a run interrupted before its run folder existed; rank 0 says so."""
+    if rank == 0:
+        _logger.error("interrupted before training started: nothing was written")
+    return signals.status(e)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 1 other failure, 130/143 SIGINT/SIGTERM)."""
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
-    on_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    signals.install()  # SIGINT and SIGTERM: recorded, raised, and raised again at every batch
     try:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         exp = build_experiment(parse_args(argv, world_size=world_size), world_size)
@@ -406,16 +418,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _logger.error("%s", e)
         return e.status
     except KeyboardInterrupt as e:  # before the run folder existed
-        if rank == 0:
-            _logger.error("interrupted before training started: nothing was written")
-        return 143 if isinstance(e, Terminated) else 130
+        return _interrupted_early(e, rank)
     except Exception as e:
+        if signals.pending() is not None:  # a failure the signal caused, before the run folder existed
+            return _interrupted_early(e, rank)
         log_to_files(f"error: internal error (a bug; please report it with this traceback): {type(e).__name__}: {e}")
         raise
     finally:
         close_file_logs()
         cleanup_distributed()
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signals.uninstall()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from utils import signals
+
 __all__ = [
     "PrefixCache", "PrefixCacheDataset", "PrefixCacheError", "STORAGES", "transform_looks_random",
     "available_host_bytes", "format_bytes",
@@ -394,7 +396,8 @@ class PrefixCache:
                 for r in reasons:
                     log(f"prefix cache: APPROXIMATE (allowed): {r}")
             tensors, path = _allocate(storage, shapes, n, dtype, device, dir)
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                                worker_init_fn=signals.worker_init if num_workers else None)
             labels = _fill(tensors, n, loader,
                            lambda images: _record(model, images, blocks, device, preprocess, autocast_dtype))
         finally:

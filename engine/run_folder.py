@@ -298,6 +298,7 @@ class RunFolder:
         self.lock: Optional[RunLock] = None
         self.data_fingerprint: Optional[Dict[str, Dict[str, Any]]] = None
         self.epoch = 0  # epochs of the current seed in the latest last.pth (rank 0; a resumed run's: set by the caller)
+        self.seed_index = 0  # the seed (index in the run's seeds) of the latest last.pth (likewise)
 
     def open(self, run_name: str, argv: Sequence[str], exp: Experiment,
              summary_rows: Optional[List[Dict[str, Any]]] = None) -> None:
@@ -425,7 +426,7 @@ class RunFolder:
         if self.data_fingerprint is not None:
             state.data_fingerprint = self.data_fingerprint
         save_checkpoint(state.to_checkpoint(), self.path("last.pth"))
-        self.epoch = state.epoch
+        self.epoch, self.seed_index = state.epoch, state.seed_index
 
     def _staged(self, data_seed: int) -> str:
         return self.path(delta_names(data_seed, 1)[0])

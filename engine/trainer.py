@@ -18,6 +18,7 @@ from utils.checkpoint import CheckpointError
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.loader import CudaPrefetcher
 from utils.metrics import TopKCounter
+from utils import signals
 from utils.optim import TrainableEMA, create_losses, create_mixup, create_optimizer, create_scheduler
 
 from .spec import OptimSpec
@@ -106,15 +107,22 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _batches(self, loader):
-        if isinstance(loader, CudaPrefetcher):
-            yield from loader
-            return
-        for x, y in loader:
+        """The batches of ``loader`` on the device. A SIGINT/SIGTERM received meanwhile raises at the next batch
+        (:func:`utils.signals.check`: the handler's own raise can be swallowed), and none raises while the
+        DataLoader forks its workers (the after-fork hooks would swallow it)."""
+        with signals.deferred():
+            batches = iter(loader)
+        for x, y in batches:
+            signals.check()
+            if isinstance(loader, CudaPrefetcher):
+                yield x, y
+                continue
             if isinstance(x, Mapping):  # a prefix-cache batch: {block: inputs}
                 x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
             else:
                 x = x.to(self.device, non_blocking=True)
             yield x, y.to(self.device, non_blocking=True)
+        signals.check()
 
     def train_step(self, images: Union[torch.Tensor, Mapping[int, torch.Tensor]],
                    targets: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ SLOW: Tuple[str, ...] = (
     "test_train.py::test_demo_pipeline_pretrain_export_npz_and_launcher",  # 6 s
     "test_train_lean_cache.py::test_two_processes_train_from_the_cache",  # 8 s
     "test_interrupt.py::test_signal_ends_with_one_line_and_a_resumable_folder",  # SIGINT, SIGTERM on real runs
+    "test_interrupt.py::test_group_signal_with_dataloader_workers",  # 4 runs with workers, killpg (~20 s)
     "test_folder_data.py::test_custom_launcher",  # train_scripts/custom through bash and train.py (8 s)
 )
 

@@ -207,3 +207,65 @@ def test_read_only_output_root_exits_1(vtab, backbone, tmp_path, capsys):
         assert f"error: could not write {root / 'run'}: Permission denied" in capsys.readouterr().out
     finally:
         root.chmod(0o700)
+
+
+# ------------------------------------------------------- a process-group signal with DataLoader workers
+def _group_signal_run(vtab, backbone, out, sig, delay):
+    """train.py with two DataLoader workers (forked anew every epoch) in a session of its own; ``sig`` goes to the
+    whole process group (as a terminal's Ctrl-C, a killpg or SLURM send it) ``delay`` s after the first last.pth.
+    Returns (exit status, stdout + stderr)."""
+    argv = [str(a) for a in _argv(vtab, out, backbone, epochs=60)]
+    argv[argv.index("--num_workers") + 1] = "2"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        _wait_for(lambda: proc.poll() is not None or (out / "last.pth").exists(), 240, "the first last.pth")
+        time.sleep(delay)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, sig)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_group_signal_with_dataloader_workers(vtab, backbone, tmp_path, sig, status):
+    from engine.run_folder import ResumeState
+    from utils.checkpoint import read_resume_checkpoint
+
+    for i, delay in enumerate((0.0, 0.3)):  # an epoch here is a fraction of a second: workers start, run, end
+        out = tmp_path / f"run{i}"
+        rc, output = _group_signal_run(vtab, backbone, out, sig, delay)
+        assert rc == status, output
+        lines = [x for x in output.splitlines() if "interrupted" in x]
+        assert len(lines) == 1 and f"resume with --resume {out / 'last.pth'}" in lines[0], output
+        for bad in ("Traceback", "Exception ignored", "internal error", "exited unexpectedly", "killed by signal"):
+            assert bad not in output, output
+        assert not (out / ".lock").exists()
+        state = ResumeState.from_checkpoint(read_resume_checkpoint(str(out / "last.pth")))
+        assert state.epoch >= 1 and state.trainer is not None
+
+
+def test_interrupt_line_names_the_seed_of_a_multi_seed_run(tmp_path_factory, tmp_path, caplog, monkeypatch):
+    from engine.run_folder import RunFolder
+    from helpers_train import fgfs_root
+
+    orig = RunFolder.save_resume
+
+    def interrupted_in_seed_1(self, state):
+        orig(self, state)
+        if state.seed_index == 1 and state.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "save_resume", interrupted_in_seed_1)
+    out = tmp_path / "run"
+    argv = ["--data_dir", fgfs_root(tmp_path_factory), "--dataset", "food101-FS", "--shot", "2", *TINY,
+            "--epochs", "2", "--warmup_epochs", "0", "--batch_size", "4", "--seeds", "0,1,2", "--output_dir", out]
+    caplog.clear()
+    assert run_train(argv) == 130
+    line = f"interrupted at epoch 2 of seed 1 (2/3); resume with --resume {out / 'last.pth'}"
+    assert line in caplog.text and line in (out / "log.txt").read_text()

@@ -184,3 +184,53 @@ def test_domain_generalization_two_processes(runs):
     assert res["world_size"] == 2 and res["benchmark"] == "domain_generalization"
     assert res["n_test_images"] == {"imagenet-sketch": 8}
 
+
+
+def _launch_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "TORCHRUN_ARGS", "NPROC")}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", LOAD_PATH="", NPROC="2",
+               TORCHRUN_ARGS=f"--master_addr 127.0.0.1 --master_port {_free_port()}", **extra)
+    return env
+
+
+def test_two_process_user_error_is_exit_2_without_torchruns_report(roots, tmp_path):
+    """tools/torchrun.py: a user error in both processes is exit status 2, their error lines and one short line,
+    not torchrun's ChildFailedError report and exit 1."""
+    proc = subprocess.run(["bash", str(REPO / VTAB_VIT), *VTAB_ARGS, "--cache_dir", str(tmp_path / "nonexistent"),
+                           "--output_dir", str(tmp_path / "out")], env=_launch_env(DATA_DIR=roots["vtab"]),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "error: --cache_dir" in output and "torchrun: process(es) of rank 0, 1 failed (exit status 2)" in output
+    assert "ChildFailedError" not in output and "Traceback" not in output, output
+
+
+def test_two_process_group_sigint_is_130_with_one_line(roots, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group: the agent and both ranks) of a two-process launcher: rank 0's
+    one line, exit status 130, no SignalException traceback from torchrun's agent, the lock released."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(REPO / VTAB_VIT), *VTAB_ARGS, "--epochs", "500", "--output_dir", str(out)],
+                            env=_launch_env(DATA_DIR=roots["vtab"]), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and not (out / "last.pth").exists():
+            assert time.monotonic() < deadline, "no last.pth"
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output
+    lines = [x for x in output.splitlines() if "interrupted" in x]
+    assert len(lines) == 1 and f"resume with --resume {out / 'last.pth'}" in lines[0], output
+    assert "Traceback" not in output and "SignalException" not in output, output
+    assert not (out / ".lock").exists()

@@ -2,7 +2,8 @@
 # The launcher then `exec`s "${LAUNCH[@]}" train.py ...: its PID becomes the Python (or torchrun) process, so
 # signals sent to the launcher reach the training.
 #   PYTHON        interpreter (default: the repository's .venv, else python3, which must have torch)
-#   NPROC         processes on this node; > 1 -> python -m torch.distributed.run --nproc_per_node NPROC
+#   NPROC         processes on this node; > 1 -> python tools/torchrun.py --nproc_per_node NPROC (torchrun, with
+#                 train.py's exit statuses: 2, 130/143, and no torchrun traceback or failure report)
 #   TORCHRUN_ARGS extra torchrun flags, e.g. "--nnodes 2 --node_rank 0 --master_addr host0 --master_port 29500"
 if [[ -n "${PYTHON:-}" ]]; then
   if ! command -v "$PYTHON" > /dev/null; then
@@ -27,7 +28,7 @@ if (( ${NPROC:-1} > 1 )) || [[ -n "${TORCHRUN_ARGS:-}" ]]; then
   # "--" ends torchrun's own options: without it torchrun's parser also reads train.py's flags (and refuses
   # e.g. --r as an ambiguous abbreviation of its --rdzv-*/--role/--run-path/--redirects).
   # shellcheck disable=SC2206  # TORCHRUN_ARGS is split on purpose
-  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-} --)
+  LAUNCH=("$PYTHON" "$REPO/tools/torchrun.py" --nproc_per_node "${NPROC:-1}" ${TORCHRUN_ARGS:-} --)
 else
   LAUNCH=("$PYTHON")
 fi

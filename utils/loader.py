@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 
+from . import signals
 from .distributed import DistInfo, ShardSampler
 
 __all__ = ["build_train_loader", "build_eval_loader", "set_epoch", "CudaPrefetcher", "epoch_seed",
@@ -62,6 +63,7 @@ def build_train_loader(
         drop_last=True,
         generator=generator,
         persistent_workers=False,
+        worker_init_fn=signals.worker_init if num_workers else None,
     )
 
 
@@ -118,6 +120,7 @@ def build_eval_loader(
     sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        worker_init_fn=signals.worker_init if num_workers else None,
         drop_last=False,
     )
 
@@ -157,7 +160,9 @@ class CudaPrefetcher:
             self.stream = torch.cuda.Stream(device=self.device)
         consumer = torch.cuda.current_stream(self.device)
         pending = None
-        for batch in self.loader:
+        with signals.deferred():  # starting the workers (see Trainer._batches)
+            batches = iter(self.loader)
+        for batch in batches:
             self.stream.wait_stream(consumer)
             with torch.cuda.stream(self.stream):
                 nxt = self._to_device(batch)

@@ -126,6 +126,8 @@ def worker_init(worker_id: int = 0) -> None:
     part only. The workers end when the main process shuts the loader down, or within seconds of its death
     (they watch their parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS has no sigwaitinfo: SIGTERM keeps torch's handler there
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def wait_for_sigterm() -> None:

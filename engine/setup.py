@@ -27,7 +27,7 @@ from models.spec import ModelSpec, thaw
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from engine.run_folder import CacheInfo
 from engine.spec import Experiment, OptimSpec, RunSpec
-from utils.errors import UsageError
+from utils.errors import CheckpointError, UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
 
@@ -147,6 +147,8 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
                                    pretrained=pretrained, lean=lean, **spec.timm_kwargs())
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
         raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}") from e
+    except CheckpointError:  # the backbone weights (a file, or timm's published ones that cannot be downloaded)
+        raise
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         if not spec.backbone_kwargs:  # without the user's own timm arguments this is a bug: keep its traceback
             raise

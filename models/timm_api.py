@@ -38,6 +38,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models._pretrained import PretrainedCfg
 
+from .backbones import published_weights_error
 from .config import DTL_KEYS, pop_model_kwargs
 from .families import RECIPE_MEAN, RECIPE_STD
 from .delta_folder import DELTA_FILE, load_delta_tensors
@@ -433,7 +434,11 @@ def load_backbone_pretrained(
             raise CheckpointError(f"{source}: a custom-format (.npz) file is for ViT backbones, not "
                                   f"{type(backbone).__name__}") from e
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except OSError as e:
+        if not bcfg.get("file") and bcfg.get("source") != "local-dir":  # the hub or a url: not downloadable now
+            raise published_weights_error(backbone_tag or str(bcfg.get("architecture") or source), e) from e
+        raise CheckpointError(f"cannot load backbone weights from {source}: {type(e).__name__}: {e}") from e
+    except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load backbone weights from {source}: {type(e).__name__}: {e}") from e
     missing = [n for n, p in params.items() if torch.isnan(p).any()]
     if missing:

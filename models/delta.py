@@ -63,7 +63,7 @@ from .trainable import count_parameters, delta_state_dict, load_delta_state_dict
 
 __all__ = ["DeltaCheckpoint", "read_delta", "write_pth", "write_folder", "build_from_delta", "check_backbone",
            "check_delta_folder_supported", "apply_delta", "delta_from_model", "checkpoint_dict", "spec_of_model", "spec_from_record",
-           "plain_dtl_spec", "DELTA_FORMAT"]
+           "plain_dtl_spec", "class_names_difference", "DELTA_FORMAT"]
 
 _logger = logging.getLogger(__name__)
 
@@ -213,6 +213,32 @@ def plain_dtl_spec(delta: DeltaCheckpoint, backbone: str, add_back_blocks: str, 
         raise CheckpointError(f"{path}: tensors such as {foreign[0]} are not those of a DTL model on {backbone} "
                               f"(a {backbone_arch(backbone)} backbone): a delta of another backbone family?")
     return replace(delta, spec=spec)
+
+
+def _few(names, n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(repr(x) for x in names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def class_names_difference(recorded, given) -> Optional[str]:
+    """How the class names a delta records (``recorded``, in label order) differ from the data's (``given``):
+    ``None`` when they are the same or either side names none; otherwise one phrase saying whether they are
+    other names or the same names in another order, with a few examples."""
+    if not recorded or not given:
+        return None
+    recorded, given = [str(x) for x in recorded], [str(x) for x in given]
+    if recorded == given:
+        return None
+    if sorted(recorded) == sorted(given):
+        moved = [f"label {i} is {a!r} in the delta but {b!r} in the data"
+                 for i, (a, b) in enumerate(zip(recorded, given)) if a != b]
+        return (f"the same class names in another order ({'; '.join(moved[:3])}"
+                + (f"; {len(moved) - 3} more" if len(moved) > 3 else "") + ")")
+    only_delta = [x for x in recorded if x not in set(given)]
+    only_data = [x for x in given if x not in set(recorded)]
+    parts = [f"the delta's {_few(only_delta)} not in the data" if only_delta else "",
+             f"the data's {_few(only_data)} not in the delta" if only_data else ""]
+    return "other class names (" + "; ".join(p for p in parts if p) + ")"
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -53,10 +53,11 @@ from .config import DTLConfig, parse_blocks
 from .convert import convert_original_state_dict
 from .delta_folder import (
     CONFIG_FILE, DELTA_FILE, delta_file_sha256, folder_weights, read_folder_config, read_folder_tensors,
+    weights_file_needed,
 )
 from .factory import create_tuned_model
 from .pretrained import check_backbone_match, weights_record, weights_spec
-from .timm_api import set_normalization
+from .timm_api import describe_weights_in_cfg, set_normalization
 from .spec import ModelSpec, WeightsSpec, thaw
 from .timm_api import DTL_MEAN, DTL_STD
 from .trainable import count_parameters, delta_state_dict, load_delta_state_dict
@@ -385,6 +386,7 @@ def _timm_config(spec: ModelSpec) -> Tuple[Dict[str, Any], Dict[str, Tuple[int, 
         with open(out) as f:
             cfg = json.load(f)
     cfg["pretrained_cfg"]["mean"], cfg["pretrained_cfg"]["std"] = list(spec.mean), list(spec.std)
+    describe_weights_in_cfg(cfg["pretrained_cfg"], spec.weights, spec.backbone)  # the delta's, not the default tag's
     expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     return cfg, expected
 
@@ -460,8 +462,7 @@ def build_from_delta(
     recorded = delta.trained_on
     if load_path is None:
         if recorded is not None and recorded.kind == "file":
-            raise CheckpointError(f"{source} was trained on the backbone weights file {recorded.source}: give it "
-                                  f"(load_path / backbone_file / --load_path)")
+            raise weights_file_needed(source, recorded)
         load_path = "timm" if recorded is not None and recorded.kind == "timm" else ""
     pretrained = load_path == "timm"
     extra = {"cache_dir": str(cache_dir)} if pretrained and cache_dir else {}

@@ -56,7 +56,7 @@ from engine.spec import Experiment, RunSpec
 from engine.trainer import Trainer
 from models import ModelSettingsError, count_parameters, trainable_report
 from models.delta import (
-    DeltaCheckpoint, build_from_delta, check_delta_folder_supported, checkpoint_dict, class_names_difference,
+    DeltaCheckpoint, build_from_delta, check_backbone_architecture, check_delta_folder_supported, checkpoint_dict, class_names_difference,
     delta_from_model, read_delta,
 )
 from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
@@ -341,6 +341,9 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(run_spec.resume)) if run_spec.resume else None
     check_resume_folder(run_spec)
     initial = read_initial_checkpoint(run_spec.initial_checkpoint) if run_spec.initial_checkpoint else None
+    if initial is not None and not run_spec.eval_only:  # another architecture's delta (before any data work)
+        check_backbone_architecture(initial.spec, exp.model, f"--initial_checkpoint {initial.path}",
+                                    run_spec.allow_backbone_mismatch)
     eval_ckpt = read_delta(run_spec.checkpoint) if run_spec.eval_only else None
     if eval_ckpt is not None:  # the checkpoint's model replaces the flags' (read before any data work)
         if eval_ckpt.spec is None:

@@ -45,10 +45,11 @@ from utils.atomic import atomic_write, atomic_write_text
 from utils.checkpoint import (
     CHECKSUM_KEY, DELTA_FORMAT, RESUME_FORMAT, load_torch_file, non_finite_tensors, save_checkpoint, verify_checksum,
 )
-from utils.errors import CheckpointError, ModelSettingsError
+from utils.errors import BackboneMismatchError, CheckpointError, ModelSettingsError
 from utils.hashing import file_sha256
 
 from .backbones import backbone_arch
+from .families import timm_name
 from .config import DTLConfig, parse_blocks
 from .convert import convert_original_state_dict
 from .delta_folder import (
@@ -64,7 +65,7 @@ from .trainable import count_parameters, delta_state_dict, load_delta_state_dict
 
 __all__ = ["DeltaCheckpoint", "read_delta", "write_pth", "write_folder", "build_from_delta", "check_backbone",
            "check_delta_folder_supported", "apply_delta", "delta_from_model", "checkpoint_dict", "spec_of_model", "spec_from_record",
-           "plain_dtl_spec", "class_names_difference", "DELTA_FORMAT"]
+           "plain_dtl_spec", "class_names_difference", "check_backbone_architecture", "DELTA_FORMAT"]
 
 _logger = logging.getLogger(__name__)
 
@@ -214,6 +215,42 @@ def plain_dtl_spec(delta: DeltaCheckpoint, backbone: str, add_back_blocks: str, 
         raise CheckpointError(f"{path}: tensors such as {foreign[0]} are not those of a DTL model on {backbone} "
                               f"(a {backbone_arch(backbone)} backbone): a delta of another backbone family?")
     return replace(delta, spec=spec)
+
+
+def _family(name: str) -> str:
+    try:
+        return backbone_arch(name)
+    except ModelSettingsError:
+        return "unknown"
+
+
+def check_backbone_architecture(recorded: Optional[ModelSpec], given: ModelSpec, source: str, allow: bool,
+                                log: Optional[Callable[[str], None]] = None) -> None:
+    """The backbone architecture a delta records (``recorded``: its timm name, so its family, and the timm
+    arguments) against the one a model is built with (``given``): a delta of another architecture (say EVA-02
+    tensors put into a ViT of the same width and depth, which the tensor shapes and, for a randomly initialised
+    backbone, the weights fingerprint cannot tell) is refused (:class:`~utils.errors.BackboneMismatchError`)
+    unless ``allow`` (``--allow_backbone_mismatch``: logged). Timm arguments are compared where both record one.
+    ``recorded`` ``None`` (tensors without a description): nothing to compare."""
+    if recorded is None:
+        return
+    arch = lambda name: timm_name(name, False).split(".", 1)[0]  # noqa: E731 - tags and original names aside
+    problems = []
+    if arch(recorded.backbone) != arch(given.backbone):
+        problems.append(f"it was trained on a {recorded.backbone} backbone (family {_family(recorded.backbone)}), "
+                        f"this model is a {given.backbone} (family {_family(given.backbone)})")
+    plain = lambda v: json.loads(json.dumps(thaw(v), default=list, sort_keys=True))  # noqa: E731
+    ka, kb = plain(dict(recorded.backbone_kwargs)), plain(dict(given.backbone_kwargs))
+    differ = [f"{k}={ka[k]!r} vs {kb[k]!r}" for k in sorted(set(ka) & set(kb)) if ka[k] != kb[k]]
+    if differ:
+        problems.append("its backbone's timm arguments differ (the delta's vs this model's: " + ", ".join(differ) + ")")
+    if not problems:
+        return
+    msg = f"{source}: " + "; ".join(problems)
+    if not allow:
+        raise BackboneMismatchError(msg + "; use a delta of this backbone, or pass --allow_backbone_mismatch to use "
+                                          "it anyway")
+    (log or _logger.warning)("--allow_backbone_mismatch: " + msg)
 
 
 def _few(names, n: int = 5) -> str:

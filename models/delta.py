@@ -315,8 +315,12 @@ def _read_train_delta(path: str, ck: Mapping[str, Any]) -> DeltaCheckpoint:
 def _read_last(path: str, ck: Mapping[str, Any]) -> DeltaCheckpoint:
     trainer = ck.get("trainer")
     if not isinstance(trainer, Mapping):
-        raise CheckpointError(f"{path}: this last.pth was written between seeds and holds no trainable tensors; "
-                              f"use the finished seed's delta (delta_seed<k>.pth) instead")
+        folder = os.path.dirname(os.path.abspath(path))
+        deltas = sorted(n for n in os.listdir(folder) if re.fullmatch(r"delta(_seed\d+)?\.pth", n))
+        use = (", ".join(os.path.join(folder, n) for n in deltas[:4]) + (", ..." if len(deltas) > 4 else "")
+               if deltas else "the finished seed's delta (delta.pth, or delta_seed<k>.pth of a run of several seeds)")
+        raise CheckpointError(f"{path}: this last.pth was written after a seed finished (between seeds, or at the "
+                              f"end of the run) and holds no trainable tensors; use {use} instead")
     spec = _stored_spec(ck.get("model_spec"), path)
     return DeltaCheckpoint(spec, dict(trainer.get("model_delta") or {}), spec.weights if spec else None, None,
                            {"epoch": ck.get("epoch"), "seed_index": ck.get("seed_index")}, path, "last")

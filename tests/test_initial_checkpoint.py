@@ -147,3 +147,14 @@ def test_a_delta_of_another_backbone_architecture_is_refused(tmp_path, caplog):
     path = write_pth(delta_from_model(vit, spec_of_model(vit)), tmp_path / "vit4.pth")
     assert run_train([*small, "--initial_checkpoint", path, "--output_dir", str(tmp_path / "out4")]) == 2
     assert "num_heads=4 vs 2" in caplog.text
+
+
+def test_eval_only_of_a_finished_runs_last_pth_names_its_delta(vtab, source, tmp_path, caplog):
+    """A finished single-seed run's last.pth holds no tensors: the error names the delta.pth beside it (not a
+    delta_seed<k>.pth that a single-seed run never writes)."""
+    out = tmp_path / "out"
+    assert run_train(["--data_dir", vtab, "--dataset", "cifar_100", *TINY, "--eval_only", "--checkpoint",
+                      str(source / "done" / "last.pth"), "--output_dir", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert len(errors) == 1 and f"use {source / 'done' / 'delta.pth'} instead" in errors[0], errors
+    assert "delta_seed" not in errors[0] and not out.exists()

@@ -55,7 +55,8 @@ from engine.spec import Experiment, RunSpec
 from engine.trainer import Trainer
 from models import ModelSettingsError, count_parameters, trainable_report
 from models.delta import (
-    DeltaCheckpoint, build_from_delta, check_delta_folder_supported, checkpoint_dict, delta_from_model, read_delta,
+    DeltaCheckpoint, build_from_delta, check_backbone_architecture, check_delta_folder_supported, checkpoint_dict, class_names_difference,
+    delta_from_model, read_delta,
 )
 from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from models.pretrained import check_backbone_match, check_weights_file, weights_record
@@ -306,6 +307,24 @@ def evaluate_checkpoint(ctx: Context, data: DataPlan, model: torch.nn.Module, se
                        checkpoint=os.path.abspath(exp.run.checkpoint))
 
 
+def check_class_names(run_spec: RunSpec, eval_ckpt: Optional[DeltaCheckpoint], initial: Optional[InitialCheckpoint],
+                      data_names: Optional[Sequence[str]]) -> None:
+    """The classes a delta's head was trained on against the data's (both named, in label order): --eval_only
+    refuses other names or another order (its labels would be scored against the wrong classes);
+    --initial_checkpoint from other classes is a transfer, logged."""
+    if eval_ckpt is not None:
+        diff = class_names_difference(eval_ckpt.class_names, data_names)
+        if diff:
+            raise CheckpointError(f"--eval_only --checkpoint {run_spec.checkpoint}: its head was trained on "
+                                  f"{diff}; evaluating it on this data would score its predictions against the "
+                                  f"wrong classes")
+    if initial is not None and len(initial.class_names or ()) == len(data_names or ()):  # else: the head's size
+        diff = class_names_difference(initial.class_names, data_names)                  # is refused later
+        if diff:
+            _logger.warning("--initial_checkpoint %s: its head was trained on %s; it only starts the model here "
+                            "(its head is trained on this data's classes)", initial.path, diff)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     """Specs -> plan -> build -> train (or evaluate) -> results; every check that can fail does so before long
@@ -320,6 +339,9 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     resume = ResumeState.from_checkpoint(read_resume_checkpoint(run_spec.resume)) if run_spec.resume else None
     check_resume_folder(run_spec)
     initial = read_initial_checkpoint(run_spec.initial_checkpoint) if run_spec.initial_checkpoint else None
+    if initial is not None and not run_spec.eval_only:  # another architecture's delta (before any data work)
+        check_backbone_architecture(initial.spec, exp.model, f"--initial_checkpoint {initial.path}",
+                                    run_spec.allow_backbone_mismatch)
     eval_ckpt = read_delta(run_spec.checkpoint) if run_spec.eval_only else None
     if eval_ckpt is not None:  # the checkpoint's model replaces the flags' (read before any data work)
         if eval_ckpt.spec is None:
@@ -331,6 +353,7 @@ def run(exp: Experiment, dist_info: DistInfo, argv: Sequence[str]) -> None:
     if run_spec.eval_only and exp.model.num_classes != data.num_classes:
         raise CheckpointError(f"{run_spec.checkpoint}: the checkpoint's head has {exp.model.num_classes} classes, "
                               f"but --dataset {exp.data.dataset} has {data.num_classes}")
+    check_class_names(run_spec, eval_ckpt, initial, data.class_names)
     exp = with_data(exp, data.dataset, data.num_classes, data.class_names)
     fingerprint = data_fingerprint(data) if not run_spec.eval_only else None
     if resume is not None:

@@ -28,7 +28,7 @@ from models.spec import ModelSpec, thaw
 from engine.prefix_cache import PrefixCache, PrefixCacheError
 from engine.run_folder import CacheInfo
 from engine.spec import FIELD_FLAGS, Experiment, OptimSpec, RunSpec
-from utils.errors import UsageError
+from utils.errors import CheckpointError, UsageError
 from utils.distributed import DistInfo
 from utils.loader import CudaPrefetcher, build_cache_train_loader, build_eval_loader, build_train_loader
 
@@ -149,6 +149,8 @@ def build_model(spec: ModelSpec, *, lean: bool = False, weights: bool = True) ->
     except ModelSettingsError as e:  # bad block ranges, an unknown backbone or timm argument, a baseline setting
         raise UsageError(f"cannot build --model {spec.backbone} --method {method.name}: {e}"
                          f"{_setting_flags_hint(str(e))}") from e
+    except CheckpointError:  # the backbone weights (a file, or timm's published ones that cannot be downloaded)
+        raise
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         if not spec.backbone_kwargs:  # without the user's own timm arguments this is a bug: keep its traceback
             raise

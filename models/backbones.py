@@ -19,12 +19,12 @@ import torch.nn as nn
 
 from .config import ModelSettingsError
 from .families import default_normalization, family_of_name, get_family, timm_name
-from .pretrained import weights_fingerprint
+from .pretrained import CheckpointError, weights_fingerprint
 
 __all__ = ["ORIGINAL_VIT_NAMES", "ORIGINAL_SWIN_NAMES", "VIT_DEFAULT_RANK", "SWIN_DEFAULT_RANK", "backbone_arch",
            "default_rank", "default_normalization", "create_vit_backbone", "create_swin_backbone",
            "create_eva_backbone", "create_swinv2_backbone", "create_backbone", "prepare_token_backbone",
-           "prepare_hierarchical_backbone"]
+           "prepare_hierarchical_backbone", "published_weights_error"]
 
 VIT_DEFAULT_RANK = 2
 SWIN_DEFAULT_RANK = 4
@@ -56,11 +56,33 @@ def default_rank(arch: str) -> int:
     return get_family(arch).default_rank
 
 
+def published_weights_error(name: str, error: BaseException) -> CheckpointError:
+    """The :class:`CheckpointError` of timm's published weights of ``name`` (``arch`` or ``arch.tag``) that could
+    not be downloaded or found in the cache (``error``: the hub's or the url's failure): which weights (tag,
+    hub repository or url) and what to do."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        what = f"timm's pretrained weights of {name}"
+    else:
+        arch = name.split(".", 1)[0]
+        where = f"hub repository {cfg.hf_hub_id}" if cfg.hf_hub_id else f"url {cfg.url}" if cfg.url else "no source"
+        what = f"timm's pretrained weights {arch}.{cfg.tag} ({where})" if cfg.tag else f"timm's weights of {arch} ({where})"
+    reason = (str(error).strip().splitlines() or [""])[0][:300].rstrip(".")
+    return CheckpointError(f"cannot download or find in the Hugging Face cache {what}: {type(error).__name__}: "
+                           f"{reason}; connect to the network (or point HF_HOME at a cache holding them), or give "
+                           f"a local backbone weights file (.npz, .pth, .safetensors): --load_path (models.load_delta: "
+                           f"backbone_file)")
+
+
 def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # an argument the architecture does not take (--model_kwargs)
         raise ModelSettingsError(f"cannot build {name!r} with {sorted(kwargs)}: {e}") from e
+    except OSError as e:  # the hub's errors (offline, not in the cache, HTTP) and the url downloads' are OSErrors
+        if not pretrained:
+            raise
+        raise published_weights_error(name, e) from e
 
 
 def _expect(model: nn.Module, name: str, family: str) -> nn.Module:

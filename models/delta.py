@@ -45,25 +45,27 @@ from utils.atomic import atomic_write, atomic_write_text
 from utils.checkpoint import (
     CHECKSUM_KEY, DELTA_FORMAT, RESUME_FORMAT, load_torch_file, non_finite_tensors, save_checkpoint, verify_checksum,
 )
-from utils.errors import CheckpointError, ModelSettingsError
+from utils.errors import BackboneMismatchError, CheckpointError, ModelSettingsError
 from utils.hashing import file_sha256
 
 from .backbones import backbone_arch
+from .families import timm_name
 from .config import DTLConfig, parse_blocks
 from .convert import convert_original_state_dict
 from .delta_folder import (
     CONFIG_FILE, DELTA_FILE, delta_file_sha256, folder_weights, read_folder_config, read_folder_tensors,
+    weights_file_needed,
 )
 from .factory import create_tuned_model
 from .pretrained import check_backbone_match, weights_record, weights_spec
-from .timm_api import set_normalization
+from .timm_api import describe_weights_in_cfg, set_normalization
 from .spec import ModelSpec, WeightsSpec, thaw
 from .timm_api import DTL_MEAN, DTL_STD
 from .trainable import count_parameters, delta_state_dict, load_delta_state_dict
 
 __all__ = ["DeltaCheckpoint", "read_delta", "write_pth", "write_folder", "build_from_delta", "check_backbone",
            "check_delta_folder_supported", "apply_delta", "delta_from_model", "checkpoint_dict", "spec_of_model", "spec_from_record",
-           "plain_dtl_spec", "DELTA_FORMAT"]
+           "plain_dtl_spec", "class_names_difference", "check_backbone_architecture", "DELTA_FORMAT"]
 
 _logger = logging.getLogger(__name__)
 
@@ -215,6 +217,68 @@ def plain_dtl_spec(delta: DeltaCheckpoint, backbone: str, add_back_blocks: str, 
     return replace(delta, spec=spec)
 
 
+def _family(name: str) -> str:
+    try:
+        return backbone_arch(name)
+    except ModelSettingsError:
+        return "unknown"
+
+
+def check_backbone_architecture(recorded: Optional[ModelSpec], given: ModelSpec, source: str, allow: bool,
+                                log: Optional[Callable[[str], None]] = None) -> None:
+    """The backbone architecture a delta records (``recorded``: its timm name, so its family, and the timm
+    arguments) against the one a model is built with (``given``): a delta of another architecture (say EVA-02
+    tensors put into a ViT of the same width and depth, which the tensor shapes and, for a randomly initialised
+    backbone, the weights fingerprint cannot tell) is refused (:class:`~utils.errors.BackboneMismatchError`)
+    unless ``allow`` (``--allow_backbone_mismatch``: logged). Timm arguments are compared where both record one.
+    ``recorded`` ``None`` (tensors without a description): nothing to compare."""
+    if recorded is None:
+        return
+    arch = lambda name: timm_name(name, False).split(".", 1)[0]  # noqa: E731 - tags and original names aside
+    problems = []
+    if arch(recorded.backbone) != arch(given.backbone):
+        problems.append(f"it was trained on a {recorded.backbone} backbone (family {_family(recorded.backbone)}), "
+                        f"this model is a {given.backbone} (family {_family(given.backbone)})")
+    plain = lambda v: json.loads(json.dumps(thaw(v), default=list, sort_keys=True))  # noqa: E731
+    ka, kb = plain(dict(recorded.backbone_kwargs)), plain(dict(given.backbone_kwargs))
+    differ = [f"{k}={ka[k]!r} vs {kb[k]!r}" for k in sorted(set(ka) & set(kb)) if ka[k] != kb[k]]
+    if differ:
+        problems.append("its backbone's timm arguments differ (the delta's vs this model's: " + ", ".join(differ) + ")")
+    if not problems:
+        return
+    msg = f"{source}: " + "; ".join(problems)
+    if not allow:
+        raise BackboneMismatchError(msg + "; use a delta of this backbone, or pass --allow_backbone_mismatch to use "
+                                          "it anyway")
+    (log or _logger.warning)("--allow_backbone_mismatch: " + msg)
+
+
+def _few(names, n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(repr(x) for x in names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def class_names_difference(recorded, given) -> Optional[str]:
+    """How the class names a delta records (``recorded``, in label order) differ from the data's (``given``):
+    ``None`` when they are the same or either side names none; otherwise one phrase saying whether they are
+    other names or the same names in another order, with a few examples."""
+    if not recorded or not given:
+        return None
+    recorded, given = [str(x) for x in recorded], [str(x) for x in given]
+    if recorded == given:
+        return None
+    if sorted(recorded) == sorted(given):
+        moved = [f"label {i} is {a!r} in the delta but {b!r} in the data"
+                 for i, (a, b) in enumerate(zip(recorded, given)) if a != b]
+        return (f"the same class names in another order ({'; '.join(moved[:3])}"
+                + (f"; {len(moved) - 3} more" if len(moved) > 3 else "") + ")")
+    only_delta = [x for x in recorded if x not in set(given)]
+    only_data = [x for x in given if x not in set(recorded)]
+    parts = [f"the delta's {_few(only_delta)} not in the data" if only_delta else "",
+             f"the data's {_few(only_data)} not in the delta" if only_data else ""]
+    return "other class names (" + "; ".join(p for p in parts if p) + ")"
+
+
 # ---------------------------------------------------------------------------------------------------- reading
 def _tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
@@ -251,8 +315,12 @@ def _read_train_delta(path: str, ck: Mapping[str, Any]) -> DeltaCheckpoint:
 def _read_last(path: str, ck: Mapping[str, Any]) -> DeltaCheckpoint:
     trainer = ck.get("trainer")
     if not isinstance(trainer, Mapping):
-        raise CheckpointError(f"{path}: this last.pth was written between seeds and holds no trainable tensors; "
-                              f"use the finished seed's delta (delta_seed<k>.pth) instead")
+        folder = os.path.dirname(os.path.abspath(path))
+        deltas = sorted(n for n in os.listdir(folder) if re.fullmatch(r"delta(_seed\d+)?\.pth", n))
+        use = (", ".join(os.path.join(folder, n) for n in deltas[:4]) + (", ..." if len(deltas) > 4 else "")
+               if deltas else "the finished seed's delta (delta.pth, or delta_seed<k>.pth of a run of several seeds)")
+        raise CheckpointError(f"{path}: this last.pth was written after a seed finished (between seeds, or at the "
+                              f"end of the run) and holds no trainable tensors; use {use} instead")
     spec = _stored_spec(ck.get("model_spec"), path)
     return DeltaCheckpoint(spec, dict(trainer.get("model_delta") or {}), spec.weights if spec else None, None,
                            {"epoch": ck.get("epoch"), "seed_index": ck.get("seed_index")}, path, "last")
@@ -359,6 +427,7 @@ def _timm_config(spec: ModelSpec) -> Tuple[Dict[str, Any], Dict[str, Tuple[int, 
         with open(out) as f:
             cfg = json.load(f)
     cfg["pretrained_cfg"]["mean"], cfg["pretrained_cfg"]["std"] = list(spec.mean), list(spec.std)
+    describe_weights_in_cfg(cfg["pretrained_cfg"], spec.weights, spec.backbone)  # the delta's, not the default tag's
     expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     return cfg, expected
 
@@ -434,8 +503,7 @@ def build_from_delta(
     recorded = delta.trained_on
     if load_path is None:
         if recorded is not None and recorded.kind == "file":
-            raise CheckpointError(f"{source} was trained on the backbone weights file {recorded.source}: give it "
-                                  f"(load_path / backbone_file / --load_path)")
+            raise weights_file_needed(source, recorded)
         load_path = "timm" if recorded is not None and recorded.kind == "timm" else ""
     pretrained = load_path == "timm"
     extra = {"cache_dir": str(cache_dir)} if pretrained and cache_dir else {}

@@ -26,7 +26,7 @@ from .spec import WeightsSpec
 from .trainable import load_delta_state_dict
 
 __all__ = ["CONFIG_FILE", "DELTA_FILE", "DELTA_FORMAT", "delta_file_sha256", "is_delta_folder", "read_folder_config",
-           "delta_file_path", "read_folder_tensors", "folder_weights", "load_delta_tensors"]
+           "delta_file_path", "read_folder_tensors", "folder_weights", "load_delta_tensors", "weights_file_needed"]
 
 CONFIG_FILE = "config.json"
 DELTA_FILE = "delta.safetensors"  # the tensors of a delta-only folder
@@ -102,6 +102,14 @@ def folder_weights(block: Mapping[str, Any]) -> Optional[WeightsSpec]:
     if isinstance(spec, Mapping) and spec.get("weights") is not None:
         return WeightsSpec.from_dict(spec["weights"])
     return weights_spec(block.get("trained_on_weights"))
+
+
+def weights_file_needed(source: str, weights: WeightsSpec) -> CheckpointError:
+    """The error of a delta trained on a backbone weights *file* when no backbone weights are given: the file is
+    not part of the delta, so it must be given (every reader says it the same way)."""
+    return CheckpointError(f"{source} was trained on the backbone weights file {weights.source}: give it "
+                           f"(load_path / backbone_file / --load_path; timm.create_model('local-dir:...'): "
+                           f"pretrained_cfg_overlay=dict(file=...))")
 
 
 def load_delta_tensors(model: nn.Module, folder: Union[str, os.PathLike]) -> None:

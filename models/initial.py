@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,8 @@ class InitialCheckpoint:
     tensors: Dict[str, torch.Tensor]
     sha256: str
     info: Dict[str, Any] = field(default_factory=dict)
+    class_names: Optional[Tuple[str, ...]] = None  # the classes the file's head was trained on, when it names them
+    spec: Any = None  # the file's ModelSpec (a delta, a delta folder, a last.pth that records one), else None
 
     def record(self) -> Dict[str, Any]:
         """What config/results record about the source."""
@@ -70,7 +72,8 @@ def read_initial_checkpoint(path: str) -> InitialCheckpoint:
             info["backbone_weights"] = delta.trained_on.to_dict()
     sha = delta.checksums["file"]
     return InitialCheckpoint(os.path.abspath(path), "original" if delta.layout == "original" else delta.kind,
-                             dict(delta.tensors), sha[len("sha256:"):] if sha.startswith("sha256:") else sha, info)
+                             dict(delta.tensors), sha[len("sha256:"):] if sha.startswith("sha256:") else sha, info,
+                             tuple(delta.class_names) if delta.class_names else None, delta.spec)
 
 
 def load_initial_checkpoint(model: nn.Module, init: InitialCheckpoint) -> Dict[str, int]:

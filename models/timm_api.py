@@ -20,7 +20,9 @@ wrappers (:mod:`models.dtl_vit`, :mod:`models.dtl_swin`) only inherit it and pro
   ``cache_dir``, url, local ``.pth`` / ``.safetensors`` and, with ``custom_load`` set automatically for a
   ``.npz`` file, Google's npz) behind a check that no backbone tensor is left uninitialised. A folder written by
   ``timm.models.save_for_hf`` (``create_model("local-dir:...")``) loads the whole DTL model; a delta-only
-  folder (:mod:`models.hub`) loads the backbone from its tag (or the overlay) and then the delta.
+  folder (:mod:`models.hub`) loads the backbone weights the delta records (timm's published ones of the recorded
+  tag; a random backbone again, from the recorded ``init_seed``; a file must be given as the overlay's ``file``)
+  or the overlay's, and then the delta.
 """
 from __future__ import annotations
 
@@ -38,14 +40,15 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models._pretrained import PretrainedCfg
 
+from .backbones import published_weights_error
 from .config import DTL_KEYS, pop_model_kwargs
 from .families import RECIPE_MEAN, RECIPE_STD
-from .delta_folder import DELTA_FILE, load_delta_tensors
+from .delta_folder import DELTA_FILE, folder_weights, load_delta_tensors, read_folder_config, weights_file_needed
 from .pretrained import CheckpointError, _head_key, check_finite, in_model_layout, load_backbone_weights, weights_fingerprint
 
 __all__ = [
     "DTLTimmMixin", "ViTTimmMixin", "SwinTimmMixin", "dtl_default_cfgs", "build_dtl_model", "backbone_tag_of",
-    "load_backbone_pretrained", "DTL_MEAN", "DTL_STD", "DELTA_FILE",
+    "load_backbone_pretrained", "describe_weights_in_cfg", "DTL_MEAN", "DTL_STD", "DELTA_FILE",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -94,6 +97,35 @@ def dtl_default_cfgs(entries: Mapping[str, str], recipe_normalization: bool = Tr
         _BACKBONE_TAGS[f"{name}.{tag}"] = backbone_tag
         cfgs[f"{name}.{tag}"] = _wrapper_cfg(backbone_tag, recipe_normalization)
     return generate_default_cfgs(cfgs)
+
+
+def _timm_weights_cfg(weights: Any, backbone: str) -> Optional[PretrainedCfg]:
+    """timm's cfg of the published weights a delta records (``weights.source``: ``arch`` or ``arch.tag``; none
+    recorded: the default weights of ``backbone``); ``None`` if timm has none."""
+    return get_pretrained_cfg(getattr(weights, "source", None) or backbone)
+
+
+def describe_weights_in_cfg(cfg: Dict[str, Any], weights: Any, backbone: str) -> None:
+    """Make a delta folder's ``pretrained_cfg`` (``cfg``, in place) describe the backbone weights the delta was
+    trained on (``weights``: a :class:`~models.spec.WeightsSpec`): timm's published ones (their tag and source), a
+    file (no download source: it must be given), or a random initialisation (no source)."""
+    for key in _SOURCE_KEYS:
+        cfg.pop(key, None)
+    kind = getattr(weights, "kind", None)
+    if kind == "timm" and _timm_weights_cfg(weights, backbone) is not None:
+        b = _timm_weights_cfg(weights, backbone)
+        cfg.update({k: v for k, v in (("hf_hub_id", b.hf_hub_id), ("hf_hub_filename", b.hf_hub_filename),
+                                      ("url", b.url)) if v})
+        cfg["tag"] = b.tag
+        what = f"timm {b.architecture}.{b.tag}"
+    elif kind == "file":
+        cfg["tag"] = None
+        what = (f"the file {weights.source} ({weights.fingerprint or 'no fingerprint'}); give it with "
+                f"pretrained_cfg_overlay=dict(file=...)")
+    else:
+        cfg["tag"] = None
+        what = "a random initialisation (no pretrained weights)"
+    cfg["notes"] = [f"backbone weights: {what}; the side network and the head come from this delta"]
 
 
 def backbone_tag_of(architecture: str, tag: Optional[str]) -> Optional[str]:
@@ -433,7 +465,11 @@ def load_backbone_pretrained(
             raise CheckpointError(f"{source}: a custom-format (.npz) file is for ViT backbones, not "
                                   f"{type(backbone).__name__}") from e
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except OSError as e:
+        if not bcfg.get("file") and bcfg.get("source") != "local-dir":  # the hub or a url: not downloadable now
+            raise published_weights_error(backbone_tag or str(bcfg.get("architecture") or source), e) from e
+        raise CheckpointError(f"cannot load backbone weights from {source}: {type(e).__name__}: {e}") from e
+    except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load backbone weights from {source}: {type(e).__name__}: {e}") from e
     missing = [n for n, p in params.items() if torch.isnan(p).any()]
     if missing:
@@ -468,6 +504,28 @@ def create_dtl_variant(variant: str, arch: str, pretrained: bool, wrapper: type,
     return build_dtl_model(variant, make, pretrained, default_out_indices=wrapper.default_out_indices, **kwargs)
 
 
+def _recorded_backbone(folder: str, cfg_arg: Any, overlay: Dict[str, Any]) -> Tuple[Any, Optional[str], bool, Any]:
+    """``local-dir:<delta folder>`` without a backbone source of the caller's: the weights the folder records.
+    Returns (the cfg tag to resolve, the backbone ``arch.tag``, whether to load backbone weights, the RNG seed of a
+    random backbone); ``overlay`` gets the source of timm's recorded weights. A delta trained on a file needs it:
+    :class:`CheckpointError` saying so (as :func:`models.delta.build_from_delta`)."""
+    block = read_folder_config(folder)["dtl"]
+    weights = folder_weights(block)
+    if weights is None:  # a folder written before the weights were recorded: its cfg's tag, as before
+        return cfg_arg, None, True, None
+    if weights.kind == "file":
+        raise weights_file_needed(folder, weights)
+    if weights.kind == "random":
+        return None, None, False, block.get("init_seed")
+    spec = block.get("model_spec") if isinstance(block.get("model_spec"), Mapping) else {}
+    b = _timm_weights_cfg(weights, str(spec.get("backbone") or block.get("model_name") or ""))
+    if b is None:
+        raise CheckpointError(f"{folder} was trained on timm's weights {weights.source}, which this timm does not "
+                              f"know; give the backbone weights file with pretrained_cfg_overlay=dict(file=...)")
+    overlay.update({k: getattr(b, k, None) for k in _SOURCE_KEYS})
+    return None, f"{b.architecture}.{b.tag}", True, None
+
+
 def build_dtl_model(
     variant: str,
     make_model: Callable[..., nn.Module],
@@ -482,8 +540,8 @@ def build_dtl_model(
     with ``pretrained=True`` the weights come from the resolved cfg's source:
 
     - a ``local-dir`` folder with :data:`DELTA_FILE` (a delta-only folder, :mod:`models.hub`): the backbone from
-      the registered source of the folder's tag, or from ``pretrained_cfg_overlay`` (e.g. ``file=ViT-B_16.npz``),
-      then the delta;
+      ``pretrained_cfg_overlay`` (e.g. ``file=ViT-B_16.npz``) or else the weights the delta records
+      (:func:`_recorded_backbone`), then the delta;
     - any other ``local-dir`` folder (``save_for_hf``): the whole model, with timm's ``load_pretrained``;
     - otherwise the backbone only (:func:`load_backbone_pretrained`); a ``.npz`` file gets ``custom_load``.
     """
@@ -493,14 +551,16 @@ def build_dtl_model(
     pretrained_model_args = kwargs.pop("pretrained_model_args", None)
     feature_cfg = dict(kwargs.pop("feature_cfg", None) or {})
 
-    delta_dir = None
+    delta_dir, backbone_tag, load_backbone, init_seed = None, None, True, None
     if isinstance(cfg_arg, Mapping) and cfg_arg.get("source") == "local-dir" and cfg_arg.get("file"):
         folder = str(cfg_arg["file"])
         if os.path.isfile(os.path.join(folder, DELTA_FILE)):
             delta_dir = folder
     if delta_dir is not None:
-        # the weights of a delta folder: its tag's backbone source (or the overlay's), then the delta
+        # the weights of a delta folder: the ones it records (or the overlay's source), then the delta
         cfg_arg = cfg_arg.get("tag") or None
+        if pretrained and not any(overlay.get(k) is not None for k in _SOURCE_KEYS):
+            cfg_arg, backbone_tag, load_backbone, init_seed = _recorded_backbone(delta_dir, cfg_arg, overlay)
     cfg_arg = _split_cfg_dict(cfg_arg)
     file = overlay.get("file")
     if file and "custom_load" not in overlay:
@@ -510,13 +570,21 @@ def build_dtl_model(
         overlay["custom_load"] = str(file).endswith(".npz")
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=cfg_arg, pretrained_cfg_overlay=overlay).to_dict()
-    backbone_tag = backbone_tag_of(variant, cfg.get("tag"))
+    backbone_tag = backbone_tag or backbone_tag_of(variant, cfg.get("tag"))
 
     def construct(**model_kwargs: Any) -> nn.Module:
-        model = make_model(**model_kwargs)
+        if init_seed is not None:  # a delta trained on a random backbone: that backbone again (as load_delta)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(init_seed))
+                model = make_model(**model_kwargs)
+        else:
+            model = make_model(**model_kwargs)
         if pretrained:
             in_chans = int(model_kwargs.get("in_chans", 3))
-            if cfg.get("source") == "local-dir" and delta_dir is None:
+            if not load_backbone:
+                _logger.info("%s: the delta of %s was trained on a randomly initialised backbone: no backbone "
+                             "weights loaded", variant, delta_dir)
+            elif cfg.get("source") == "local-dir" and delta_dir is None:
                 load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=in_chans,
                                 strict=True, cache_dir=cache_dir)
             else:

@@ -148,8 +148,9 @@ def test_a_random_backbone_is_recorded_as_random_and_rebuilt_from_its_seed(tmp_p
             assert torch.equal(rebuilt(X), m(X))  # the same random backbone, from init_seed
     assert "randomly initialised backbone" in caplog.text and "older version" not in caplog.text
     bb = _weights(tmp_path, VIT, 0)
-    with pytest.raises(BackboneMismatchError, match="randomly initialised backbone, but the backbone given is bb.pth"):
+    with pytest.raises(BackboneMismatchError, match="randomly initialised backbone, but the backbone given is bb.pth") as e:
         build_from_delta(d, load_path=bb)
+    assert "was trained on a randomly initialised backbone" in str(e.value)  # not "on backbone weights a random..."
 
 
 def test_delta_file_must_stay_inside_the_folder(trained, tmp_path):

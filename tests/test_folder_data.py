@@ -310,3 +310,52 @@ def test_custom_launcher(tmp_path):
         res = read_results(out / launcher)
         assert res["benchmark"] == "folder" and res["dataset"] == "meine Daten"  # DATASET: DATA_DIR's name
         assert res["method"] == ("dtl+" if "+" in launcher else "dtl")
+
+
+# ------------------------------------------------------------------- a delta's class names against the data's
+SMALL = ["--model", "vit_tiny_patch16_224", "--img_size", "32", "--model_kwargs",
+         "embed_dim=32,num_heads=2,depth=4,patch_size=8", "--load_path=", "--epochs", "1", "--warmup_epochs", "0",
+         "--num_workers", "0", "--batch_size", "4", "--benchmark", "folder", "--dataset", "mine"]
+
+
+@pytest.fixture(scope="module")
+def abc_delta(tmp_path_factory):
+    """A delta trained on classes a, b, c (sorted folder names), and its data root."""
+    d = tmp_path_factory.mktemp("abc")
+    root = make_folder_root(str(d / "abc"), classes=["a", "b", "c"], n_train=4, n_val=2, n_test=2)
+    assert run_train([*SMALL, "--data_dir", root, "--output_dir", str(d / "run")]) == 0
+    return str(d / "run" / "delta.pth"), root
+
+
+@pytest.mark.parametrize("classes, classes_file, says", [
+    (["c", "a", "b"], True, "the same class names in another order (label 0 is 'a' in the delta but 'c' in the data"),
+    (["x", "y", "z"], False, "other class names (the delta's 'a', 'b', 'c' not in the data; the data's 'x', 'y', "
+                             "'z' not in the delta)"),
+])
+def test_eval_only_refuses_other_class_names_or_order(abc_delta, tmp_path, caplog, classes, classes_file, says):
+    """Same class count, other classes: --eval_only would score against the wrong labels; refused (exit 2, one
+    line naming the checkpoint and how the names differ) before any run folder; the delta's own data passes."""
+    delta, own = abc_delta
+    root = make_folder_root(str(tmp_path / "r"), classes=classes, classes_file=classes_file, n_train=1, n_test=1)
+    out = tmp_path / "out"
+    assert run_train([*SMALL, "--data_dir", root, "--eval_only", "--checkpoint", delta, "--output_dir", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert len(errors) == 1 and f"--checkpoint {delta}" in errors[0] and says in errors[0], errors
+    assert not out.exists()
+    assert run_train([*SMALL, "--data_dir", own, "--eval_only", "--checkpoint", delta,
+                      "--output_dir", str(tmp_path / "own")]) == 0
+
+
+def test_initial_checkpoint_from_other_classes_is_a_logged_transfer(abc_delta, tmp_path, caplog):
+    delta, _ = abc_delta
+    root = make_folder_root(str(tmp_path / "xyz"), classes=["x", "y", "z"], n_train=2, n_test=1)
+    assert run_train([*SMALL, "--data_dir", root, "--initial_checkpoint", delta, "--output_dir",
+                      str(tmp_path / "out")]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "class names" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"--initial_checkpoint {delta}: its head was trained on other "
+                                                     f"class names"), warned
+    caplog.clear()  # another class count: the head does not fit, refused as before
+    four = make_folder_root(str(tmp_path / "four"), n_train=2, n_test=1)
+    assert run_train([*SMALL, "--data_dir", four, "--initial_checkpoint", delta, "--output_dir",
+                      str(tmp_path / "out4")]) == 2
+    assert "head.weight" in caplog.text and not (tmp_path / "out4").exists()

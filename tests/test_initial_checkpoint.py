@@ -115,3 +115,46 @@ def test_mismatches_are_clear_errors_before_the_run(vtab, source, tmp_path, capl
     _fails(["--data_dir", vtab, "--dataset", "cifar_100", *TINY, "--eval_only", "--checkpoint",
             str(source / "done" / "delta.pth"), "--initial_checkpoint", str(source / "done" / "delta.pth"),
             "--output_dir", str(out)], caplog, out, "--initial_checkpoint")
+
+
+def test_a_delta_of_another_backbone_architecture_is_refused(tmp_path, caplog):
+    """An EVA-02 delta into a ViT of the same width and depth: the tensors fit and, on randomly initialised
+    backbones, the weights fingerprint cannot tell; the recorded backbone name (family) can. Refused before any
+    run folder, naming both; --allow_backbone_mismatch uses it anyway (logged). A ViT delta of the same
+    architecture but other timm arguments is refused as well."""
+    from data.synthetic import make_folder_root
+    from models import create_dtl_model
+    from models.delta import delta_from_model, spec_of_model, write_pth
+
+    root = make_folder_root(str(tmp_path / "data"), n_train=2, n_test=1)  # 4 classes
+    small = ["--model", "vit_tiny_patch16_224", "--img_size", "32", "--model_kwargs",
+             "embed_dim=32,num_heads=2,depth=4,patch_size=8", "--load_path=", "--epochs", "1", "--warmup_epochs", "0",
+             "--num_workers", "0", "--batch_size", "4", "--benchmark", "folder", "--data_dir", root, "--dataset", "mine"]
+    kw = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2)
+    eva = create_dtl_model("eva02_tiny_patch14_224", 4, **kw)
+    path = write_pth(delta_from_model(eva, spec_of_model(eva)), tmp_path / "eva.pth")
+    out = tmp_path / "out"
+    assert run_train([*small, "--initial_checkpoint", path, "--output_dir", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert len(errors) == 1 and "eva02_tiny_patch14_224 backbone (family eva)" in errors[0], errors
+    assert "vit_tiny_patch16_224 (family vit)" in errors[0] and "--allow_backbone_mismatch" in errors[0]
+    assert not out.exists()
+    caplog.clear()
+    assert run_train([*small, "--initial_checkpoint", path, "--allow_backbone_mismatch", "--output_dir", str(out)]) == 0
+    assert "--allow_backbone_mismatch: --initial_checkpoint" in caplog.text and "family eva" in caplog.text
+    caplog.clear()
+    vit = create_dtl_model("vit_tiny_patch16_224", 4, **{**kw, "num_heads": 4})  # same tensor shapes
+    path = write_pth(delta_from_model(vit, spec_of_model(vit)), tmp_path / "vit4.pth")
+    assert run_train([*small, "--initial_checkpoint", path, "--output_dir", str(tmp_path / "out4")]) == 2
+    assert "num_heads=4 vs 2" in caplog.text
+
+
+def test_eval_only_of_a_finished_runs_last_pth_names_its_delta(vtab, source, tmp_path, caplog):
+    """A finished single-seed run's last.pth holds no tensors: the error names the delta.pth beside it (not a
+    delta_seed<k>.pth that a single-seed run never writes)."""
+    out = tmp_path / "out"
+    assert run_train(["--data_dir", vtab, "--dataset", "cifar_100", *TINY, "--eval_only", "--checkpoint",
+                      str(source / "done" / "last.pth"), "--output_dir", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert len(errors) == 1 and f"use {source / 'done' / 'delta.pth'} instead" in errors[0], errors
+    assert "delta_seed" not in errors[0] and not out.exists()

@@ -105,3 +105,70 @@ def test_train_refuses_nan_weights_with_exit_2(tmp_path_factory, tmp_path, caplo
             "--batch_size", "8", "--output_dir", str(tmp_path / "out"), "--load_path", path]
     assert run_train(argv) == 2
     assert "tensor 'cls_token' holds NaN" in caplog.text
+
+
+# ------------------------------------------------------------------------- timm's weights without a network
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """No network and an empty Hugging Face cache: huggingface_hub reads HF_HUB_OFFLINE / HF_HOME /
+    HUGGINGFACE_HUB_CACHE / HF_HUB_CACHE once, at import, into huggingface_hub.constants (what hf_hub_download
+    consults on each call), so both the environment (subprocesses) and the constants (this process) are set."""
+    import huggingface_hub.constants as c
+
+    home = tmp_path / "hf_home"
+    for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(home)), ("HUGGINGFACE_HUB_CACHE", str(home / "hub")),
+                       ("HF_HUB_CACHE", str(home / "hub"))):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HOME", str(home))
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(c, "HUGGINGFACE_HUB_CACHE", str(home / "hub"))
+    return home
+
+
+TIMM_TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default weights of vit_tiny_patch16_224
+
+
+def _tiny_delta(tmp_path, num_classes=4):
+    from models.delta import delta_from_model, spec_of_model, write_pth
+
+    torch.manual_seed(0)
+    m = create_dtl_model(VIT, num_classes, **VIT_KW)
+    return write_pth(delta_from_model(m, spec_of_model(m, backbone=VIT)), tmp_path / "delta.pth")
+
+
+def _one_error_line(text):
+    lines = [ln for ln in text.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    return lines[0]
+
+
+def test_timm_weights_that_cannot_be_downloaded_are_one_error_line(no_hub, tmp_path, caplog, capsys):
+    """--load_path timm offline with nothing cached: every entry point names the weights it wanted (tag, hub
+    repository) and what to do (network, or a local file with --load_path); train.py exits 2 before any run
+    folder exists, --eval_only too; tools/predict.py and models.load_delta say the same."""
+    import models
+    from data.synthetic import make_folder_root
+    from tools import predict
+
+    root = make_folder_root(str(tmp_path / "data"), n_train=2, n_test=1)
+    tiny = ["--model", VIT, "--img_size", "32", "--model_kwargs", "embed_dim=32,num_heads=2,depth=2,patch_size=8",
+            "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--batch_size", "4",
+            "--benchmark", "folder", "--data_dir", root, "--dataset", "mine"]
+    delta = _tiny_delta(tmp_path)
+    for extra in ([], ["--eval_only", "--checkpoint", delta, "--allow_backbone_mismatch"]):
+        caplog.clear()
+        out = tmp_path / ("out_eval" if extra else "out")
+        assert run_train([*tiny, "--load_path", "timm", "--output_dir", str(out), *extra]) == 2
+        line = _one_error_line(caplog.text)
+        assert TIMM_TAG in line and "timm/" + TIMM_TAG in line and "--load_path" in line and "network" in line
+        assert not out.exists()
+    capsys.readouterr()
+    assert predict.main(["--load_path", "timm", "--deltas", delta, "--images", root + "/test",
+                         "--allow_backbone_mismatch"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert TIMM_TAG in line and "--load_path" in line
+    with pytest.raises(CheckpointError, match=re.escape(TIMM_TAG) + ".*backbone_file"):
+        models.load_delta(delta, backbone_file="timm", allow_backbone_mismatch=True)
+    with pytest.raises(CheckpointError, match=re.escape(TIMM_TAG)):  # a dtl_* entry point the timm way
+        timm.create_model("dtl_vit_tiny_patch16_224", pretrained=True, num_classes=3, img_size=32, depth=2)

@@ -383,3 +383,44 @@ def test_a_checkpoint_in_the_model_layout_skips_timms_converter():
     old = {k.replace("layers.1.downsample", "layers.0.downsample"): v for k, v in sd.items()}
     assert not in_model_layout(old, bb)
     assert not in_model_layout({}, bb)
+
+
+def test_local_dir_delta_folder_uses_the_backbone_weights_it_records(tmp_path, monkeypatch, caplog):
+    """timm.create_model("local-dir:<delta folder>", pretrained=True) with no backbone source of its own loads
+    what the delta was trained on, as models.load_delta does, and config.json says what that is: a random
+    backbone (no download: the same backbone again, from the recorded init_seed), a file (asked for, the same
+    error as load_delta), timm's weights of the recorded tag (not the architecture's default tag)."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # offline (autouse) and nothing cached
+    x = _x(VIT)
+    torch.manual_seed(7)
+    m = _trained_like(_make(VIT)).eval()  # a randomly initialised backbone
+    folder = models.save_delta(m, tmp_path / "random", info={"init_seed": 7})
+    pcfg = json.loads((tmp_path / "random" / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["tag"] is None and "hf_hub_id" not in pcfg and "random initialisation" in pcfg["notes"][0]
+    with caplog.at_level("WARNING"):
+        loaded = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+    assert "trained on a randomly initialised backbone and is used on one" in caplog.text
+    assert torch.equal(loaded(x), m(x)) and torch.equal(loaded(x), models.load_delta(folder)(x))
+
+    torch.save(_make(VIT).backbone.state_dict(), tmp_path / "bb.pth")
+    m = _trained_like(_make(VIT, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "bb.pth"))))
+    folder = models.save_delta(m, tmp_path / "file")
+    pcfg = json.loads((tmp_path / "file" / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["tag"] is None and "hf_hub_id" not in pcfg and "the file bb.pth" in pcfg["notes"][0]
+    for load in (lambda: timm.create_model("local-dir:" + folder, pretrained=True), lambda: models.load_delta(folder)):
+        with pytest.raises(CheckpointError, match=r"trained on the backbone weights file bb\.pth: give it .*"
+                                                  r"pretrained_cfg_overlay=dict\(file=\.\.\.\)"):
+            load()
+
+    tag = "vit_tiny_patch16_224.augreg_in21k"  # timm's weights, not the default tag (augreg_in21k_ft_in1k)
+    write_timm_weights(tmp_path / "cache", tag, depth=4)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    m = _trained_like(models.create_dtl_model(tag, 5, DTLConfig(csn_blocks="0-3", add_back_blocks="2-3"),
+                                              pretrained=True, img_size=32, depth=4)).eval()
+    folder = models.save_delta(m, tmp_path / "timm")
+    pcfg = json.loads((tmp_path / "timm" / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["tag"] == "augreg_in21k" and pcfg["hf_hub_id"] == "timm/" + tag and tag in pcfg["notes"][0]
+    loaded = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+    assert torch.equal(loaded(x), m(x))

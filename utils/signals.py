@@ -54,6 +54,10 @@ def status(e: BaseException) -> int:
     return 143 if isinstance(e, Terminated) else 130
 
 
+def _ignore_sigchld(signum: int, frame: Any) -> None:
+    """SIGCHLD once the run is ending (see :func:`_handler`)."""
+
+
 def _handler(signum: int, frame: Any) -> None:
     global _pending
     if os.getpid() != _owner:  # a forked DataLoader worker: the main process decides
@@ -64,8 +68,10 @@ def _handler(signum: int, frame: Any) -> None:
     # torch's SIGCHLD handler raises "DataLoader worker ... is killed by signal" at any later moment (in
     # clean-up code, in __del__ at exit) if a worker died of the group's signal all the same (in the instant
     # before worker_init ran): the run is ending, and a dead worker is then reported by the loader itself
-    if signal.getsignal(signal.SIGCHLD) not in (None, signal.SIG_DFL, signal.SIG_IGN):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # (a Python no-op, not SIG_DFL: a SIGCHLD already pending would then be reported by Python as "Signal 17
+    # ignored due to race condition")
+    if signal.getsignal(signal.SIGCHLD) not in (None, signal.SIG_DFL, signal.SIG_IGN, _ignore_sigchld):
+        signal.signal(signal.SIGCHLD, _ignore_sigchld)
     if not _deferring:
         raise exception(signum)
 

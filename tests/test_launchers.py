@@ -131,6 +131,21 @@ def test_environment_overrides_and_pass_through(tmp_path):
     assert args.lr == 0.0003
 
 
+@pytest.mark.parametrize("exitcodes, status", [
+    ([143, 2], 2),     # rank 1's error: (exit 2) made the agent stop rank 0 with SIGTERM: the error is the status
+    ([-15, 2], 2),     # the same, rank 0 ended by the signal itself
+    ([130, 130], 130),  # every process interrupted
+    ([143, 143], 143),
+    ([-9], 137),       # killed: 128 + the signal
+    ([0, 1], 1),
+    ([], 1),
+])
+def test_torchrun_wrapper_exits_with_the_failed_processs_own_status(exitcodes, status):
+    from tools.torchrun import child_status
+
+    assert child_status(exitcodes) == status
+
+
 def test_nproc_runs_torchrun(tmp_path):
     rel = "train_scripts/vit/few_shot/food101-FS/train_dtl+_shot_4.sh"
     argv = _run_launcher(rel, tmp_path, env_extra={"NPROC": "2", "TORCHRUN_ARGS": "--nnodes 1"})

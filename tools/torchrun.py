@@ -18,13 +18,19 @@ import sys
 from typing import List, Optional, Sequence
 
 
+#: The exit statuses of a process that torchrun's agent itself stopped (SIGTERM) after another one failed.
+_STOPPED_BY_AGENT = (-15, 143)
+
+
 def child_status(exitcodes: Sequence[int]) -> int:
-    """The exit status of a run whose failed processes ended with ``exitcodes`` (the first failure's, in rank
-    order; a negative code is a signal, as in ``multiprocessing``)."""
-    for code in exitcodes:
-        if code:
-            return 128 - code if code < 0 else code
-    return 1
+    """The exit status of a run whose failed processes ended with ``exitcodes`` (in the order they failed, then
+    rank order; a negative code is a signal, as in ``multiprocessing``): the first failure that is not the
+    agent's own SIGTERM to the other processes (a process that failed by itself, e.g. exit 2 for an ``error:``,
+    names the cause; the others were stopped because of it), else the first one."""
+    failed = [code for code in exitcodes if code]
+    own = [code for code in failed if code not in _STOPPED_BY_AGENT]
+    code = (own or failed or [1])[0]
+    return 128 - code if code < 0 else code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -38,10 +44,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        ranks = sorted(e.failures)
-        status = child_status([e.failures[r].exitcode for r in ranks])
-        ranks = ", ".join(map(str, ranks))
-        print(f"torchrun: process(es) of rank {ranks} failed (exit status {status})", file=sys.stderr)
+        order = sorted(e.failures, key=lambda r: (e.failures[r].timestamp, r))  # the order they failed in
+        status = child_status([e.failures[r].exitcode for r in order])
+        print(f"torchrun: process(es) of rank {', '.join(map(str, sorted(order)))} failed (exit status {status})",
+              file=sys.stderr)
         return status
     return 0
 

@@ -4,7 +4,8 @@
 #   bash run_tests.sh --quick    the quick selection: every test not marked slow (tiers: tests/conftest.py)
 # Other arguments go to pytest (-m unit, -k NAME, a test file, ...).
 # The tests run in TEST_WORKERS parallel processes (pytest-xdist; default: one per CPU core, at most 4), each with
-# its share of the cores as torch threads, at most 2 (OMP_NUM_THREADS, unless set). TEST_WORKERS=1 runs them in this process.
+# its share of the cores as torch threads, at most 2 (OMP_NUM_THREADS, unless set).
+# TEST_WORKERS=1 runs them in this process.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 bash scripts/setup_env.sh requirements-dev.txt

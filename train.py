@@ -55,8 +55,8 @@ from engine.spec import Experiment, RunSpec
 from engine.trainer import Trainer
 from models import ModelSettingsError, count_parameters, trainable_report
 from models.delta import (
-    DeltaCheckpoint, build_from_delta, check_backbone_architecture, check_delta_folder_supported, checkpoint_dict, class_names_difference,
-    delta_from_model, read_delta,
+    DeltaCheckpoint, build_from_delta, check_backbone_architecture, check_delta_folder_supported, checkpoint_dict,
+    class_names_difference, delta_from_model, read_delta,
 )
 from models.initial import InitialCheckpoint, load_initial_checkpoint, read_initial_checkpoint
 from models.pretrained import check_backbone_match, check_weights_file, weights_record

@@ -66,7 +66,8 @@ def published_weights_error(name: str, error: BaseException) -> CheckpointError:
     else:
         arch = name.split(".", 1)[0]
         where = f"hub repository {cfg.hf_hub_id}" if cfg.hf_hub_id else f"url {cfg.url}" if cfg.url else "no source"
-        what = f"timm's pretrained weights {arch}.{cfg.tag} ({where})" if cfg.tag else f"timm's weights of {arch} ({where})"
+        what = (f"timm's pretrained weights {arch}.{cfg.tag} ({where})" if cfg.tag
+                else f"timm's weights of {arch} ({where})")
     reason = (str(error).strip().splitlines() or [""])[0][:300].rstrip(".")
     return CheckpointError(f"cannot download or find in the Hugging Face cache {what}: {type(error).__name__}: "
                            f"{reason}; connect to the network (or point HF_HOME at a cache holding them), or give "

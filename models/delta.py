@@ -224,6 +224,11 @@ def _family(name: str) -> str:
         return "unknown"
 
 
+def _plain(value: Any) -> Any:
+    """``value`` (frozen mappings, tuples) as plain JSON data, so that equal settings compare equal."""
+    return json.loads(json.dumps(thaw(value), default=list, sort_keys=True))
+
+
 def check_backbone_architecture(recorded: Optional[ModelSpec], given: ModelSpec, source: str, allow: bool,
                                 log: Optional[Callable[[str], None]] = None) -> None:
     """The backbone architecture a delta records (``recorded``: its timm name, so its family, and the timm
@@ -234,13 +239,14 @@ def check_backbone_architecture(recorded: Optional[ModelSpec], given: ModelSpec,
     ``recorded`` ``None`` (tensors without a description): nothing to compare."""
     if recorded is None:
         return
-    arch = lambda name: timm_name(name, False).split(".", 1)[0]  # noqa: E731 - tags and original names aside
+    def arch(name: str) -> str:  # tags and the original's names aside
+        return timm_name(name, False).split(".", 1)[0]
+
     problems = []
     if arch(recorded.backbone) != arch(given.backbone):
         problems.append(f"it was trained on a {recorded.backbone} backbone (family {_family(recorded.backbone)}), "
                         f"this model is a {given.backbone} (family {_family(given.backbone)})")
-    plain = lambda v: json.loads(json.dumps(thaw(v), default=list, sort_keys=True))  # noqa: E731
-    ka, kb = plain(dict(recorded.backbone_kwargs)), plain(dict(given.backbone_kwargs))
+    ka, kb = _plain(dict(recorded.backbone_kwargs)), _plain(dict(given.backbone_kwargs))
     differ = [f"{k}={ka[k]!r} vs {kb[k]!r}" for k in sorted(set(ka) & set(kb)) if ka[k] != kb[k]]
     if differ:
         problems.append("its backbone's timm arguments differ (the delta's vs this model's: " + ", ".join(differ) + ")")
@@ -272,8 +278,9 @@ def class_names_difference(recorded, given) -> Optional[str]:
                  for i, (a, b) in enumerate(zip(recorded, given)) if a != b]
         return (f"the same class names in another order ({'; '.join(moved[:3])}"
                 + (f"; {len(moved) - 3} more" if len(moved) > 3 else "") + ")")
-    only_delta = [x for x in recorded if x not in set(given)]
-    only_data = [x for x in given if x not in set(recorded)]
+    in_delta, in_data = set(recorded), set(given)
+    only_delta = [x for x in recorded if x not in in_data]
+    only_data = [x for x in given if x not in in_delta]
     parts = [f"the delta's {_few(only_delta)} not in the data" if only_delta else "",
              f"the data's {_few(only_data)} not in the delta" if only_data else ""]
     return "other class names (" + "; ".join(p for p in parts if p) + ")"
@@ -469,8 +476,7 @@ def _create(spec: ModelSpec, load_path: Optional[str], pretrained: bool, **extra
 
 
 def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    plain = lambda d: json.loads(json.dumps(d, default=list, sort_keys=True))  # noqa: E731
-    return plain(thaw(dict(a))) == plain(thaw(dict(b)))
+    return _plain(dict(a)) == _plain(dict(b))
 
 
 def build_from_delta(

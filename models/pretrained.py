@@ -99,8 +99,8 @@ def check_backbone_match(saved: Any, current: Any, source: str, allow: bool, log
         return
     desc = lambda w: ("a randomly initialised backbone" if w.kind == "random" else  # noqa: E731
                       f"{w.describe()} ({(w.fingerprint or 'no fingerprint')[:19]}...)")
-    msg = (f"{source} was trained on {desc(trained) if trained.kind == 'random' else 'backbone weights ' + desc(trained)}"
-           f", but the backbone given is {desc(given)}")
+    was = desc(trained) if trained.kind == "random" else "backbone weights " + desc(trained)
+    msg = f"{source} was trained on {was}, but the backbone given is {desc(given)}"
     if not allow:
         raise BackboneMismatchError(msg + "; give the weights it was trained on (--load_path), or pass "
                                           "--allow_backbone_mismatch to use it anyway")

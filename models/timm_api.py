@@ -112,8 +112,8 @@ def describe_weights_in_cfg(cfg: Dict[str, Any], weights: Any, backbone: str) ->
     for key in _SOURCE_KEYS:
         cfg.pop(key, None)
     kind = getattr(weights, "kind", None)
-    if kind == "timm" and _timm_weights_cfg(weights, backbone) is not None:
-        b = _timm_weights_cfg(weights, backbone)
+    b = _timm_weights_cfg(weights, backbone) if kind == "timm" else None
+    if b is not None:
         cfg.update({k: v for k, v in (("hf_hub_id", b.hf_hub_id), ("hf_hub_filename", b.hf_hub_filename),
                                       ("url", b.url)) if v})
         cfg["tag"] = b.tag
